@@ -1,0 +1,33 @@
+PY ?= python3.11
+VENV := .venv
+PIP := $(VENV)/bin/pip
+PYTHON := $(VENV)/bin/python
+
+.PHONY: install install-dev test test-slow bench clean
+
+$(VENV)/bin/python:
+	$(shell command -v $(PY) || echo python3) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(VENV)/.installed: requirements.txt $(VENV)/bin/python
+	$(PIP) install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.installed-dev: requirements.txt requirements-dev.txt $(VENV)/.installed
+	$(PIP) install -q -r requirements-dev.txt
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+test: install-dev
+	$(PYTHON) -m pytest -q
+
+test-slow: install-dev
+	$(PYTHON) -m pytest -q -m slow
+
+bench: install-dev
+	$(PYTHON) -m launch.bench_engine
+
+clean:
+	rm -rf $(VENV) .pytest_cache .jax_cache

@@ -1,0 +1,220 @@
+"""ModelConfig: the architecture of a decoder, built once from a HF config.json or a preset."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "GemmaForCausalLM",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """HF `rope_scaling` of type "linear" or "llama3" (factor and the llama3 band limits)."""
+
+    kind: str  # "linear" | "llama3"
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Everything the decoder needs to know about an architecture. Fields use HF's meaning."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2
+    norm_weight_offset: float = 0.0  # Gemma: RMSNorm scales by (1 + w)
+    scale_embeddings: bool = False  # Gemma: embeddings times sqrt(hidden_size)
+    activation: str = "silu"  # "silu" | "gelu_tanh" (Gemma's GeGLU)
+    sliding_window: int | None = None  # Mistral
+    bos_token_id: int | None = 1
+    eos_token_ids: tuple[int, ...] = (2,)
+    pad_token_id: int = 0
+    architecture: str = "LlamaForCausalLM"
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.activation not in ("silu", "gelu_tanh"):
+            raise ValueError(f"activation={self.activation!r}; expected 'silu' or 'gelu_tanh'")
+
+    @property
+    def num_params(self) -> int:
+        d, f, v, hd = self.hidden_size, self.intermediate_size, self.vocab_size, self.head_dim
+        attn = d * hd * (2 * self.num_heads + 2 * self.num_kv_heads)
+        layer = attn + 3 * d * f + 2 * d
+        return self.num_layers * layer + v * d * (1 if self.tie_word_embeddings else 2) + d
+
+    @classmethod
+    def from_hf_config(cls, hf: dict[str, Any]) -> "ModelConfig":
+        """Builds a config from the dict of a HF `config.json`."""
+        archs = hf.get("architectures") or [_arch_from_model_type(hf.get("model_type"))]
+        arch = archs[0]
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        for flag in ("attention_bias", "mlp_bias"):
+            if hf.get(flag) and arch != "Qwen2ForCausalLM":
+                raise ValueError(f"{arch} with {flag}=true is not supported")
+        if arch == "Qwen2ForCausalLM" and hf.get("use_sliding_window"):
+            raise ValueError("Qwen2 with use_sliding_window=true is not supported")
+        hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
+        head_dim = hf.get("head_dim") or hidden // heads
+        eos = hf.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+        gemma = arch == "GemmaForCausalLM"
+        act = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
+        sliding = hf.get("sliding_window") if arch == "MistralForCausalLM" else None
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hidden,
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=head_dim,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=_rope_theta(hf),
+            rope_scaling=_rope_scaling(hf),
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            tie_word_embeddings=hf.get("tie_word_embeddings", gemma),
+            qkv_bias=arch == "Qwen2ForCausalLM",
+            norm_weight_offset=1.0 if gemma else 0.0,
+            scale_embeddings=gemma,
+            activation=_activation(act),
+            sliding_window=sliding,
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            pad_token_id=hf.get("pad_token_id") or 0,
+            architecture=arch,
+        )
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """The HF `config.json` dict for this config (used to write checkpoints and references)."""
+        model_type = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
+                      "Qwen2ForCausalLM": "qwen2", "GemmaForCausalLM": "gemma"}[self.architecture]
+        hf = {
+            "architectures": [self.architecture], "model_type": model_type,
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim, "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta, "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "hidden_act": "gelu_pytorch_tanh" if self.activation == "gelu_tanh" else "silu",
+            "bos_token_id": self.bos_token_id, "pad_token_id": self.pad_token_id,
+            "eos_token_id": list(self.eos_token_ids) if len(self.eos_token_ids) != 1 else self.eos_token_ids[0],
+        }
+        if self.activation == "gelu_tanh":
+            hf["hidden_activation"] = "gelu_pytorch_tanh"
+        if self.rope_scaling is not None:
+            rs = self.rope_scaling
+            hf["rope_scaling"] = {"rope_type": rs.kind, "factor": rs.factor}
+            if rs.kind == "llama3":
+                hf["rope_scaling"].update(
+                    low_freq_factor=rs.low_freq_factor, high_freq_factor=rs.high_freq_factor,
+                    original_max_position_embeddings=rs.original_max_position_embeddings)
+        if self.architecture == "MistralForCausalLM":
+            hf["sliding_window"] = self.sliding_window
+        return hf
+
+
+def _arch_from_model_type(model_type: str | None) -> str:
+    return {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+            "gemma": "GemmaForCausalLM"}.get(model_type or "", f"model_type={model_type}")
+
+
+def _activation(name: str) -> str:
+    if name == "silu":
+        return "silu"
+    if name in ("gelu_pytorch_tanh", "gelu", "gelu_tanh"):
+        # HF Gemma runs the tanh approximation even when a legacy config says "gelu".
+        return "gelu_tanh"
+    raise ValueError(f"activation {name!r} is not supported; expected silu or gelu_pytorch_tanh")
+
+
+def _rope_params(hf: dict[str, Any]) -> dict[str, Any]:
+    # transformers 5 writes `rope_parameters`; older checkpoints write `rope_scaling` + `rope_theta`.
+    return hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+
+
+def _rope_theta(hf: dict[str, Any]) -> float:
+    return float(_rope_params(hf).get("rope_theta") or hf.get("rope_theta") or 10000.0)
+
+
+def _rope_scaling(hf: dict[str, Any]) -> RopeScaling | None:
+    rs = _rope_params(hf)
+    kind = rs.get("rope_type", rs.get("type", "default"))
+    if kind == "default":
+        return None
+    if kind == "linear":
+        return RopeScaling("linear", float(rs["factor"]))
+    if kind == "llama3":
+        return RopeScaling("llama3", float(rs["factor"]), float(rs["low_freq_factor"]),
+                           float(rs["high_freq_factor"]), int(rs["original_max_position_embeddings"]))
+    raise ValueError(f"rope_scaling type {kind!r} is not supported; expected default, linear or llama3")
+
+
+def llama_preset(vocab: int, hidden: int, layers: int, heads: int, kv_heads: int, ffw: int,
+                 **kw: Any) -> ModelConfig:
+    return ModelConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffw, num_layers=layers,
+                       num_heads=heads, num_kv_heads=kv_heads, head_dim=hidden // heads,
+                       rms_norm_eps=1e-5, rope_theta=500000.0, **kw)
+
+
+# Random-initialized shapes, for benchmarks and tests. Real checkpoints load from a path.
+PRESETS: dict[str, ModelConfig] = {
+    "tiny-llama": llama_preset(vocab=256, hidden=64, layers=2, heads=4, kv_heads=2, ffw=128),
+    "llama-100m": llama_preset(vocab=32000, hidden=768, layers=8, heads=12, kv_heads=4, ffw=2048,
+                               max_position_embeddings=4096),
+    "llama-1b": llama_preset(vocab=128256, hidden=2048, layers=16, heads=32, kv_heads=8, ffw=8192,
+                             tie_word_embeddings=True, max_position_embeddings=8192,
+                             rope_scaling=RopeScaling("llama3", 32.0, 1.0, 4.0, 8192)),
+}
+
+
+def rope_inv_freq(cfg: ModelConfig) -> list[float]:
+    """Per-frequency inverse wavelengths [head_dim // 2], with HF's linear / llama3 scaling applied."""
+    hd = cfg.head_dim
+    inv = [1.0 / cfg.rope_theta ** (2 * i / hd) for i in range(hd // 2)]
+    rs = cfg.rope_scaling
+    if rs is None:
+        return inv
+    if rs.kind == "linear":
+        return [f / rs.factor for f in inv]
+    low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+    high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+    out = []
+    for f in inv:
+        wavelen = 2 * math.pi / f
+        if wavelen < high_wavelen:
+            out.append(f)
+        elif wavelen > low_wavelen:
+            out.append(f / rs.factor)
+        else:  # smooth interpolation between the two bands
+            smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+                rs.high_freq_factor - rs.low_freq_factor)
+            out.append((1 - smooth) * f / rs.factor + smooth * f)
+    return out

@@ -1,0 +1,228 @@
+"""The decoder: embed -> N x (attention, gated MLP) -> norm -> head, in Flax NNX.
+
+Each weight is declared once in `param_specs` (shape, logical axes, init). Per-layer weights are
+stacked on a leading "layers" axis and the blocks run under `jax.lax.scan`, so compile time does
+not grow with depth. Dimension letters in einsums: b batch, t query positions, s key positions,
+d model width, n query heads, k kv heads, g query heads per kv head, h head dim, f MLP width,
+v vocabulary, l layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model.config import ModelConfig, rope_inv_freq
+from model.sharding import constrain
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    shape: tuple[int, ...]
+    axes: tuple[str | None, ...]
+    init: str = "normal"  # "normal" | "zeros" | "ones"
+
+    @property
+    def per_layer(self) -> bool:
+        return self.axes[0] == "layers"
+
+
+def param_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
+    """Every weight of the decoder, by name. Per-layer weights lead with the "layers" axis."""
+    L, D, F, V = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    norm_init = "zeros" if cfg.norm_weight_offset else "ones"  # Gemma scales by (1 + w)
+    specs = {
+        "embed": ParamSpec((V, D), ("vocab", "embed")),
+        "attn_norm": ParamSpec((L, D), ("layers", "embed"), norm_init),
+        "wq": ParamSpec((L, D, N, H), ("layers", "embed", "q_heads", "head_dim")),
+        "wk": ParamSpec((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim")),
+        "wv": ParamSpec((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim")),
+        "wo": ParamSpec((L, N, H, D), ("layers", "q_heads", "head_dim", "embed")),
+        "mlp_norm": ParamSpec((L, D), ("layers", "embed"), norm_init),
+        "w_gate": ParamSpec((L, D, F), ("layers", "embed", "ffw")),
+        "w_up": ParamSpec((L, D, F), ("layers", "embed", "ffw")),
+        "w_down": ParamSpec((L, F, D), ("layers", "ffw", "embed")),
+        "final_norm": ParamSpec((D,), ("embed",), norm_init),
+    }
+    if cfg.qkv_bias:
+        specs["bq"] = ParamSpec((L, N, H), ("layers", "q_heads", "head_dim"), "zeros")
+        specs["bk"] = ParamSpec((L, K, H), ("layers", "kv_heads", "head_dim"), "zeros")
+        specs["bv"] = ParamSpec((L, K, H), ("layers", "kv_heads", "head_dim"), "zeros")
+    if not cfg.tie_word_embeddings:
+        specs["lm_head"] = ParamSpec((D, V), ("embed", "vocab"))
+    return specs
+
+
+def init_params(cfg: ModelConfig, key: Array, dtype: jnp.dtype, std: float = 0.02) -> dict[str, Array]:
+    """Random weights (normal(0, std) matrices, unit norms). Jit it with out_shardings to place them."""
+    out = {}
+    for i, (name, spec) in enumerate(sorted(param_specs(cfg).items())):
+        if spec.init == "normal":
+            out[name] = (std * jax.random.normal(jax.random.fold_in(key, i), spec.shape)).astype(dtype)
+        else:
+            out[name] = (jnp.ones if spec.init == "ones" else jnp.zeros)(spec.shape, dtype)
+    return out
+
+
+# ---------------------------------------------------------------- layers (pure functions)
+
+def rms_norm(x: Array, w: Array, eps: float, offset: float = 0.0) -> Array:
+    """RMSNorm over the last axis, computed in float32; Gemma passes offset=1 to scale by (1 + w)."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (y * (offset + w.astype(jnp.float32))).astype(x.dtype)
+
+
+def rope(x_btnh: Array, positions_bt: Array, inv_freq_h: Array) -> Array:
+    """Rotary embedding in HF's rotate-half layout (first and second halves of head_dim pair up)."""
+    angles = positions_bt[:, :, None].astype(jnp.float32) * inv_freq_h[None, None, :]  # [b, t, h/2]
+    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x_btnh.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_btnh.dtype)
+
+
+def attention(q_btnh: Array, k_bskh: Array, v_bskh: Array, mask_bts: Array) -> Array:
+    """Grouped-query attention: each kv head serves num_heads // num_kv_heads query heads."""
+    b, t, n, h = q_btnh.shape
+    k = k_bskh.shape[2]
+    q = q_btnh.reshape(b, t, k, n // k, h)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k_bskh, preferred_element_type=jnp.float32) * h ** -0.5
+    scores = jnp.where(mask_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_bskh.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, n, h).astype(q_btnh.dtype)
+
+
+def attention_mask(q_pos_bt: Array, k_pos_s: Array, window: int | None) -> Array:
+    """[b, t, s]: a query sees keys at or before its position (and within the sliding window)."""
+    q, k = q_pos_bt[:, :, None], k_pos_s[None, None, :]
+    mask = k <= q
+    if window is not None:
+        mask &= k > q - window
+    return mask
+
+
+def gated_mlp(x_btd: Array, w_gate: Array, w_up: Array, w_down: Array, activation: str) -> Array:
+    act = jax.nn.silu if activation == "silu" else lambda a: jax.nn.gelu(a, approximate=True)
+    gate = jnp.einsum("btd,df->btf", x_btd, w_gate)
+    up = jnp.einsum("btd,df->btf", x_btd, w_up)
+    return jnp.einsum("btf,fd->btd", act(gate) * up, w_down)
+
+
+# ---------------------------------------------------------------- the model
+
+# attend(layer, q, k, v, carry) -> (out_btnh, carry): full self-attention for prefill,
+# or write-into-cache-then-attend for decode.
+AttendFn = Callable[[Array, Array, Array, Array, tuple], tuple[Array, tuple]]
+
+
+class Decoder(nnx.Module):
+    """The decoder's weights (nnx.Param, named as in `param_specs`) and its forward passes."""
+
+    def __init__(self, cfg: ModelConfig, params: dict[str, Array], mesh: jax.sharding.Mesh | None = None):
+        specs = param_specs(cfg)
+        if set(params) != set(specs):
+            raise ValueError(f"weights {sorted(set(params) ^ set(specs))} missing or unexpected")
+        self.cfg = cfg
+        self.mesh = mesh
+        self.inv_freq = tuple(rope_inv_freq(cfg))
+        for name, value in params.items():
+            if tuple(value.shape) != specs[name].shape:
+                raise ValueError(f"weight {name!r} has shape {tuple(value.shape)}; expected {specs[name].shape}")
+            setattr(self, name, nnx.Param(value))
+
+    def _layer_weights(self) -> dict[str, Array]:
+        specs = param_specs(self.cfg)
+        return {name: getattr(self, name)[...] for name, spec in specs.items() if spec.per_layer}
+
+    def embed_tokens(self, tokens_bt: Array) -> Array:
+        x = jnp.take(self.embed[...], tokens_bt, axis=0)
+        if self.cfg.scale_embeddings:
+            x = x * jnp.asarray(self.cfg.hidden_size ** 0.5, x.dtype)
+        return constrain(x, ("batch", "seq", "embed"), self.mesh)
+
+    def head(self, x_btd: Array) -> Array:
+        """Final norm and vocabulary projection; float32 logits [b, t, v]."""
+        x = rms_norm(x_btd, self.final_norm[...], self.cfg.rms_norm_eps, self.cfg.norm_weight_offset)
+        if self.cfg.tie_word_embeddings:
+            return jnp.einsum("btd,vd->btv", x, self.embed[...], preferred_element_type=jnp.float32)
+        return jnp.einsum("btd,dv->btv", x, self.lm_head[...], preferred_element_type=jnp.float32)
+
+    def _block(self, x: Array, w: dict[str, Array], positions_bt: Array, attend: AttendFn,
+               layer: Array, carry: tuple) -> tuple[Array, tuple]:
+        cfg = self.cfg
+        h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps, cfg.norm_weight_offset)
+        q = jnp.einsum("btd,dnh->btnh", h, w["wq"])
+        k = jnp.einsum("btd,dkh->btkh", h, w["wk"])
+        v = jnp.einsum("btd,dkh->btkh", h, w["wv"])
+        if cfg.qkv_bias:
+            q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
+        inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
+        q, k = rope(q, positions_bt, inv_freq), rope(k, positions_bt, inv_freq)
+        out, carry = attend(layer, q, k, v, carry)
+        x = x + jnp.einsum("btnh,nhd->btd", out, w["wo"])
+        h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps, cfg.norm_weight_offset)
+        x = x + gated_mlp(h, w["w_gate"], w["w_up"], w["w_down"], cfg.activation)
+        return constrain(x, ("batch", "seq", "embed"), self.mesh), carry
+
+    def _run_layers(self, x: Array, positions_bt: Array, attend: AttendFn, carry: tuple):
+        def body(state, xs):
+            x, carry = state
+            w, layer = xs
+            x, carry = self._block(x, w, positions_bt, attend, layer, carry)
+            return (x, carry), None
+
+        xs = (self._layer_weights(), jnp.arange(self.cfg.num_layers))
+        (x, carry), _ = jax.lax.scan(body, (x, carry), xs)
+        return x, carry
+
+    def forward(self, tokens_bt: Array, positions_bt: Array, cache: tuple[Array, Array] | None = None,
+                slots_b: Array | None = None):
+        """Causal forward over whole sequences. Returns (hidden [b, t, d], cache or None).
+
+        With `cache` = (k, v) of shape [l, slots, max_len, kv_heads, head_dim] and `slots_b`, each
+        layer's keys and values for row i are written into cache slot slots_b[i] at positions
+        [0, t); out-of-range slot ids are dropped (padding rows). This is prefill.
+        """
+        t = tokens_bt.shape[1]
+        mask = attention_mask(positions_bt, jnp.arange(t), self.cfg.sliding_window)
+
+        def attend(layer, q, k, v, carry):
+            if carry:
+                kc, vc = carry
+                kc = kc.at[layer, slots_b, :t].set(k.astype(kc.dtype), mode="drop")
+                vc = vc.at[layer, slots_b, :t].set(v.astype(vc.dtype), mode="drop")
+                carry = (kc, vc)
+            return attention(q, k, v, mask), carry
+
+        x, carry = self._run_layers(self.embed_tokens(tokens_bt), positions_bt, attend, cache or ())
+        return x, (carry or None)
+
+    def decode_step(self, tokens_b: Array, positions_b: Array, k_cache: Array, v_cache: Array):
+        """One token for each of b cache slots, at its own position.
+
+        k_cache, v_cache: [l, b, max_len, kv_heads, head_dim]. The new key/value is written at
+        `positions_b`, then each row attends to its cache up to and including that position.
+        Returns (float32 logits [b, v], k_cache, v_cache).
+        """
+        b, max_len = k_cache.shape[1], k_cache.shape[2]
+        positions_bt = positions_b[:, None]
+        mask = attention_mask(positions_bt, jnp.arange(max_len), self.cfg.sliding_window)
+        rows = jnp.arange(b)
+
+        def attend(layer, q, k, v, carry):
+            kc, vc = carry
+            kc = kc.at[layer, rows, positions_b].set(k[:, 0].astype(kc.dtype), mode="drop")
+            vc = vc.at[layer, rows, positions_b].set(v[:, 0].astype(vc.dtype), mode="drop")
+            return attention(q, kc[layer].astype(q.dtype), vc[layer].astype(q.dtype), mask), (kc, vc)
+
+        x, (k_cache, v_cache) = self._run_layers(
+            self.embed_tokens(tokens_b[:, None]), positions_bt, attend, (k_cache, v_cache))
+        return self.head(x)[:, 0], k_cache, v_cache

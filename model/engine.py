@@ -1,0 +1,344 @@
+"""Engine: prefill into cache slots, multi-step decode, and the in-flight batching loop.
+
+Two jitted functions do all device work, each compiled once per shape:
+  prefill(bucket):  a batch of right-padded prompts of one length bucket -> their KV written into
+                    chosen cache slots, their first token sampled, the slots' decode state set;
+  decode:           `decode_steps` tokens for every slot at its own position, stop checks on device.
+The KV cache and the per-slot decode state are donated to both. The host loop refills a slot
+as soon as its sequence finishes, while the other slots keep their place in the cache.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import math
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from model.config import PRESETS, ModelConfig
+from model.decoder import Decoder, init_params, param_specs
+from model.kv_cache import KVCache
+from model.sampling import SamplingParams, sample
+from model.sharding import make_mesh, named_sharding
+from model.weights import load_params, read_hf_config
+
+log = logging.getLogger(__name__)
+
+RUNNING, STOPPED, LENGTH = 0, 1, 2
+FINISH_REASONS = {STOPPED: "stop", LENGTH: "length"}
+MIN_BUCKET = 16
+
+
+@dataclasses.dataclass
+class GenerationOutput:
+    token_ids: list[int]
+    finish_reason: str  # "stop" (EOS or a stop token, which is included) | "length"
+    prompt_len: int = 0
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SlotState:
+    """Per-slot decode state, on device. All arrays [slots] except stop_ids [slots, n_stop]."""
+
+    token: jax.Array  # next token to feed (the last one sampled)
+    position: jax.Array  # where `token` goes in the cache (= tokens already cached)
+    active: jax.Array  # bool: still generating
+    generated: jax.Array  # tokens generated so far
+    max_new: jax.Array
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    seed: jax.Array
+    stop_ids: jax.Array  # -1 pads
+
+    @classmethod
+    def empty(cls, slots: int, n_stop: int) -> "SlotState":
+        i32 = lambda: jnp.zeros((slots,), jnp.int32)  # noqa: E731
+        return cls(i32(), i32(), jnp.zeros((slots,), bool), i32(), i32(), jnp.zeros((slots,), jnp.float32),
+                   i32(), jnp.ones((slots,), jnp.float32), jnp.zeros((slots,), jnp.uint32),
+                   jnp.full((slots, n_stop), -1, jnp.int32))
+
+
+def _finish(token: jax.Array, state_like: SlotState, generated: jax.Array, position: jax.Array,
+            max_len: int) -> jax.Array:
+    """Finish code per row after sampling `token`: STOPPED, LENGTH or RUNNING."""
+    stopped = jnp.any(token[:, None] == state_like.stop_ids, axis=-1)
+    # The next step would write `token` at `position`; the cache ends at max_len.
+    length = (generated >= state_like.max_new) | (position >= max_len)
+    return jnp.where(stopped, STOPPED, jnp.where(length, LENGTH, RUNNING)).astype(jnp.int32)
+
+
+def buckets_for(max_len: int) -> list[int]:
+    """Prompt-length buckets: powers of two from MIN_BUCKET, then max_len itself."""
+    out, b = [], MIN_BUCKET
+    while b < max_len:
+        out.append(b)
+        b *= 2
+    return out + [max_len]
+
+
+class Engine:
+    """A decoder with a static KV cache of `max_slots` sequences of up to `max_len` tokens."""
+
+    def __init__(self, cfg: ModelConfig, params: dict[str, jax.Array], mesh: jax.sharding.Mesh,
+                 max_slots: int = 32, max_len: int = 2048, decode_steps: int = 8,
+                 prefill_tokens: int = 4096, tokenizer: Any = None):
+        if max_len < 2:
+            raise ValueError(f"max_len={max_len}; must be >= 2")
+        if max_len > cfg.max_position_embeddings:
+            raise ValueError(f"max_len={max_len} exceeds the model's max_position_embeddings="
+                             f"{cfg.max_position_embeddings}")
+        if max_slots < 1:
+            raise ValueError(f"max_slots={max_slots}; must be >= 1")
+        self.cfg, self.mesh, self.tokenizer = cfg, mesh, tokenizer
+        self.max_slots, self.max_len = max_slots, max_len
+        self.decode_steps, self.prefill_tokens = decode_steps, prefill_tokens
+        self.buckets = buckets_for(max_len)
+        self.dtype = next(iter(params.values())).dtype
+        self.compile_counts: collections.Counter[str] = collections.Counter()
+        self.graphdef, self.params = nnx.split(Decoder(cfg, params, mesh))
+        self.cache = KVCache.create(cfg, max_slots, max_len, self.dtype, mesh)
+        self._n_stop = 8
+        self.state = SlotState.empty(max_slots, self._n_stop)
+        self._cache_sharding = self.cache.shardings(mesh)
+        self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1, 2))
+        self._decode = jax.jit(self._decode_fn, donate_argnums=(1, 2), static_argnums=(3,))
+        self._forward = jax.jit(self._forward_fn)
+
+    # ------------------------------------------------------------ construction
+
+    @classmethod
+    def from_pretrained(cls, path_or_preset: str, mesh_shape: Sequence[int] | None = None,
+                        dtype: str = "bfloat16", max_slots: int = 32, max_len: int | None = None,
+                        quantize: str | None = None, seed: int = 0, **engine_kw: Any) -> "Engine":
+        """Loads a checkpoint directory (local or gs://, config.json + *.safetensors) or a preset
+        name (random weights from `seed`). max_len=None: min(2048, the model's context)."""
+        if quantize is not None:
+            raise ValueError(f"quantize={quantize!r} is not supported yet; expected None")
+        if dtype not in ("bfloat16", "float32"):
+            raise ValueError(f"dtype={dtype!r}; expected 'bfloat16' or 'float32'")
+        mesh = make_mesh(mesh_shape)
+        jdtype = jnp.dtype(dtype)
+        if path_or_preset in PRESETS:
+            cfg = PRESETS[path_or_preset]
+            params = random_params(cfg, jdtype, mesh, seed)
+        elif "://" in path_or_preset or os.path.isdir(path_or_preset):
+            cfg = ModelConfig.from_hf_config(read_hf_config(path_or_preset))
+            params = load_params(path_or_preset, cfg, jdtype, mesh)
+        else:
+            raise ValueError(f"{path_or_preset!r} is neither a checkpoint directory nor a preset; "
+                             f"presets: {sorted(PRESETS)}")
+        max_len = max_len or min(2048, cfg.max_position_embeddings)
+        return cls(cfg, params, mesh, max_slots=max_slots, max_len=max_len, **engine_kw)
+
+    # ------------------------------------------------------------ jitted device functions
+
+    def _prefill_fn(self, params, cache: KVCache, state: SlotState, tokens_bt, lengths_b, slots_b, rows):
+        self.compile_counts["prefill"] += 1  # runs once per trace, i.e. per compilation
+        model = nnx.merge(self.graphdef, params)
+        b, t = tokens_bt.shape
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        x, (k, v) = model.forward(tokens_bt, positions, (cache.k, cache.v), slots_b)
+        last = x[jnp.arange(b), lengths_b - 1][:, None]
+        logits = model.head(last)[:, 0]
+        token = sample(logits, rows.temperature, rows.top_k, rows.top_p, rows.seed, jnp.zeros_like(lengths_b))
+        code = _finish(token, rows, jnp.ones_like(lengths_b), lengths_b, self.max_len)
+        new = dataclasses.replace(rows, token=token, position=lengths_b, active=code == RUNNING,
+                                  generated=jnp.ones_like(lengths_b))
+        state = jax.tree.map(lambda s, r: s.at[slots_b].set(r, mode="drop"), state, new)
+        cache = jax.lax.with_sharding_constraint(KVCache(k, v), self._cache_sharding)
+        return cache, state, token, code
+
+    def _decode_fn(self, params, cache: KVCache, state: SlotState, steps: int):
+        self.compile_counts["decode"] += 1
+        model = nnx.merge(self.graphdef, params)
+
+        def step(carry, _):
+            cache, s = carry
+            pos = jnp.minimum(s.position, self.max_len - 1)
+            logits, k, v = model.decode_step(s.token, pos, cache.k, cache.v)
+            token = sample(logits, s.temperature, s.top_k, s.top_p, s.seed, s.generated)
+            emitted = s.active
+            generated = s.generated + emitted
+            position = s.position + emitted
+            code = jnp.where(emitted, _finish(token, s, generated, position, self.max_len), RUNNING)
+            s = dataclasses.replace(s, token=jnp.where(emitted, token, s.token), position=position,
+                                    generated=generated, active=s.active & (code == RUNNING))
+            return (KVCache(k, v), s), (token, emitted, code)
+
+        (cache, state), (tokens, emitted, codes) = jax.lax.scan(step, (cache, state), length=steps)
+        cache = jax.lax.with_sharding_constraint(cache, self._cache_sharding)
+        return cache, state, tokens, emitted, codes
+
+    def _forward_fn(self, params, tokens_bt):
+        self.compile_counts["forward"] += 1
+        model = nnx.merge(self.graphdef, params)
+        b, t = tokens_bt.shape
+        x, _ = model.forward(tokens_bt, jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)))
+        return model.head(x)
+
+    # ------------------------------------------------------------ public API
+
+    def logits(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        """Full causal forward, no cache: float32 [batch, longest prompt, vocab].
+        Positions past a prompt's own length are NaN."""
+        prompts = self._check_prompts(prompts, limit=self.max_len)
+        longest = max(len(p) for p in prompts)
+        t = self._bucket(longest)
+        tokens = np.zeros((len(prompts), t), np.int32)
+        for i, p in enumerate(prompts):
+            tokens[i, : len(p)] = p
+        out = np.array(self._forward(self.params, jnp.asarray(tokens))[:, :longest])
+        for i, p in enumerate(prompts):
+            out[i, len(p):] = np.nan
+        return out
+
+    def generate(self, prompts: Sequence[Sequence[int]],
+                 sampling: SamplingParams | Sequence[SamplingParams] | None = None) -> list[GenerationOutput]:
+        """Generates for every prompt (lists of token ids); outputs are in input order.
+
+        More prompts than slots run through the slots in turn: a finished sequence frees its slot
+        and the next waiting prompt is prefilled into it while the others keep decoding.
+        """
+        prompts = self._check_prompts(prompts, limit=self.max_len)
+        if sampling is None:
+            sampling = SamplingParams()
+        params = [sampling] * len(prompts) if isinstance(sampling, SamplingParams) else list(sampling)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts; give one or one each")
+        stops = [self._stop_ids(sp) for sp in params]
+        self._ensure_stop_width(max(len(s) for s in stops) if stops else 0)
+
+        outputs: list[list[int]] = [[] for _ in prompts]
+        reasons: list[str | None] = [None] * len(prompts)
+        waiting = collections.deque(sorted(range(len(prompts)), key=lambda i: self._bucket(len(prompts[i]))))
+        slot_of: list[int] = [-1] * self.max_slots  # slot -> prompt index, -1 when free
+        while waiting or any(r >= 0 for r in slot_of):
+            free = [s for s, r in enumerate(slot_of) if r < 0]
+            while free and waiting:
+                batch = self._take_bucket(waiting, prompts, len(free))
+                slots = [free.pop(0) for _ in batch]
+                first, codes = self._run_prefill(batch, slots, prompts, params, stops)
+                for i, s, tok, code in zip(batch, slots, first, codes):
+                    outputs[i].append(int(tok))
+                    if code != RUNNING:
+                        reasons[i] = FINISH_REASONS[int(code)]
+                        free.append(s)
+                    else:
+                        slot_of[s] = i
+            if not any(r >= 0 for r in slot_of):
+                continue
+            self.cache, self.state, tokens, emitted, codes = self._decode(
+                self.params, self.cache, self.state, self.decode_steps)
+            tokens, emitted, codes = np.asarray(tokens), np.asarray(emitted), np.asarray(codes)
+            for s, i in enumerate(slot_of):
+                if i < 0:
+                    continue
+                for step in range(self.decode_steps):
+                    if emitted[step, s]:
+                        outputs[i].append(int(tokens[step, s]))
+                    if codes[step, s] != RUNNING:
+                        reasons[i] = FINISH_REASONS[int(codes[step, s])]
+                        slot_of[s] = -1
+                        break
+        return [GenerationOutput(o, r, len(p)) for o, r, p in zip(outputs, reasons, prompts)]
+
+    # ------------------------------------------------------------ helpers
+
+    def _bucket(self, n: int) -> int:
+        return next(b for b in self.buckets if b >= n)
+
+    def prefill_batch(self, bucket: int) -> int:
+        """Rows per prefill call for a bucket: as many as fit the token budget, at most max_slots."""
+        return max(1, min(self.max_slots, self.prefill_tokens // bucket))
+
+    def _take_bucket(self, waiting: collections.deque, prompts, n_free: int) -> list[int]:
+        """Pops up to n_free waiting prompts that share the first waiting prompt's bucket."""
+        bucket = self._bucket(len(prompts[waiting[0]]))
+        limit = min(n_free, self.prefill_batch(bucket))
+        batch = []
+        for i in list(waiting):
+            if len(batch) == limit:
+                break
+            if self._bucket(len(prompts[i])) == bucket:
+                batch.append(i)
+        for i in batch:
+            waiting.remove(i)
+        return batch
+
+    def _run_prefill(self, batch, slots, prompts, params, stops):
+        t = self._bucket(len(prompts[batch[0]]))
+        b = self.prefill_batch(t)
+        tokens = np.zeros((b, t), np.int32)
+        lengths = np.ones((b,), np.int32)
+        slot_ids = np.full((b,), self.max_slots, np.int32)  # out of range: padding rows are dropped
+        rows = _host_rows(b, self._n_stop)
+        for r, (i, s) in enumerate(zip(batch, slots)):
+            tokens[r, : len(prompts[i])] = prompts[i]
+            lengths[r], slot_ids[r] = len(prompts[i]), s
+            sp = params[i]
+            rows["max_new"][r], rows["temperature"][r] = sp.max_new_tokens, sp.temperature
+            rows["top_k"][r], rows["top_p"][r], rows["seed"][r] = sp.top_k, sp.top_p, sp.seed
+            rows["stop_ids"][r, : len(stops[i])] = stops[i]
+        rows = SlotState(**{k: jnp.asarray(v) for k, v in rows.items()})
+        self.cache, self.state, first, codes = self._prefill(
+            self.params, self.cache, self.state, jnp.asarray(tokens), jnp.asarray(lengths),
+            jnp.asarray(slot_ids), rows)
+        return np.asarray(first)[: len(batch)], np.asarray(codes)[: len(batch)]
+
+    def _stop_ids(self, sp: SamplingParams) -> tuple[int, ...]:
+        ids = tuple(sp.stop_token_ids) + (() if sp.ignore_eos else self.cfg.eos_token_ids)
+        for t in ids:
+            if not 0 <= t < self.cfg.vocab_size:
+                raise ValueError(f"stop token id {t} is outside the vocabulary [0, {self.cfg.vocab_size})")
+        return tuple(dict.fromkeys(ids))
+
+    def _ensure_stop_width(self, n: int):
+        if n > self._n_stop:  # widen (one recompile) only when a request needs more stop ids
+            self._n_stop = 1 << math.ceil(math.log2(n))
+            pad = self._n_stop - self.state.stop_ids.shape[1]
+            self.state = dataclasses.replace(
+                self.state, stop_ids=jnp.pad(self.state.stop_ids, ((0, 0), (0, pad)), constant_values=-1))
+
+    def _check_prompts(self, prompts, limit: int) -> list[list[int]]:
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+            raise ValueError(f"prompts must be a list of token-id lists; got {type(prompts).__name__}")
+        if not prompts:
+            raise ValueError("prompts is empty; give at least one prompt")
+        out = []
+        for i, p in enumerate(prompts):
+            if isinstance(p, (str, bytes)):
+                raise ValueError(f"prompt {i} is a {type(p).__name__}; encode it to token ids first")
+            p = [int(t) for t in p]
+            if not p:
+                raise ValueError(f"prompt {i} is empty; it needs at least one token")
+            if len(p) > limit:
+                raise ValueError(f"prompt {i} has {len(p)} tokens; max_len is {limit}")
+            bad = [t for t in p if not 0 <= t < self.cfg.vocab_size]
+            if bad:
+                raise ValueError(f"prompt {i} has token id {bad[0]} outside the vocabulary "
+                                 f"[0, {self.cfg.vocab_size})")
+            out.append(p)
+        return out
+
+
+def _host_rows(b: int, n_stop: int) -> dict[str, np.ndarray]:
+    z = lambda dt: np.zeros((b,), dt)  # noqa: E731
+    return dict(token=z(np.int32), position=z(np.int32), active=z(bool), generated=z(np.int32),
+                max_new=np.ones((b,), np.int32), temperature=z(np.float32), top_k=z(np.int32),
+                top_p=np.ones((b,), np.float32), seed=z(np.uint32), stop_ids=np.full((b, n_stop), -1, np.int32))
+
+
+def random_params(cfg: ModelConfig, dtype: jnp.dtype, mesh: jax.sharding.Mesh, seed: int = 0) -> dict[str, jax.Array]:
+    """Random weights created directly in their sharding (never whole on one device)."""
+    shardings = {n: named_sharding(s.axes, s.shape, mesh) for n, s in param_specs(cfg).items()}
+    init = jax.jit(lambda key: init_params(cfg, key, dtype), out_shardings=shardings)
+    return init(jax.random.key(seed))

@@ -1,0 +1,64 @@
+"""Sampling parameters and the per-row sampler.
+
+Every parameter becomes a per-row array, so a batch can mix greedy and sampled rows, different
+temperatures, top-k and top-p without recompiling. A row's random key is derived from its own
+seed and how many tokens it has generated, so its output does not depend on its batch mates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to generate for one prompt. temperature=0 is greedy; top_k=0 and top_p=1 disable them."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens!r}; must be an integer >= 1")
+        if not self.temperature >= 0:  # also rejects NaN
+            raise ValueError(f"temperature={self.temperature!r}; must be >= 0")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k!r}; must be an integer >= 0 (0 disables it)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p!r}; must be in (0, 1]")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed={self.seed!r}; must be an integer in [0, 2**32)")
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+
+
+def sample(logits_bv: jax.Array, temperature_b: jax.Array, top_k_b: jax.Array, top_p_b: jax.Array,
+           seed_b: jax.Array, step_b: jax.Array) -> jax.Array:
+    """Next token per row [b] from float32 logits [b, v]. Rows with temperature 0 take the argmax.
+
+    Order as in HF and vLLM: temperature, then top-k, then top-p on the renormalized top-k mass.
+    """
+    greedy = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+
+    def sampled(_):
+        t = jnp.where(temperature_b > 0, temperature_b, 1.0)
+        order = jnp.argsort(-logits_bv, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits_bv, order, axis=-1) / t[:, None]
+        rank = jnp.arange(logits_bv.shape[-1])[None, :]
+        keep = (top_k_b[:, None] <= 0) | (rank < top_k_b[:, None])
+        probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        keep &= mass_before < top_p_b[:, None]  # the top token is always kept
+        keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(seed_b, step_b)
+        choice = jax.vmap(jax.random.categorical)(keys, jnp.where(keep, sorted_logits, -jnp.inf))
+        token = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+        return jnp.where(temperature_b > 0, token, greedy)
+
+    return jax.lax.cond(jnp.any(temperature_b > 0), sampled, lambda _: greedy, None)

@@ -1,0 +1,189 @@
+"""HF safetensors checkpoints (one file or sharded with an index), from a local path or gs://.
+
+The safetensors format is an 8-byte header length, a JSON header (name -> dtype, shape, byte
+range) and raw little-endian bytes. We read it through fsspec so that gs:// (gcsfs) works with
+range reads; the `safetensors` package only opens local files. Tensors are read one at a time,
+converted to our layout and dtype, and placed straight into their sharding: the checkpoint never
+sits in host memory whole, and pickle-based formats are never opened.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any, Callable
+
+import fsspec
+import jax
+import ml_dtypes
+import numpy as np
+
+from model.config import ModelConfig
+from model.decoder import param_specs
+from model.sharding import named_sharding
+
+_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+
+# Our weight name -> (HF tensor name, whether HF stores it as [out, in] and we as [in, out]).
+# {i} is the layer index. Shapes are checked against `hf_shape` below.
+HF_NAMES: dict[str, tuple[str, bool]] = {
+    "embed": ("model.embed_tokens.weight", False),
+    "final_norm": ("model.norm.weight", False),
+    "lm_head": ("lm_head.weight", True),
+    "attn_norm": ("model.layers.{i}.input_layernorm.weight", False),
+    "mlp_norm": ("model.layers.{i}.post_attention_layernorm.weight", False),
+    "wq": ("model.layers.{i}.self_attn.q_proj.weight", True),
+    "wk": ("model.layers.{i}.self_attn.k_proj.weight", True),
+    "wv": ("model.layers.{i}.self_attn.v_proj.weight", True),
+    "wo": ("model.layers.{i}.self_attn.o_proj.weight", True),
+    "bq": ("model.layers.{i}.self_attn.q_proj.bias", False),
+    "bk": ("model.layers.{i}.self_attn.k_proj.bias", False),
+    "bv": ("model.layers.{i}.self_attn.v_proj.bias", False),
+    "w_gate": ("model.layers.{i}.mlp.gate_proj.weight", True),
+    "w_up": ("model.layers.{i}.mlp.up_proj.weight", True),
+    "w_down": ("model.layers.{i}.mlp.down_proj.weight", True),
+}
+
+# Buffers some exporters write that are not weights.
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+def hf_shape(name: str, cfg: ModelConfig) -> tuple[int, ...]:
+    """The shape HF stores one layer's (or a global) tensor in."""
+    D, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    return {
+        "embed": (V, D), "final_norm": (D,), "lm_head": (V, D), "attn_norm": (D,), "mlp_norm": (D,),
+        "wq": (q, D), "wk": (kv, D), "wv": (kv, D), "wo": (D, q), "bq": (q,), "bk": (kv,), "bv": (kv,),
+        "w_gate": (F, D), "w_up": (F, D), "w_down": (D, F),
+    }[name]
+
+
+def _join(path: str, name: str) -> str:
+    return path.rstrip("/") + "/" + name
+
+
+class SafetensorsFile:
+    """Random access to the tensors of one .safetensors file through fsspec."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self._f = fsspec.open(url, "rb").open()
+        (n,) = struct.unpack("<Q", self._f.read(8))
+        header = json.loads(self._f.read(n))
+        header.pop("__metadata__", None)
+        self.header: dict[str, dict[str, Any]] = header
+        self._data_start = 8 + n
+
+    def read(self, name: str) -> np.ndarray:
+        meta = self.header[name]
+        if meta["dtype"] not in _DTYPES:
+            raise ValueError(f"{self.url}: tensor {name!r} has dtype {meta['dtype']}; "
+                             f"supported: {sorted(_DTYPES)}")
+        begin, end = meta["data_offsets"]
+        self._f.seek(self._data_start + begin)
+        buf = self._f.read(end - begin)
+        return np.frombuffer(buf, dtype=_DTYPES[meta["dtype"]]).reshape(meta["shape"])
+
+    def close(self):
+        self._f.close()
+
+
+class Checkpoint:
+    """All tensors of a checkpoint directory: `model.safetensors` or an index over shards."""
+
+    def __init__(self, path: str):
+        self.path = path
+        fs, root = fsspec.core.url_to_fs(path)
+        index = _join(path, "model.safetensors.index.json")
+        if fs.exists(_join(root, "model.safetensors.index.json")):
+            with fsspec.open(index, "r") as f:
+                weight_map: dict[str, str] = json.load(f)["weight_map"]
+        elif fs.exists(_join(root, "model.safetensors")):
+            weight_map = None
+        else:
+            found = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)) if fs.exists(root) else []
+            raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
+                                    f"(found: {found}); only safetensors checkpoints are loaded")
+        self._files: dict[str, SafetensorsFile] = {}
+        if weight_map is None:
+            single = self._file("model.safetensors")
+            weight_map = {name: "model.safetensors" for name in single.header}
+        self.weight_map = weight_map
+
+    def _file(self, filename: str) -> SafetensorsFile:
+        if filename not in self._files:
+            self._files[filename] = SafetensorsFile(_join(self.path, filename))
+        return self._files[filename]
+
+    def read(self, name: str) -> np.ndarray:
+        return self._file(self.weight_map[name]).read(name)
+
+    def close(self):
+        for f in self._files.values():
+            f.close()
+
+
+def read_hf_config(path: str) -> dict[str, Any]:
+    url = _join(path, "config.json")
+    try:
+        with fsspec.open(url, "r") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{url} not found: a checkpoint directory needs config.json") from None
+
+
+def expected_keys(cfg: ModelConfig) -> dict[str, list[str]]:
+    """Our weight name -> the HF tensor names it is assembled from (one per layer for stacked ones)."""
+    out = {}
+    for name, spec in param_specs(cfg).items():
+        template = HF_NAMES[name][0]
+        out[name] = [template.format(i=i) for i in range(cfg.num_layers)] if spec.per_layer else [template]
+    return out
+
+
+def _to_layout(name: str, tensor: np.ndarray, cfg: ModelConfig, shape: tuple[int, ...]) -> np.ndarray:
+    if tensor.shape != hf_shape(name, cfg):
+        raise ValueError(f"checkpoint tensor for {name!r} has shape {tensor.shape}; "
+                         f"expected {hf_shape(name, cfg)} for this config")
+    if HF_NAMES[name][1]:
+        tensor = tensor.T
+    return tensor.reshape(shape)
+
+
+def load_params(path: str, cfg: ModelConfig, dtype: Any, mesh: jax.sharding.Mesh,
+                progress: Callable[[str], None] | None = None) -> dict[str, jax.Array]:
+    """Reads every weight of `cfg` from the safetensors checkpoint at `path`, placed on `mesh`."""
+    ckpt = Checkpoint(path)
+    try:
+        wanted = expected_keys(cfg)
+        available = set(ckpt.weight_map)
+        needed = {k for keys in wanted.values() for k in keys}
+        missing = sorted(needed - available)
+        if missing:
+            raise ValueError(f"{path}: checkpoint is missing {len(missing)} tensor(s), e.g. {missing[:5]}")
+        unexpected = sorted(k for k in available - needed if not k.endswith(_IGNORED_SUFFIXES)
+                            and not (cfg.tie_word_embeddings and k == "lm_head.weight"))
+        if unexpected:
+            raise ValueError(f"{path}: checkpoint has {len(unexpected)} unexpected tensor(s), "
+                             f"e.g. {unexpected[:5]}")
+        np_dtype = np.dtype(dtype)
+        params = {}
+        for name, spec in param_specs(cfg).items():
+            host = np.empty(spec.shape, np_dtype)
+            if spec.per_layer:
+                for i, key in enumerate(wanted[name]):
+                    host[i] = _to_layout(name, ckpt.read(key), cfg, spec.shape[1:]).astype(np_dtype)
+            else:
+                host[...] = _to_layout(name, ckpt.read(wanted[name][0]), cfg, spec.shape).astype(np_dtype)
+            sharding = named_sharding(spec.axes, spec.shape, mesh)
+            params[name] = jax.make_array_from_callback(spec.shape, sharding, lambda idx, h=host: h[idx])
+            del host
+            if progress:
+                progress(name)
+        return params
+    finally:
+        ckpt.close()
