@@ -10,6 +10,7 @@ sits in host memory whole, and pickle-based formats are never opened.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from typing import Any, Callable
 
@@ -72,21 +73,49 @@ class SafetensorsFile:
     def __init__(self, url: str):
         self.url = url
         self._f = fsspec.open(url, "rb").open()
-        (n,) = struct.unpack("<Q", self._f.read(8))
-        header = json.loads(self._f.read(n))
+        try:
+            self.header = self._read_header()
+        except Exception:
+            self._f.close()
+            raise
+
+    def _read_header(self) -> dict[str, dict[str, Any]]:
+        # Checked up front: a git-lfs pointer or a truncated download would otherwise surface as
+        # a JSON or reshape error that does not say which file is bad.
+        size = self._f.seek(0, 2)
+        self._f.seek(0)
+        head = self._f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 0 < n <= size - 8:
+            raise ValueError(f"{self.url}: not a safetensors file ({size} bytes; header length "
+                             f"{n}); a git-lfs pointer or a truncated download?")
+        try:
+            header = json.loads(self._f.read(n))
+        except ValueError as e:
+            raise ValueError(f"{self.url}: safetensors header is not valid JSON ({e})") from None
         header.pop("__metadata__", None)
-        self.header: dict[str, dict[str, Any]] = header
         self._data_start = 8 + n
+        self._data_size = size - self._data_start
+        return header
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.header[name]["shape"])
 
     def read(self, name: str) -> np.ndarray:
         meta = self.header[name]
         if meta["dtype"] not in _DTYPES:
             raise ValueError(f"{self.url}: tensor {name!r} has dtype {meta['dtype']}; "
                              f"supported: {sorted(_DTYPES)}")
+        dtype = np.dtype(_DTYPES[meta["dtype"]])
         begin, end = meta["data_offsets"]
+        nbytes = math.prod(meta["shape"]) * dtype.itemsize
+        if end - begin != nbytes or not 0 <= begin <= end <= self._data_size:
+            raise ValueError(f"{self.url}: tensor {name!r} has byte range [{begin}, {end}) for "
+                             f"{meta['dtype']}{list(meta['shape'])} ({nbytes} bytes) in "
+                             f"{self._data_size} data bytes; the file is corrupt or truncated")
         self._f.seek(self._data_start + begin)
-        buf = self._f.read(end - begin)
-        return np.frombuffer(buf, dtype=_DTYPES[meta["dtype"]]).reshape(meta["shape"])
+        buf = self._f.read(nbytes)
+        return np.frombuffer(buf, dtype=dtype.newbyteorder("<")).reshape(meta["shape"])
 
     def close(self):
         self._f.close()
@@ -119,8 +148,18 @@ class Checkpoint:
             self._files[filename] = SafetensorsFile(_join(self.path, filename))
         return self._files[filename]
 
+    def _file_of(self, name: str) -> SafetensorsFile:
+        f = self._file(self.weight_map[name])
+        if name not in f.header:
+            raise ValueError(f"{self.path}: the index puts tensor {name!r} in {self.weight_map[name]}, "
+                             f"which does not contain it")
+        return f
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._file_of(name).shape(name)
+
     def read(self, name: str) -> np.ndarray:
-        return self._file(self.weight_map[name]).read(name)
+        return self._file_of(name).read(name)
 
     def close(self):
         for f in self._files.values():
@@ -145,10 +184,14 @@ def expected_keys(cfg: ModelConfig) -> dict[str, list[str]]:
     return out
 
 
-def _to_layout(name: str, tensor: np.ndarray, cfg: ModelConfig, shape: tuple[int, ...]) -> np.ndarray:
-    if tensor.shape != hf_shape(name, cfg):
-        raise ValueError(f"checkpoint tensor for {name!r} has shape {tensor.shape}; "
-                         f"expected {hf_shape(name, cfg)} for this config")
+def _read_layout(ckpt: Checkpoint, key: str, name: str, cfg: ModelConfig,
+                 shape: tuple[int, ...]) -> np.ndarray:
+    """HF tensor `key` (our weight `name`, or one layer of it) in our layout and `shape`."""
+    # The header's shape is checked before any bytes are read.
+    if ckpt.shape(key) != hf_shape(name, cfg):
+        raise ValueError(f"{ckpt.path}: tensor {key!r} has shape {ckpt.shape(key)}; "
+                         f"expected {hf_shape(name, cfg)} for this config.json")
+    tensor = ckpt.read(key)
     if HF_NAMES[name][1]:
         tensor = tensor.T
     return tensor.reshape(shape)
@@ -176,9 +219,9 @@ def load_params(path: str, cfg: ModelConfig, dtype: Any, mesh: jax.sharding.Mesh
             host = np.empty(spec.shape, np_dtype)
             if spec.per_layer:
                 for i, key in enumerate(wanted[name]):
-                    host[i] = _to_layout(name, ckpt.read(key), cfg, spec.shape[1:]).astype(np_dtype)
+                    host[i] = _read_layout(ckpt, key, name, cfg, spec.shape[1:])
             else:
-                host[...] = _to_layout(name, ckpt.read(wanted[name][0]), cfg, spec.shape).astype(np_dtype)
+                host[...] = _read_layout(ckpt, wanted[name][0], name, cfg, spec.shape)
             sharding = named_sharding(spec.axes, spec.shape, mesh)
             params[name] = jax.make_array_from_callback(spec.shape, sharding, lambda idx, h=host: h[idx])
             del host

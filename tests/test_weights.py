@@ -1,0 +1,334 @@
+"""Checkpoint loading: single-file and sharded safetensors, dtypes, errors, sharded placement, gs://."""
+
+import importlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file, save_file
+
+from hf_reference import hf_logits, make_hf_model, save_hf_model
+from model import Engine
+from model.decoder import param_specs
+from model.sharding import logical_to_spec
+
+PROMPTS = [[5, 17, 42, 3, 99, 250, 7], list(range(100, 120))]
+SMALL_SHARDS = "20KB"  # a tiny model's tensors are 2-64 KB: about a dozen shard files
+
+
+def load(path, mesh_shape=(1, 1), dtype="float32") -> Engine:
+    return Engine.from_pretrained(str(path), mesh_shape=mesh_shape, dtype=dtype, max_slots=2, max_len=64)
+
+
+def params_of(engine: Engine) -> dict[str, jax.Array]:
+    return {name: p[...] for name, p in engine.params.items()}
+
+
+def assert_logits_match_hf(engine: Engine, hf, atol: float):
+    ours = engine.logits(PROMPTS)
+    for i, p in enumerate(PROMPTS):
+        np.testing.assert_allclose(ours[i, : len(p)], hf_logits(hf, p), atol=atol, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """A tiny llama saved as one model.safetensors, and the HF model."""
+    hf = make_hf_model("llama", seed=3)
+    return hf, save_hf_model(hf, tmp_path_factory.mktemp("llama-single"))
+
+
+def edited_copy(src, dst, edit) -> str:
+    """A copy of checkpoint `src` whose model.safetensors tensors went through `edit(dict)`."""
+    shutil.copytree(src, dst)
+    tensors = load_file(os.path.join(dst, "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    return str(dst)
+
+
+# ---------------------------------------------------------------- single file vs sharded
+
+
+@pytest.mark.parametrize("variant", ["llama", "qwen2", "gemma"])
+def test_single_and_sharded_checkpoints_load_the_same(variant, tmp_path):
+    hf = make_hf_model(variant, seed=1)
+    single = save_hf_model(hf, tmp_path / "single")
+    sharded = save_hf_model(hf, tmp_path / "sharded", max_shard_size=SMALL_SHARDS)
+    assert sorted(f for f in os.listdir(single) if f.endswith(".safetensors")) == ["model.safetensors"]
+    shards = [f for f in os.listdir(sharded) if f.endswith(".safetensors")]
+    assert len(shards) > 3 and "model.safetensors.index.json" in os.listdir(sharded)
+
+    a, b = load(single), load(sharded)
+    pa, pb = params_of(a), params_of(b)
+    assert set(pa) == set(param_specs(a.cfg))
+    for name in pa:
+        assert pa[name].dtype == np.float32, name
+        np.testing.assert_array_equal(np.asarray(pa[name]), np.asarray(pb[name]), err_msg=name)
+    assert_logits_match_hf(a, hf, atol=1e-4)
+    assert_logits_match_hf(b, hf, atol=1e-4)
+
+
+def test_weights_land_in_our_layout(llama):
+    """Spot checks against HF tensors by hand, independent of the loader's name map."""
+    hf, path = llama
+    p = params_of(load(path))
+    sd = {k: v.numpy() for k, v in hf.state_dict().items()}
+    n, h = hf.config.num_attention_heads, hf.config.hidden_size // hf.config.num_attention_heads
+    np.testing.assert_array_equal(p["embed"], sd["model.embed_tokens.weight"])
+    np.testing.assert_array_equal(p["lm_head"], sd["lm_head.weight"].T)
+    wq1, wo0 = sd["model.layers.1.self_attn.q_proj.weight"], sd["model.layers.0.self_attn.o_proj.weight"]
+    np.testing.assert_array_equal(p["wq"][1], wq1.T.reshape(-1, n, h))  # [in, out] -> [d, heads, head_dim]
+    np.testing.assert_array_equal(p["wo"][0], wo0.T.reshape(n, h, -1))
+    np.testing.assert_array_equal(p["w_down"][1], sd["model.layers.1.mlp.down_proj.weight"].T)
+    np.testing.assert_array_equal(p["mlp_norm"][1], sd["model.layers.1.post_attention_layernorm.weight"])
+
+
+# ---------------------------------------------------------------- dtypes
+
+
+@pytest.fixture(scope="module")
+def bf16_checkpoint(tmp_path_factory):
+    hf = make_hf_model("qwen2", seed=2).to(torch.bfloat16)
+    path = save_hf_model(hf, tmp_path_factory.mktemp("bf16"), max_shard_size=SMALL_SHARDS)
+    header_dtypes = set()
+    for f in os.listdir(path):
+        if f.endswith(".safetensors"):
+            with open(os.path.join(path, f), "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(n))
+            header_dtypes |= {m["dtype"] for k, m in header.items() if k != "__metadata__"}
+    assert header_dtypes == {"BF16"}
+    return hf, path
+
+
+def test_bf16_checkpoint_loads_as_float32(bf16_checkpoint):
+    hf, path = bf16_checkpoint
+    engine = load(path, dtype="float32")
+    p = params_of(engine)
+    assert {v.dtype for v in p.values()} == {np.dtype(np.float32)}
+    expected = hf.model.embed_tokens.weight.detach().float().numpy()
+    np.testing.assert_array_equal(p["embed"], expected)
+    np.testing.assert_array_equal(p["bk"][1].reshape(-1),
+                                  hf.model.layers[1].self_attn.k_proj.bias.detach().float().numpy())
+    # The float32 copy of the bf16 model has exactly the loaded values: logits agree as for float32.
+    # A float32 model holding the bf16 values (not hf.float(): that would keep the rotary
+    # frequencies that .to(bfloat16) rounded) agrees with the float32 engine as closely as ever.
+    reference = make_hf_model("qwen2", seed=2)
+    reference.load_state_dict({k: v.float() for k, v in hf.state_dict().items()})
+    assert_logits_match_hf(engine, reference, atol=1e-4)
+
+
+def test_bf16_checkpoint_loads_as_bfloat16(bf16_checkpoint):
+    _, path = bf16_checkpoint
+    p16, p32 = params_of(load(path, dtype="bfloat16")), params_of(load(path, dtype="float32"))
+    for name in p32:
+        assert p16[name].dtype == jax.numpy.bfloat16, name
+        np.testing.assert_array_equal(np.asarray(p16[name]).astype(np.float32), np.asarray(p32[name]),
+                                      err_msg=name)
+
+
+def test_float32_checkpoint_rounds_to_bfloat16(llama):
+    hf, path = llama
+    p = params_of(load(path, dtype="bfloat16"))
+    assert p["wk"].dtype == jax.numpy.bfloat16
+    expected = hf.model.layers[0].self_attn.k_proj.weight.detach().to(torch.bfloat16).float().numpy()
+    np.testing.assert_array_equal(np.asarray(p["wk"][0]).astype(np.float32).reshape(expected.T.shape),
+                                  expected.T)
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_missing_tensor_is_named(llama, tmp_path):
+    path = edited_copy(llama[1], tmp_path / "c", lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(ValueError, match=r"missing 1 tensor.*'model\.layers\.1\.mlp\.up_proj\.weight'"):
+        load(path)
+
+
+def test_unexpected_tensor_is_named(llama, tmp_path):
+    def add(t):
+        t["model.layers.0.mlp.extra_proj.weight"] = np.zeros((4, 4), np.float32)
+
+    with pytest.raises(ValueError, match=r"unexpected tensor.*'model\.layers\.0\.mlp\.extra_proj\.weight'"):
+        load(edited_copy(llama[1], tmp_path / "c", add))
+
+
+def test_wrong_shape_is_named(llama, tmp_path):
+    def shrink(t):
+        t["model.layers.1.self_attn.q_proj.weight"] = t["model.layers.1.self_attn.q_proj.weight"][:32]
+
+    with pytest.raises(ValueError, match=r"'model\.layers\.1\.self_attn\.q_proj\.weight' has shape "
+                                         r"\(32, 64\); expected \(64, 64\)"):
+        load(edited_copy(llama[1], tmp_path / "c", shrink))
+
+
+class _Tripwire:
+    """Unpickling this creates a file: proof that a pickle was loaded."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_pickle_checkpoint_is_never_loaded(llama, tmp_path):
+    ckpt = tmp_path / "c"
+    ckpt.mkdir()
+    shutil.copy(os.path.join(llama[1], "config.json"), ckpt)
+    marker = tmp_path / "unpickled"
+    torch.save({"model.embed_tokens.weight": _Tripwire(marker)}, ckpt / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError,
+                       match=r"no model\.safetensors.*pytorch_model\.bin.*only safetensors"):
+        load(ckpt)
+    assert not marker.exists()
+
+
+def test_missing_config_json(llama, tmp_path):
+    shutil.copytree(llama[1], tmp_path / "c")
+    os.remove(tmp_path / "c" / "config.json")
+    with pytest.raises(FileNotFoundError, match=r"c/config\.json not found"):
+        load(tmp_path / "c")
+
+
+def test_unsupported_architecture_lists_supported(llama, tmp_path):
+    shutil.copytree(llama[1], tmp_path / "c")
+    cfg_path = tmp_path / "c" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.update(architectures=["GPT2LMHeadModel"], model_type="gpt2")
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"'GPT2LMHeadModel' is not supported; "
+                                         r"supported: .*LlamaForCausalLM.*Qwen2ForCausalLM"):
+        load(tmp_path / "c")
+
+
+def test_git_lfs_pointer_is_named(llama, tmp_path):
+    shutil.copytree(llama[1], tmp_path / "c")
+    (tmp_path / "c" / "model.safetensors").write_text(
+        "version https://git-lfs.github.com/spec/v1\noid sha256:0123abcd\nsize 123456\n")
+    with pytest.raises(ValueError, match=r"c/model\.safetensors: not a safetensors file"):
+        load(tmp_path / "c")
+
+
+def test_truncated_file_is_named(llama, tmp_path):
+    shutil.copytree(llama[1], tmp_path / "c")
+    f = tmp_path / "c" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-1000])
+    with pytest.raises(ValueError, match=r"c/model\.safetensors: tensor .* corrupt or truncated"):
+        load(tmp_path / "c")
+
+
+def test_index_pointing_at_the_wrong_shard_is_named(tmp_path):
+    path = save_hf_model(make_hf_model("llama", seed=0), tmp_path / "c", max_shard_size=SMALL_SHARDS)
+    index_path = os.path.join(path, "model.safetensors.index.json")
+    index = json.load(open(index_path))
+    key = "model.layers.0.self_attn.k_proj.weight"
+    other = next(f for f in sorted(set(index["weight_map"].values())) if f != index["weight_map"][key])
+    index["weight_map"][key] = other
+    json.dump(index, open(index_path, "w"))
+    with pytest.raises(ValueError, match=rf"index puts tensor '{key}' in {other}, which does not contain it"):
+        load(path)
+
+
+# ---------------------------------------------------------------- sharded placement
+
+
+@pytest.mark.parametrize("variant", ["llama", "qwen2"])
+def test_sharded_placement_follows_the_rules(variant, tmp_path):
+    assert len(jax.devices()) >= 8, "conftest sets 8 fake CPU devices"
+    hf = make_hf_model(variant, seed=4)
+    path = save_hf_model(hf, tmp_path, max_shard_size=SMALL_SHARDS)
+    sharded, single = load(path, mesh_shape=(2, 4)), load(path)
+    ours, reference = params_of(sharded), params_of(single)
+    split = []
+    for name, spec in param_specs(sharded.cfg).items():
+        param = ours[name]
+        assert param.sharding.mesh.shape == {"data": 2, "model": 4}
+        want = logical_to_spec(spec.axes, spec.shape, sharded.mesh)
+        assert param.sharding.spec == want, name
+        if any(want):
+            split.append(name)
+            assert param.addressable_shards[0].data.size < param.size, name
+        np.testing.assert_array_equal(np.asarray(param), np.asarray(reference[name]), err_msg=name)
+    assert {"wq", "w_up", "embed"} <= set(split)  # the mesh really split something
+    np.testing.assert_allclose(sharded.logits(PROMPTS), single.logits(PROMPTS), atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- gs:// through a local GCS emulator
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def gcs():
+    """A gcp-storage-emulator on loopback; gcsfs (and fsspec's gs://) talk to it while this is up."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1",
+                             "--port", str(port), "--in-memory"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                err = proc.stderr.read().decode()
+                pytest.fail(f"gcp-storage-emulator exited with {proc.returncode}: {err}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"gcp-storage-emulator did not answer on port {port} within 30 s")
+                time.sleep(0.05)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
+            # Read when gcsfs is imported: its experimental class makes a gRPC call that hangs
+            # against the emulator. Pin the plain class too, in case gcsfs was imported earlier.
+            mp.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+            import gcsfs.core
+
+            # The module, not `fsspec.registry` (a read-only view of it).
+            registry = importlib.import_module("fsspec.registry")._registry
+            for protocol in ("gs", "gcs"):
+                mp.setitem(registry, protocol, gcsfs.core.GCSFileSystem)
+            gcsfs.core.GCSFileSystem.clear_instance_cache()  # drop clients bound to another endpoint
+            fs = gcsfs.core.GCSFileSystem(token="anon", project="test")
+            fs.mkdir("ckpts")
+            yield fs
+            gcsfs.core.GCSFileSystem.clear_instance_cache()
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+
+
+def test_gs_checkpoint_loads_like_local(gcs, tmp_path):
+    hf = make_hf_model("qwen2", seed=5)
+    local = save_hf_model(hf, tmp_path / "ckpt", max_shard_size=SMALL_SHARDS)
+    gcs.put(local, "ckpts/qwen", recursive=True)
+    assert "ckpts/qwen/model.safetensors.index.json" in gcs.ls("ckpts/qwen", detail=False)
+
+    remote = load("gs://ckpts/qwen")
+    local_logits = load(local).logits(PROMPTS)
+    np.testing.assert_array_equal(remote.logits(PROMPTS), local_logits)
+    assert_logits_match_hf(remote, hf, atol=1e-4)
+
+
+def test_gs_errors_name_the_path(gcs, llama):
+    gcs.put(os.path.join(llama[1], "config.json"), "ckpts/no-weights/config.json")
+    with pytest.raises(FileNotFoundError,
+                       match=r"gs://ckpts/no-weights: no model\.safetensors.*config\.json"):
+        load("gs://ckpts/no-weights")
+    with pytest.raises(FileNotFoundError, match=r"gs://ckpts/nothing-here/config\.json not found"):
+        load("gs://ckpts/nothing-here")
