@@ -39,7 +39,8 @@ MIN_BUCKET = 16
 @dataclasses.dataclass
 class GenerationOutput:
     token_ids: list[int]
-    finish_reason: str  # "stop" (EOS or a stop token, which is included) | "length"
+    finish_reason: str  # "stop" (EOS or a stop token, which is included) | "length" (max_new_tokens
+    # reached, or prompt + completion reached max_len)
     prompt_len: int = 0
 
 
@@ -71,8 +72,8 @@ def _finish(token: jax.Array, state_like: SlotState, generated: jax.Array, posit
             max_len: int) -> jax.Array:
     """Finish code per row after sampling `token`: STOPPED, LENGTH or RUNNING."""
     stopped = jnp.any(token[:, None] == state_like.stop_ids, axis=-1)
-    # The next step would write `token` at `position`; the cache ends at max_len.
-    length = (generated >= state_like.max_new) | (position >= max_len)
+    # `token` would be cached at `position`; prompt + completion may not exceed max_len.
+    length = (generated >= state_like.max_new) | (position + 1 >= max_len)
     return jnp.where(stopped, STOPPED, jnp.where(length, LENGTH, RUNNING)).astype(jnp.int32)
 
 
@@ -125,6 +126,7 @@ class Engine:
             raise ValueError(f"quantize={quantize!r} is not supported yet; expected None")
         if dtype not in ("bfloat16", "float32"):
             raise ValueError(f"dtype={dtype!r}; expected 'bfloat16' or 'float32'")
+        path_or_preset = os.fspath(path_or_preset)
         mesh = make_mesh(mesh_shape)
         jdtype = jnp.dtype(dtype)
         if path_or_preset in PRESETS:
@@ -208,7 +210,7 @@ class Engine:
         More prompts than slots run through the slots in turn: a finished sequence frees its slot
         and the next waiting prompt is prefilled into it while the others keep decoding.
         """
-        prompts = self._check_prompts(prompts, limit=self.max_len)
+        prompts = self._check_prompts(prompts, limit=self.max_len - 1)
         if sampling is None:
             sampling = SamplingParams()
         params = [sampling] * len(prompts) if isinstance(sampling, SamplingParams) else list(sampling)
@@ -321,7 +323,8 @@ class Engine:
             if not p:
                 raise ValueError(f"prompt {i} is empty; it needs at least one token")
             if len(p) > limit:
-                raise ValueError(f"prompt {i} has {len(p)} tokens; max_len is {limit}")
+                raise ValueError(f"prompt {i} has {len(p)} tokens; max_len is {self.max_len}, "
+                                 f"which allows at most {limit} prompt tokens here")
             bad = [t for t in p if not 0 <= t < self.cfg.vocab_size]
             if bad:
                 raise ValueError(f"prompt {i} has token id {bad[0]} outside the vocabulary "
