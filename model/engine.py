@@ -108,8 +108,8 @@ class Engine:
         self.graphdef, self.params = nnx.split(Decoder(cfg, params, mesh))
         self.cache = KVCache.create(cfg, max_slots, max_len, self.dtype, mesh)
         self._n_stop = 8
-        self.state = SlotState.empty(max_slots, self._n_stop)
         self._cache_sharding = self.cache.shardings(mesh)
+        self.state = self._place_state(SlotState.empty(max_slots, self._n_stop))
         self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1, 2))
         self._decode = jax.jit(self._decode_fn, donate_argnums=(1, 2), static_argnums=(3,))
         self._forward = jax.jit(self._forward_fn)
@@ -157,7 +157,7 @@ class Engine:
                                   generated=jnp.ones_like(lengths_b))
         state = jax.tree.map(lambda s, r: s.at[slots_b].set(r, mode="drop"), state, new)
         cache = jax.lax.with_sharding_constraint(KVCache(k, v), self._cache_sharding)
-        return cache, state, token, code
+        return cache, self._place_state(state), token, code
 
     def _decode_fn(self, params, cache: KVCache, state: SlotState, steps: int):
         self.compile_counts["decode"] += 1
@@ -178,7 +178,17 @@ class Engine:
 
         (cache, state), (tokens, emitted, codes) = jax.lax.scan(step, (cache, state), length=steps)
         cache = jax.lax.with_sharding_constraint(cache, self._cache_sharding)
-        return cache, state, tokens, emitted, codes
+        return cache, self._place_state(state), tokens, emitted, codes
+
+    def _place_state(self, state: SlotState) -> SlotState:
+        """The slot state's one placement (slots over 'data'), inside jit and out, so that calls
+        never see a new input sharding (which would recompile)."""
+        def place(x):
+            sharding = named_sharding(("slots",) + (None,) * (x.ndim - 1), x.shape, self.mesh)
+            if isinstance(x, jax.core.Tracer):
+                return jax.lax.with_sharding_constraint(x, sharding)
+            return jax.device_put(x, sharding)
+        return jax.tree.map(place, state)
 
     def _forward_fn(self, params, tokens_bt):
         self.compile_counts["forward"] += 1
@@ -307,8 +317,8 @@ class Engine:
         if n > self._n_stop:  # widen (one recompile) only when a request needs more stop ids
             self._n_stop = 1 << math.ceil(math.log2(n))
             pad = self._n_stop - self.state.stop_ids.shape[1]
-            self.state = dataclasses.replace(
-                self.state, stop_ids=jnp.pad(self.state.stop_ids, ((0, 0), (0, pad)), constant_values=-1))
+            self.state = self._place_state(dataclasses.replace(
+                self.state, stop_ids=jnp.pad(self.state.stop_ids, ((0, 0), (0, pad)), constant_values=-1)))
 
     def _check_prompts(self, prompts, limit: int) -> list[list[int]]:
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):

@@ -1,0 +1,163 @@
+"""Engine behaviour: sampling, stopping, slot reuse, compile counts, bad input."""
+
+import jax
+import numpy as np
+import pytest
+
+from model import Engine, SamplingParams
+
+rng = np.random.default_rng(0)
+PROMPTS = [rng.integers(3, 256, size=n).tolist() for n in (3, 9, 17, 30, 5, 60)]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine.from_pretrained("tiny-llama", mesh_shape=(1, 1), dtype="float32", max_slots=4, max_len=128,
+                                  seed=1)
+
+
+def greedy(n=16, **kw):
+    return SamplingParams(max_new_tokens=n, ignore_eos=True, **kw)
+
+
+def test_outputs_in_input_order_and_independent_of_batching(engine):
+    together = engine.generate(PROMPTS, greedy())
+    alone = [engine.generate([p], greedy())[0] for p in PROMPTS]
+    assert [o.token_ids for o in together] == [o.token_ids for o in alone]
+    assert all(len(o.token_ids) == 16 and o.finish_reason == "length" for o in together)
+    assert [o.prompt_len for o in together] == [len(p) for p in PROMPTS]
+
+
+def test_top_k_1_equals_greedy(engine):
+    sampled = engine.generate(PROMPTS, greedy(temperature=1.3, top_k=1, seed=5))
+    assert [o.token_ids for o in sampled] == [o.token_ids for o in engine.generate(PROMPTS, greedy())]
+
+
+def test_tiny_top_p_equals_greedy(engine):
+    sampled = engine.generate(PROMPTS[:3], greedy(temperature=0.8, top_p=1e-6, seed=5))
+    assert [o.token_ids for o in sampled] == [o.token_ids for o in engine.generate(PROMPTS[:3], greedy())]
+
+
+def test_seeded_row_does_not_depend_on_batch_mates(engine):
+    target = greedy(24, temperature=1.0, seed=1234)
+    alone = engine.generate([PROMPTS[1]], target)[0].token_ids
+    mates = [greedy(8), greedy(30, temperature=0.7, top_k=20, seed=9), greedy(3, temperature=2.0, seed=1)]
+    mixed = engine.generate([PROMPTS[0], PROMPTS[1], PROMPTS[3], PROMPTS[2]], [mates[0], target] + mates[1:])
+    assert mixed[1].token_ids == alone
+    # and sampling is really sampling: other seeds give other tokens
+    others = {tuple(engine.generate([PROMPTS[1]], greedy(24, temperature=1.0, seed=s))[0].token_ids)
+              for s in range(4)}
+    assert len(others) > 1
+
+
+def test_mixed_settings_in_one_batch_match_each_alone(engine):
+    params = [greedy(10), greedy(12, temperature=0.9, top_p=0.9, seed=3), greedy(7, top_k=5, temperature=1.0, seed=4)]
+    mixed = engine.generate(PROMPTS[:3], params)
+    assert [o.token_ids for o in mixed] == [engine.generate([p], sp)[0].token_ids for p, sp in zip(PROMPTS, params)]
+    assert [len(o.token_ids) for o in mixed] == [10, 12, 7]
+
+
+def test_stop_token_ends_generation_and_is_included(engine):
+    ref = engine.generate([PROMPTS[2]], greedy(20))[0].token_ids
+    stop = ref[5]
+    first = ref.index(stop)
+    out = engine.generate([PROMPTS[2]], greedy(20, stop_token_ids=(stop,)))[0]
+    assert out.token_ids == ref[: first + 1] and out.finish_reason == "stop"
+
+
+def test_eos_stops_unless_ignored(engine):
+    ref = engine.generate([PROMPTS[3]], greedy(20))[0].token_ids
+    eos_engine = Engine(engine.cfg.__class__(**{**engine.cfg.__dict__, "eos_token_ids": (ref[3],)}),
+                        {k: v[...] for k, v in engine.params.items()}, engine.mesh, max_slots=2, max_len=128)
+    out = eos_engine.generate([PROMPTS[3]], SamplingParams(max_new_tokens=20))[0]
+    assert out.finish_reason == "stop" and out.token_ids == ref[: ref.index(ref[3]) + 1]
+    assert eos_engine.generate([PROMPTS[3]], greedy(20))[0].token_ids == ref
+
+
+def test_max_len_caps_prompt_plus_completion(engine):
+    prompt = rng.integers(3, 256, size=120).tolist()
+    out = engine.generate([prompt], greedy(50))[0]
+    assert len(prompt) + len(out.token_ids) == 128 and out.finish_reason == "length"
+
+
+def test_slots_are_reused_when_sequences_end_at_different_steps():
+    """More prompts than slots, every sequence ending at a different step: outputs equal one-at-a-time."""
+    eng = Engine.from_pretrained("tiny-llama", mesh_shape=(1, 1), dtype="float32", max_slots=2, max_len=64,
+                                 decode_steps=4, seed=1)
+    prompts = [rng.integers(3, 256, size=n).tolist() for n in (4, 11, 2, 7, 13, 5, 9)]
+    params = [greedy(n) for n in (1, 9, 3, 14, 6, 2, 11)]
+    together = eng.generate(prompts, params)
+    assert [len(o.token_ids) for o in together] == [1, 9, 3, 14, 6, 2, 11]
+    for p, sp, out in zip(prompts, params, together):
+        assert out.token_ids == eng.generate([p], sp)[0].token_ids
+
+
+def test_compiles_once_per_bucket_plus_one_decode():
+    eng = Engine.from_pretrained("tiny-llama", mesh_shape=(1, 1), dtype="float32", max_slots=8, max_len=128)
+    prompts = [rng.integers(3, 256, size=int(n)).tolist() for n in rng.integers(1, 120, size=50)]
+    sampling = [greedy(int(n), temperature=float(t), seed=i) for i, (n, t) in
+                enumerate(zip(rng.integers(1, 20, size=50), rng.choice([0.0, 0.7, 1.0], size=50)))]
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, secs, **kw: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None)
+    eng.generate(prompts, sampling)
+    assert compiles, "the listener sees compilations"
+    used = {eng._bucket(len(p)) for p in prompts}
+    assert eng.compile_counts["prefill"] <= len(used) <= len(eng.buckets)
+    assert eng.compile_counts["decode"] == 1
+    before = dict(eng.compile_counts)
+    compiles.clear()
+    eng.generate(prompts[::-1], sampling[::-1])
+    assert dict(eng.compile_counts) == before
+    assert compiles == [], "a second run of the same workload must not compile anything"
+
+
+@pytest.mark.parametrize("prompts,match", [
+    ([[]], "prompt 0 is empty"),
+    ([[5, 6], list(range(3, 131))], "prompt 1 has 128 tokens; max_len is 128"),
+    ([[5, 300]], "token id 300 outside the vocabulary"),
+    ([[5, -1]], "token id -1 outside the vocabulary"),
+    ("hello", "list of token-id lists"),
+    ([], "prompts is empty"),
+    (["hello"], "prompt 0 is a str"),
+])
+def test_bad_prompts_raise_value_error_naming_the_value(engine, prompts, match):
+    with pytest.raises(ValueError, match=match):
+        engine.generate(prompts, greedy())
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(max_new_tokens=0), "max_new_tokens=0"),
+    (dict(max_new_tokens=-3), "max_new_tokens=-3"),
+    (dict(temperature=-0.5), "temperature=-0.5"),
+    (dict(top_p=0.0), "top_p=0.0"),
+    (dict(top_p=1.5), "top_p=1.5"),
+    (dict(top_k=-1), "top_k=-1"),
+    (dict(seed=-1), "seed=-1"),
+])
+def test_bad_sampling_params_raise_value_error_naming_the_value(kw, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kw)
+
+
+def test_bad_stop_token_and_param_count(engine):
+    with pytest.raises(ValueError, match="stop token id 999"):
+        engine.generate([[5, 6]], greedy(stop_token_ids=(999,)))
+    with pytest.raises(ValueError, match="2 SamplingParams for 1 prompts"):
+        engine.generate([[5, 6]], [greedy(), greedy()])
+
+
+def test_many_stop_ids_widen_without_error(engine):
+    ref = engine.generate([PROMPTS[0]], greedy(10))[0].token_ids
+    stops = tuple(range(200, 220)) + (ref[4],)
+    out = engine.generate([PROMPTS[0]], greedy(10, stop_token_ids=stops))[0]
+    assert out.finish_reason == "stop" and out.token_ids[-1] in stops
+
+
+def test_unknown_preset_or_path():
+    with pytest.raises(ValueError, match="neither a checkpoint directory nor a preset"):
+        Engine.from_pretrained("no-such-model")
+    with pytest.raises(ValueError, match="quantize='int4'"):
+        Engine.from_pretrained("tiny-llama", quantize="int4")
+    with pytest.raises(ValueError, match="max_len=4096 exceeds"):
+        Engine.from_pretrained("tiny-llama", mesh_shape=(1, 1), max_len=4096)
