@@ -230,3 +230,25 @@ def load_params(path: str, cfg: ModelConfig, dtype: Any, mesh: jax.sharding.Mesh
         return params
     finally:
         ckpt.close()
+
+
+def save_params(path: str, cfg: ModelConfig, params: dict[str, Any], dtype: Any = np.float32) -> None:
+    """Writes params in HF's layout and names (model.safetensors + config.json) to a local dir,
+    so the checkpoint loads here and in HF transformers alike."""
+    import os
+
+    from safetensors.numpy import save_file
+
+    os.makedirs(path, exist_ok=True)
+    tensors = {}
+    for name, spec in param_specs(cfg).items():
+        value = np.asarray(jax.device_get(params[name])).astype(dtype)
+        layers = [(value[i], key) for i, key in enumerate(expected_keys(cfg)[name])] if spec.per_layer \
+            else [(value, expected_keys(cfg)[name][0])]
+        for tensor, key in layers:
+            if HF_NAMES[name][1]:  # back to HF's [out, in]
+                tensor = tensor.reshape(hf_shape(name, cfg)[::-1]).T
+            tensors[key] = np.ascontiguousarray(tensor.reshape(hf_shape(name, cfg)))
+    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump({**cfg.to_hf_config(), "torch_dtype": np.dtype(dtype).name}, f, indent=2)
