@@ -1,7 +1,10 @@
 """The inference engine: a sharded Flax NNX decoder with a static KV cache. Knows nothing of Beam."""
 
 from model.config import PRESETS, ModelConfig
-from model.engine import Engine, GenerationOutput
+from model.engine import Engine, GenerationOutput, resolve_checkpoint
 from model.sampling import SamplingParams
+from model.tokenizer import Tokenizer, load_tokenizer
+from model.weights import read_hf_config
 
-__all__ = ["Engine", "GenerationOutput", "ModelConfig", "PRESETS", "SamplingParams"]
+__all__ = ["Engine", "GenerationOutput", "ModelConfig", "PRESETS", "SamplingParams", "Tokenizer",
+           "load_tokenizer", "read_hf_config", "resolve_checkpoint"]

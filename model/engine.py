@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import math
 import os
+import threading
 from typing import Any, Sequence
 
 import jax
@@ -27,6 +28,7 @@ from model.decoder import Decoder, init_params, param_specs
 from model.kv_cache import KVCache
 from model.sampling import SamplingParams, sample
 from model.sharding import make_mesh, named_sharding
+from model.tokenizer import load_tokenizer
 from model.weights import load_params, read_hf_config
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,13 @@ log = logging.getLogger(__name__)
 RUNNING, STOPPED, LENGTH = 0, 1, 2
 FINISH_REASONS = {STOPPED: "stop", LENGTH: "length"}
 MIN_BUCKET = 16
+# Checkpoints that ship with the project, by name.
+CHECKPOINTS = {"demo": os.path.join(os.path.dirname(__file__), "assets", "demo")}
+
+
+def resolve_checkpoint(name_or_path: str) -> str:
+    """The directory of a bundled checkpoint name ("demo"); other names and paths unchanged."""
+    return CHECKPOINTS.get(os.fspath(name_or_path), os.fspath(name_or_path))
 
 
 @dataclasses.dataclass
@@ -113,6 +122,7 @@ class Engine:
         self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1, 2))
         self._decode = jax.jit(self._decode_fn, donate_argnums=(1, 2), static_argnums=(3,))
         self._forward = jax.jit(self._forward_fn)
+        self._lock = threading.Lock()  # one generate at a time: the cache and slots are shared state
 
     # ------------------------------------------------------------ construction
 
@@ -121,7 +131,9 @@ class Engine:
                         dtype: str = "bfloat16", max_slots: int = 32, max_len: int | None = None,
                         quantize: str | None = None, seed: int = 0, **engine_kw: Any) -> "Engine":
         """Loads a checkpoint directory (local or gs://, config.json + *.safetensors) or a preset
-        name (random weights from `seed`). max_len=None: min(2048, the model's context)."""
+        name: "demo" (the bundled checkpoint) or a random-weight shape from PRESETS (seeded).
+        max_len=None: min(2048, the model's context). The checkpoint's tokenizer, if any, becomes
+        `engine.tokenizer`."""
         if quantize is not None:
             raise ValueError(f"quantize={quantize!r} is not supported yet; expected None")
         if dtype not in ("bfloat16", "float32"):
@@ -129,17 +141,20 @@ class Engine:
         path_or_preset = os.fspath(path_or_preset)
         mesh = make_mesh(mesh_shape)
         jdtype = jnp.dtype(dtype)
+        path_or_preset = resolve_checkpoint(path_or_preset)
+        tokenizer = None
         if path_or_preset in PRESETS:
             cfg = PRESETS[path_or_preset]
             params = random_params(cfg, jdtype, mesh, seed)
         elif "://" in path_or_preset or os.path.isdir(path_or_preset):
             cfg = ModelConfig.from_hf_config(read_hf_config(path_or_preset))
             params = load_params(path_or_preset, cfg, jdtype, mesh)
+            tokenizer = load_tokenizer(path_or_preset)
         else:
             raise ValueError(f"{path_or_preset!r} is neither a checkpoint directory nor a preset; "
-                             f"presets: {sorted(PRESETS)}")
+                             f"presets: {sorted(PRESETS) + sorted(CHECKPOINTS)}")
         max_len = max_len or min(2048, cfg.max_position_embeddings)
-        return cls(cfg, params, mesh, max_slots=max_slots, max_len=max_len, **engine_kw)
+        return cls(cfg, params, mesh, max_slots=max_slots, max_len=max_len, tokenizer=tokenizer, **engine_kw)
 
     # ------------------------------------------------------------ jitted device functions
 
@@ -220,6 +235,10 @@ class Engine:
         More prompts than slots run through the slots in turn: a finished sequence frees its slot
         and the next waiting prompt is prefilled into it while the others keep decoding.
         """
+        with self._lock:
+            return self._generate(prompts, sampling)
+
+    def _generate(self, prompts, sampling) -> list[GenerationOutput]:
         prompts = self._check_prompts(prompts, limit=self.max_len - 1)
         if sampling is None:
             sampling = SamplingParams()

@@ -1,0 +1,128 @@
+"""Tokenizers: one protocol, two backends chosen by what the checkpoint directory holds.
+
+- `tokenizer.json` (HF fast tokenizers) through the `tokenizers` package;
+- `tokenizer.model` (SentencePiece) through tensorflow-text's `SentencepieceTokenizer`. Not the
+  Fast one: its ids differ from sentencepiece's for BPE models. tensorflow_text costs seconds to
+  import, so it is imported on first use.
+Both read through fsspec, so a gs:// checkpoint brings its tokenizer along.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Protocol, Sequence
+
+import fsspec
+
+
+class Tokenizer(Protocol):
+    bos_id: int | None
+    eos_id: int | None
+    pad_id: int
+    vocab_size: int
+
+    def encode_batch(self, texts: Sequence[str], add_bos: bool = True) -> list[list[int]]: ...
+
+    def decode_batch(self, ids: Sequence[Sequence[int]]) -> list[str]: ...
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+class _Base:
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        return self.encode_batch([text], add_bos)[0]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.decode_batch([ids])[0]
+
+
+class SentencePieceTokenizer(_Base):
+    """A SentencePiece model run by tensorflow-text (ids equal the sentencepiece library's)."""
+
+    def __init__(self, model_proto: bytes):
+        import sentencepiece  # light: only to read the special ids and vocabulary size
+
+        sp = sentencepiece.SentencePieceProcessor(model_proto=model_proto)
+        self._proto = model_proto
+        self.vocab_size = sp.get_piece_size()
+        self.bos_id = sp.bos_id() if sp.bos_id() >= 0 else None
+        self.eos_id = sp.eos_id() if sp.eos_id() >= 0 else None
+        self.pad_id = sp.pad_id() if sp.pad_id() >= 0 else 0
+        self._tf = None
+        self._lock = threading.Lock()
+
+    def _backend(self):
+        with self._lock:
+            if self._tf is None:
+                import tensorflow as tf
+                import tensorflow_text as tf_text
+
+                self._tf = (tf, tf_text.SentencepieceTokenizer(model=self._proto, out_type=tf.int32))
+        return self._tf
+
+    def encode_batch(self, texts: Sequence[str], add_bos: bool = True) -> list[list[int]]:
+        if not texts:
+            return []
+        tf, sp = self._backend()
+        ids = sp.tokenize(tf.constant(list(texts), dtype=tf.string)).to_list()
+        bos = [self.bos_id] if add_bos and self.bos_id is not None else []
+        return [bos + row for row in ids]
+
+    def decode_batch(self, ids: Sequence[Sequence[int]]) -> list[str]:
+        if not ids:
+            return []
+        tf, sp = self._backend()
+        special = {self.bos_id, self.eos_id, self.pad_id}
+        rows = [[int(t) for t in row if t not in special] for row in ids]
+        out = sp.detokenize(tf.ragged.constant(rows, dtype=tf.int32, row_splits_dtype=tf.int64)).numpy()
+        return [s.decode("utf-8", errors="replace") for s in out]
+
+
+class HFTokenizer(_Base):
+    """A HF `tokenizer.json`; its post-processor decides whether BOS is added."""
+
+    def __init__(self, tokenizer_json: str, special: dict[str, int | None]):
+        from tokenizers import Tokenizer as _Tok
+
+        self._tok = _Tok.from_str(tokenizer_json)
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self.bos_id, self.eos_id = special.get("bos"), special.get("eos")
+        self.pad_id = special.get("pad") or 0
+
+    def encode_batch(self, texts: Sequence[str], add_bos: bool = True) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=add_bos)]
+
+    def decode_batch(self, ids: Sequence[Sequence[int]]) -> list[str]:
+        return self._tok.decode_batch([list(map(int, row)) for row in ids], skip_special_tokens=True)
+
+
+def _read(url: str, mode: str = "rb"):
+    with fsspec.open(url, mode) as f:
+        return f.read()
+
+
+def load_tokenizer(path: str) -> Tokenizer | None:
+    """The tokenizer in a checkpoint directory (tokenizer.json preferred), or None if it has none."""
+    fs, root = fsspec.core.url_to_fs(path)
+    join = lambda name: path.rstrip("/") + "/" + name  # noqa: E731
+    if fs.exists(root.rstrip("/") + "/tokenizer.json"):
+        special = _special_ids(path, fs, root)
+        return HFTokenizer(_read(join("tokenizer.json"), "r"), special)
+    if fs.exists(root.rstrip("/") + "/tokenizer.model"):
+        return SentencePieceTokenizer(_read(join("tokenizer.model")))
+    return None
+
+
+def _special_ids(path: str, fs, root: str) -> dict[str, int | None]:
+    """bos/eos/pad ids from the checkpoint's config.json (empty if it has none)."""
+    out: dict[str, int | None] = {}
+    cfg_path = root.rstrip("/") + "/config.json"
+    if fs.exists(cfg_path):
+        cfg = json.loads(_read(path.rstrip("/") + "/config.json", "r"))
+        eos = cfg.get("eos_token_id")
+        out = {"bos": cfg.get("bos_token_id"), "eos": eos[0] if isinstance(eos, list) else eos,
+               "pad": cfg.get("pad_token_id")}
+    return out

@@ -1,0 +1,101 @@
+"""The RunInference ModelHandler: one engine per worker process, shared by its threads."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Any, Iterable, Sequence
+
+import yaml
+from apache_beam.metrics import Metrics
+from apache_beam.ml.inference.base import ModelHandler
+
+from model import Engine
+from pipeline.records import Request, Result, error
+
+log = logging.getLogger(__name__)
+NAMESPACE = "llm_batch"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Which checkpoint to serve and how; parsed once from --model (a name, a path, or YAML)."""
+
+    checkpoint: str = "demo"
+    dtype: str = "bfloat16"
+    max_slots: int = 32
+    max_len: int | None = None
+    mesh_shape: tuple[int, int] | None = None
+    decode_steps: int = 8
+
+    @classmethod
+    def parse(cls, model: str, **overrides: Any) -> "ModelSpec":
+        if model.endswith((".yaml", ".yml")):
+            with open(model) as f:
+                fields = yaml.safe_load(f) or {}
+            unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
+            if unknown:
+                raise ValueError(f"{model}: unknown keys {sorted(unknown)}; "
+                                 f"expected {[f.name for f in dataclasses.fields(cls)]}")
+            if fields.get("mesh_shape") is not None:
+                fields["mesh_shape"] = tuple(fields["mesh_shape"])
+            ckpt = fields.get("checkpoint", "demo")
+            if not ("://" in ckpt or os.path.isabs(ckpt) or ckpt == "demo" or os.path.isdir(ckpt)):
+                fields["checkpoint"] = os.path.normpath(os.path.join(os.path.dirname(model), "..", "..", ckpt))
+            spec = cls(**fields)
+        else:
+            spec = cls(checkpoint=model)
+        return dataclasses.replace(spec, **{k: v for k, v in overrides.items() if v is not None})
+
+    def load(self) -> Engine:
+        return Engine.from_pretrained(self.checkpoint, mesh_shape=self.mesh_shape, dtype=self.dtype,
+                                      max_slots=self.max_slots, max_len=self.max_len,
+                                      decode_steps=self.decode_steps)
+
+
+class EngineHandler(ModelHandler[Sequence[Request], Result, Engine]):
+    """Runs pre-batched Requests (token ids filled in) through the engine; never fails a batch
+    for one bad record: if a batch raises, its records are retried one by one."""
+
+    def __init__(self, spec: ModelSpec, share_across_processes: bool = False):
+        super().__init__()
+        self.spec = spec
+        self._share = share_across_processes
+        self._latency = Metrics.distribution(NAMESPACE, "batch_latency_ms")
+        self._tokens_per_s = Metrics.distribution(NAMESPACE, "batch_tokens_per_s")
+
+    def load_model(self) -> Engine:
+        start = time.perf_counter()
+        engine = self.spec.load()
+        log.info("loaded %s in %.1fs", self.spec.checkpoint, time.perf_counter() - start)
+        return engine
+
+    def share_model_across_processes(self) -> bool:
+        return self._share
+
+    def batch_elements_kwargs(self):
+        return {"max_batch_size": 1}  # batches arrive pre-formed by token budget (see job.py)
+
+    def run_inference(self, batch: Sequence[Sequence[Request]], engine: Engine,
+                      inference_args: dict | None = None) -> Iterable[list[Result]]:
+        return [self._generate(list(requests), engine) for requests in batch]
+
+    def _generate(self, requests: list[Request], engine: Engine) -> list[Result]:
+        start = time.perf_counter()
+        try:
+            outs = engine.generate([r.token_ids for r in requests], [r.sampling() for r in requests])
+        except Exception as e:  # isolate the record that broke the batch
+            if len(requests) == 1:
+                r = requests[0]
+                log.exception("record %s failed", r.id)
+                return [error(r.id, r.shard, r.line, "generation_failed", f"{type(e).__name__}: {e}")]
+            return [res for r in requests for res in self._generate([r], engine)]
+        elapsed = time.perf_counter() - start
+        generated = sum(len(o.token_ids) for o in outs)
+        self._latency.update(int(elapsed * 1000))
+        self._tokens_per_s.update(int(generated / max(elapsed, 1e-9)))
+        return [Result(id=r.id, shard=r.shard, line=r.line, prompt_tokens=len(r.token_ids),
+                       completion_tokens=len(o.token_ids), finish_reason=o.finish_reason,
+                       token_ids=o.token_ids, stop=r.stop) for r, o in zip(requests, outs)]
