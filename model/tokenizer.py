@@ -126,3 +126,13 @@ def _special_ids(path: str, fs, root: str) -> dict[str, int | None]:
         out = {"bos": cfg.get("bos_token_id"), "eos": eos[0] if isinstance(eos, list) else eos,
                "pad": cfg.get("pad_token_id")}
     return out
+
+
+def decode_completions(tokenizer: Tokenizer, prompts: Sequence[Sequence[int]],
+                       completions: Sequence[Sequence[int]]) -> list[str]:
+    """Completion texts as they continue their prompts: decoding the completion alone would drop
+    a leading space (SentencePiece strips it at the start of a text) or split a character."""
+    whole = tokenizer.decode_batch([list(p) + list(c) for p, c in zip(prompts, completions)])
+    heads = tokenizer.decode_batch(prompts)
+    alone = tokenizer.decode_batch(completions)
+    return [w[len(h):] if w.startswith(h) else a for w, h, a in zip(whole, heads, alone)]

@@ -98,4 +98,4 @@ class EngineHandler(ModelHandler[Sequence[Request], Result, Engine]):
         self._tokens_per_s.update(int(generated / max(elapsed, 1e-9)))
         return [Result(id=r.id, shard=r.shard, line=r.line, prompt_tokens=len(r.token_ids),
                        completion_tokens=len(o.token_ids), finish_reason=o.finish_reason,
-                       token_ids=o.token_ids, stop=r.stop) for r, o in zip(requests, outs)]
+                       token_ids=o.token_ids, prompt_ids=r.token_ids, stop=r.stop) for r, o in zip(requests, outs)]

@@ -21,6 +21,7 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.windowed_value import WindowedValue
 
 from model import ModelConfig, load_tokenizer, read_hf_config, resolve_checkpoint
+from model.tokenizer import decode_completions
 from pipeline import io
 from pipeline.handler import NAMESPACE, EngineHandler, ModelSpec
 from pipeline.options import DEFAULT_RUNNER, JobOptions
@@ -128,7 +129,8 @@ class Detokenize(beam.DoFn):
         self.tokenizer = load_tokenizer(resolve_checkpoint(self.spec.checkpoint))
 
     def process(self, results: list[Result]):
-        texts = self.tokenizer.decode_batch([r.token_ids for r in results if r.error is None])
+        ok = [r for r in results if r.error is None]
+        texts = decode_completions(self.tokenizer, [r.prompt_ids for r in ok], [r.token_ids for r in ok])
         it = iter(texts)
         for r in results:
             if r.error is None:
@@ -137,7 +139,7 @@ class Detokenize(beam.DoFn):
                 cut = min((i for i in (r.completion.find(s) for s in r.stop) if i >= 0), default=-1)
                 if cut >= 0:
                     r.completion, r.finish_reason = r.completion[:cut], "stop"
-            r.token_ids = []
+            r.token_ids, r.prompt_ids = [], []
             yield r
 
 

@@ -55,6 +55,7 @@ class Result:
     error_type: str | None = None
     error: str | None = None
     token_ids: list[int] = dataclasses.field(default_factory=list)
+    prompt_ids: list[int] = dataclasses.field(default_factory=list)
     stop: tuple[str, ...] = ()
 
     def to_json(self) -> str:

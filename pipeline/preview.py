@@ -1,0 +1,86 @@
+"""Notebook previews: generate for a few prompts in-process, no Beam.
+
+    from pipeline.preview import generate
+    generate(["Once upon a time", "The hacker"], max_tokens=40, temperature=0.8)
+
+or from a shell:  python -m pipeline.preview --model demo "Once upon a time"
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from typing import Any, Sequence
+
+from tqdm.auto import tqdm
+
+from model import Engine, SamplingParams
+from model.tokenizer import decode_completions
+
+
+@functools.lru_cache(maxsize=2)
+def _engine(model: str, dtype: str, max_len: int | None, max_slots: int) -> Engine:
+    return Engine.from_pretrained(model, mesh_shape=None, dtype=dtype, max_len=max_len, max_slots=max_slots)
+
+
+def generate(prompts: str | Sequence[str], model: str = "demo", max_tokens: int = 64, temperature: float = 0.0,
+             top_p: float = 1.0, top_k: int = 0, seed: int = 0, stop: Sequence[str] = (),
+             dtype: str = "float32", max_len: int | None = None, max_slots: int = 16, progress: bool = True,
+             as_dataframe: bool = False) -> list[dict[str, Any]] | Any:
+    """Completions for `prompts`, one record per prompt, in order. The engine is cached between
+    calls. `stop` strings cut the completion where they first appear (they are not included)."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    engine = _engine(model, dtype, max_len, max_slots)
+    if engine.tokenizer is None:
+        raise ValueError(f"model {model!r} has no tokenizer; preview needs text in and out")
+    sampling = SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                              seed=seed)
+    token_ids = engine.tokenizer.encode_batch(prompts)
+    records = []
+    chunk = 2 * engine.max_slots
+    with tqdm(total=len(prompts), disable=not progress, desc="generate", unit="prompt") as bar:
+        for start in range(0, len(prompts), chunk):
+            ids = token_ids[start:start + chunk]
+            room = [max(1, min(max_tokens, engine.max_len - len(p))) for p in ids]
+            outs = engine.generate(ids, [SamplingParams(**{**sampling.__dict__, "max_new_tokens": r}) for r in room])
+            texts = decode_completions(engine.tokenizer, ids, [o.token_ids for o in outs])
+            for prompt, p_ids, out, text in zip(prompts[start:], ids, outs, texts):
+                reason = out.finish_reason
+                cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+                if cut >= 0:
+                    text, reason = text[:cut], "stop"
+                records.append({"prompt": prompt, "completion": text, "prompt_tokens": len(p_ids),
+                                "completion_tokens": len(out.token_ids), "finish_reason": reason})
+            bar.update(len(ids))
+    if as_dataframe:
+        import pandas as pd
+
+        return pd.DataFrame.from_records(records)
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pipeline.preview", description=__doc__.split("\n")[0])
+    ap.add_argument("prompts", nargs="+", help="one or more prompts")
+    ap.add_argument("--model", default="demo")
+    ap.add_argument("--max_tokens", type=int, default=48)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--top_p", type=float, default=1.0)
+    ap.add_argument("--top_k", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    args = ap.parse_args(argv)
+    try:
+        records = generate(args.prompts, model=args.model, max_tokens=args.max_tokens, temperature=args.temperature,
+                           top_p=args.top_p, top_k=args.top_k, seed=args.seed, dtype=args.dtype, progress=False)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for r in records:
+        print(f"{r['prompt']}{r['completion']}\n  [{r['completion_tokens']} tokens, {r['finish_reason']}]\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
