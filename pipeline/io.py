@@ -47,11 +47,15 @@ def output_url(output_dir: str, shard_url: str) -> str:
 
 
 def write_atomic(url: str, lines: list[str]) -> None:
-    """Writes lines to a temporary name, then renames it into place: readers never see half a shard."""
+    """Writes a whole shard so that readers never see half of it. Local files: a temporary name,
+    then a rename. Object stores (gs://) publish an object only when its upload completes, so the
+    final name is written directly (a server-side move would be a second, non-atomic step there)."""
     fs, path = fsspec.core.url_to_fs(url)
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    tmp = path + ".inprogress"
-    with fs.open(tmp, "w", encoding="utf-8") as f:
+    local = "file" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,))
+    target = path + ".inprogress" if local else path
+    with fs.open(target, "w", encoding="utf-8") as f:
         for line in lines:
             f.write(line + "\n")
-    fs.mv(tmp, path)
+    if local:
+        fs.mv(target, path)

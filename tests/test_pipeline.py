@@ -1,0 +1,138 @@
+"""The Beam job end to end on the FnApiRunner with the demo model, plus its parts."""
+
+import json
+
+import apache_beam as beam
+import pytest
+
+from model import Engine, SamplingParams
+from model.tokenizer import decode_completions
+from pipeline import preview
+from pipeline.job import run
+from pipeline.records import Request, Result, parse
+
+MODEL = "/tmp/tinyckpt"
+DEFAULTS = {"max_tokens": 16, "temperature": 0.0, "top_p": 1.0, "top_k": 0}
+GOOD = ["In the beginning", "The hacker", "And the LORD said unto Moses,", "A kludge is", "Blessed are the",
+        "The program", "Thou shalt not", "Every hacker knows that"]
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def read_out(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def job(tmp_path, *extra, inp="in/*", model=MODEL) -> dict:
+    return run(["--input", str(tmp_path / inp), "--output", str(tmp_path / "out"), "--model", model,
+                "--max_tokens", "16", "--batch_tokens", "200", *extra])
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine.from_pretrained(MODEL, mesh_shape=None, dtype="float32", max_len=256)
+
+
+def test_every_id_once_and_greedy_equals_engine_generate(tmp_path, engine):
+    (tmp_path / "in").mkdir()
+    ids = []
+    for shard in range(3):
+        recs = [{"id": f"s{shard}-{i}", "prompt": GOOD[(shard * 3 + i) % len(GOOD)]} for i in range(7)]
+        write_jsonl(tmp_path / "in" / f"part-{shard}.jsonl", recs)
+        ids += [r["id"] for r in recs]
+    (tmp_path / "in" / "notes.txt").write_text("The wizard looked at the code and\n\nHear, O Israel:\n")
+    summary = job(tmp_path, "--model", "configs/models/demo.yaml")
+    out = {p.name: read_out(p) for p in (tmp_path / "out").iterdir()}
+    assert sorted(out) == ["notes.jsonl", "part-0.jsonl", "part-1.jsonl", "part-2.jsonl"]
+    got = [r["id"] for recs in out.values() for r in recs]
+    assert sorted(got) == sorted(ids + ["notes.txt:1", "notes.txt:3"]) and len(got) == len(set(got))
+    assert summary["records"] == len(got) == summary["completions"] and summary["errors"] == 0
+    # the same prompts through the engine directly give the same text
+    prompts = [r["prompt"] for s in range(3) for r in
+               [{"prompt": GOOD[(s * 3 + i) % len(GOOD)]} for i in range(7)]]
+    ids_in = engine.tokenizer.encode_batch(prompts)
+    outs = engine.generate(ids_in, SamplingParams(max_new_tokens=16))
+    expected = decode_completions(engine.tokenizer, ids_in, [o.token_ids for o in outs])
+    written = [r["completion"] for s in range(3) for r in out[f"part-{s}.jsonl"]]
+    assert written == expected
+    assert all(r["prompt_tokens"] > 0 and 0 < r["completion_tokens"] <= 16 for r in out["part-0.jsonl"])
+
+
+def test_bad_records_get_reasons_and_good_ones_complete(tmp_path):
+    (tmp_path / "in").mkdir()
+    lines = [
+        json.dumps({"id": "good-1", "prompt": "The hacker"}),
+        "{not json",
+        json.dumps({"id": "no-prompt", "text": "hi"}),
+        json.dumps({"id": "num-prompt", "prompt": 42}),
+        json.dumps({"id": "empty", "prompt": "   "}),
+        json.dumps({"id": "too-long", "prompt": "word " * 2000}),
+        json.dumps({"id": "neg-temp", "prompt": "x", "temperature": -1}),
+        json.dumps({"id": "big-top-p", "prompt": "x", "top_p": 2}),
+        json.dumps({"id": "zero-tokens", "prompt": "x", "max_tokens": 0}),
+        json.dumps({"id": "too-many-tokens", "prompt": "x", "max_tokens": 100000}),
+        json.dumps({"id": "bad-stop", "prompt": "x", "stop": [1, 2]}),
+        json.dumps(["a", "list"]),
+        json.dumps({"id": "good-2", "prompt": "In the beginning", "stop": ["\n"], "temperature": 0.7, "seed": 3}),
+    ]
+    raw = "\n".join(lines).encode() + b"\n" + b'{"id": "bad-utf8", "prompt": "\xff\xfe"}\n'
+    (tmp_path / "in" / "mixed.jsonl").write_bytes(raw)
+    summary = job(tmp_path)
+    out = {r["id"]: r for r in read_out(tmp_path / "out" / "mixed.jsonl")}
+    assert len(out) == len(lines) + 1 == summary["records"]
+    assert {k for k, r in out.items() if "completion" in r} == {"good-1", "good-2"}
+    expect = {"mixed.jsonl:2": "not valid JSON", "no-prompt": "no 'prompt'", "num-prompt": "must be a string",
+              "empty": "prompt is empty", "too-long": "the model's context is 256", "neg-temp": "temperature",
+              "big-top-p": "top_p", "zero-tokens": "max_tokens", "too-many-tokens": "leave room",
+              "bad-stop": "stop", "mixed.jsonl:12": "JSON object", "mixed.jsonl:14": "not valid UTF-8"}
+    for rid, words in expect.items():
+        assert words in out[rid]["error"]["message"], (rid, out[rid])
+    assert "\n" not in out["good-2"]["completion"]
+
+
+def test_empty_shard_gets_an_empty_output_shard(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "empty.jsonl").write_text("")
+    write_jsonl(tmp_path / "in" / "one.jsonl", [{"id": "a", "prompt": "The hacker"}])
+    summary = job(tmp_path)
+    assert (tmp_path / "out" / "empty.jsonl").read_text() == ""
+    assert summary["records"] == 1 and summary["shards"] == 2
+
+
+def test_no_input_match_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="matches no files"):
+        job(tmp_path, inp="nothing/*.jsonl")
+
+
+def test_gs_input_and_output(gcs, tmp_path):
+    gcs.mkdir("jobs")
+    for shard in range(2):
+        with gcs.open(f"jobs/in/part-{shard}.jsonl", "w") as f:
+            f.write("".join(json.dumps({"id": f"g{shard}-{i}", "prompt": GOOD[i]}) + "\n" for i in range(3)))
+    summary = run(["--input", "gs://jobs/in/*.jsonl", "--output", "gs://jobs/out", "--model", MODEL,
+                   "--max_tokens", "8"])
+    assert summary["records"] == 6 and summary["errors"] == 0
+    assert sorted(gcs.ls("jobs/out", detail=False)) == ["jobs/out/part-0.jsonl", "jobs/out/part-1.jsonl"]
+    with gcs.open("jobs/out/part-1.jsonl", "r") as f:
+        assert [json.loads(line)["id"] for line in f] == ["g1-0", "g1-1", "g1-2"]
+
+
+def test_parse_text_and_jsonl_records():
+    req = parse(b"hello there", 0, "a.txt", 7, "text", DEFAULTS)
+    assert isinstance(req, Request) and req.id == "a.txt:7" and req.prompt == "hello there"
+    req = parse(b'{"id": 5, "prompt": "p", "max_tokens": 3, "stop": "x"}', 0, "a.jsonl", 1, "jsonl", DEFAULTS)
+    assert (req.id, req.max_tokens, req.max_tokens_given, req.stop) == ("5", 3, True, ("x",))
+    # the default seed comes from the id, so reruns and reshards sample the same
+    a, b = (parse(b'{"id": "r1", "prompt": "p"}', s, n, 1, "jsonl", DEFAULTS) for s, n in ((0, "x"), (3, "y")))
+    assert a.seed == b.seed
+    assert isinstance(parse(b'{"prompt": "p", "top_k": 1.5}', 0, "a", 1, "jsonl", DEFAULTS), Result)
+
+
+def test_preview_returns_records(capsys):
+    records = preview.generate(["The hacker", "In the beginning"], max_tokens=8, progress=False)
+    assert [r["prompt"] for r in records] == ["The hacker", "In the beginning"]
+    assert all(r["completion_tokens"] == 8 or r["finish_reason"] == "stop" for r in records)
+    assert preview.main(["--max_tokens", "5", "The hacker"]) == 0
+    assert "The hacker" in capsys.readouterr().out
