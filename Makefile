@@ -3,7 +3,7 @@ VENV := .venv
 PIP := $(VENV)/bin/pip
 PYTHON := $(VENV)/bin/python
 
-.PHONY: install install-dev test test-slow bench clean
+.PHONY: install install-dev demo test test-slow bench clean
 
 $(VENV)/bin/python:
 	$(shell command -v $(PY) || echo python3) -m venv $(VENV)
@@ -19,6 +19,9 @@ $(VENV)/.installed-dev: requirements.txt requirements-dev.txt $(VENV)/.installed
 
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
+
+demo: install
+	$(PYTHON) -m pipeline.run --input 'configs/demo/*.jsonl' --output out/demo --model configs/models/demo.yaml
 
 test: install-dev
 	$(PYTHON) -m pytest -q
