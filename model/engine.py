@@ -154,6 +154,7 @@ class Engine:
             raise ValueError(f"{path_or_preset!r} is neither a checkpoint directory nor a preset; "
                              f"presets: {sorted(PRESETS) + sorted(CHECKPOINTS)}")
         max_len = max_len or min(2048, cfg.max_position_embeddings)
+        enable_compilation_cache()
         return cls(cfg, params, mesh, max_slots=max_slots, max_len=max_len, tokenizer=tokenizer, **engine_kw)
 
     # ------------------------------------------------------------ jitted device functions
@@ -319,11 +320,26 @@ class Engine:
             rows["max_new"][r], rows["temperature"][r] = sp.max_new_tokens, sp.temperature
             rows["top_k"][r], rows["top_p"][r], rows["seed"][r] = sp.top_k, sp.top_p, sp.seed
             rows["stop_ids"][r, : len(stops[i])] = stops[i]
+        first, codes = self._call_prefill(tokens, lengths, slot_ids, rows)
+        return first[: len(batch)], codes[: len(batch)]
+
+    def warmup(self) -> None:
+        """Compiles every prefill bucket and the decode step now, so that a job compiles nothing
+        later. Runs them on padding rows only (their writes are dropped): no slot changes."""
+        with self._lock:
+            for t in self.buckets:
+                b = self.prefill_batch(t)
+                self._call_prefill(np.zeros((b, t), np.int32), np.ones((b,), np.int32),
+                                   np.full((b,), self.max_slots, np.int32), _host_rows(b, self._n_stop))
+            if not bool(jnp.any(self.state.active)):
+                self.cache, self.state, *_ = self._decode(self.params, self.cache, self.state, self.decode_steps)
+
+    def _call_prefill(self, tokens, lengths, slot_ids, rows: dict[str, np.ndarray]):
         rows = SlotState(**{k: jnp.asarray(v) for k, v in rows.items()})
         self.cache, self.state, first, codes = self._prefill(
             self.params, self.cache, self.state, jnp.asarray(tokens), jnp.asarray(lengths),
             jnp.asarray(slot_ids), rows)
-        return np.asarray(first)[: len(batch)], np.asarray(codes)[: len(batch)]
+        return np.asarray(first), np.asarray(codes)
 
     def _stop_ids(self, sp: SamplingParams) -> tuple[int, ...]:
         ids = tuple(sp.stop_token_ids) + (() if sp.ignore_eos else self.cfg.eos_token_ids)
@@ -367,6 +383,15 @@ def _host_rows(b: int, n_stop: int) -> dict[str, np.ndarray]:
     return dict(token=z(np.int32), position=z(np.int32), active=z(bool), generated=z(np.int32),
                 max_new=np.ones((b,), np.int32), temperature=z(np.float32), top_k=z(np.int32),
                 top_p=np.ones((b,), np.float32), seed=z(np.uint32), stop_ids=np.full((b, n_stop), -1, np.int32))
+
+
+def enable_compilation_cache(path: str | None = None) -> None:
+    """JAX's persistent compilation cache, so a second job on the machine skips compiling. The
+    directory: `path`, else $JAX_COMPILATION_CACHE_DIR (which JAX reads itself), else ~/.cache."""
+    if path is None and os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
+    jax.config.update("jax_compilation_cache_dir",
+                      path or os.path.join(os.path.expanduser("~"), ".cache", "llm_batch_jax"))
 
 
 def random_params(cfg: ModelConfig, dtype: jnp.dtype, mesh: jax.sharding.Mesh, seed: int = 0) -> dict[str, jax.Array]:

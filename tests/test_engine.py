@@ -161,3 +161,18 @@ def test_unknown_preset_or_path():
         Engine.from_pretrained("tiny-llama", quantize="int4")
     with pytest.raises(ValueError, match="max_len=4096 exceeds"):
         Engine.from_pretrained("tiny-llama", mesh_shape=(1, 1), max_len=4096)
+
+
+def test_warmup_compiles_everything_a_mixed_workload_needs():
+    eng = Engine.from_pretrained("tiny-llama", mesh_shape=(1, 1), dtype="float32", max_slots=4, max_len=64)
+    eng.warmup()
+    assert eng.compile_counts["prefill"] == len(eng.buckets) and eng.compile_counts["decode"] == 1
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, secs, **kw: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None)
+    prompts = [rng.integers(3, 256, size=int(n)).tolist() for n in rng.integers(1, 63, size=30)]
+    sampling = [greedy(int(n), temperature=float(t), top_k=int(k), seed=i) for i, (n, t, k) in enumerate(
+        zip(rng.integers(1, 30, size=30), rng.choice([0.0, 0.9], size=30), rng.choice([0, 5], size=30)))]
+    outs = eng.generate(prompts, sampling)
+    assert compiles == [] and [len(o.token_ids) for o in outs] == [sp.max_new_tokens if len(p) + sp.max_new_tokens <= 64
+                                                                   else 64 - len(p) for p, sp in zip(prompts, sampling)]
