@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model.config import ModelConfig, rope_inv_freq
+from model.quantize import QArray
 from model.sharding import constrain
 
 Array = jax.Array
@@ -73,6 +74,15 @@ def init_params(cfg: ModelConfig, key: Array, dtype: jnp.dtype, std: float = 0.0
 
 # ---------------------------------------------------------------- layers (pure functions)
 
+def linear(eq: str, x: Array, w: Array | QArray, **kw) -> Array:
+    """einsum(eq, x, w). An int8 weight is converted to x's dtype and its per-output-channel
+    scale applied to the result (the output ends with the weight's non-contracted dims)."""
+    if isinstance(w, QArray):
+        out = jnp.einsum(eq, x, w.q.astype(x.dtype), **kw)
+        return out * w.scale.astype(out.dtype)
+    return jnp.einsum(eq, x, w, **kw)
+
+
 def rms_norm(x: Array, w: Array, eps: float, offset: float = 0.0) -> Array:
     """RMSNorm over the last axis, computed in float32; Gemma passes offset=1 to scale by (1 + w)."""
     x32 = x.astype(jnp.float32)
@@ -109,11 +119,11 @@ def attention_mask(q_pos_bt: Array, k_pos_s: Array, window: int | None) -> Array
     return mask
 
 
-def gated_mlp(x_btd: Array, w_gate: Array, w_up: Array, w_down: Array, activation: str) -> Array:
+def gated_mlp(x_btd: Array, w_gate, w_up, w_down, activation: str) -> Array:
     act = jax.nn.silu if activation == "silu" else lambda a: jax.nn.gelu(a, approximate=True)
-    gate = jnp.einsum("btd,df->btf", x_btd, w_gate)
-    up = jnp.einsum("btd,df->btf", x_btd, w_up)
-    return jnp.einsum("btf,fd->btd", act(gate) * up, w_down)
+    gate = linear("btd,df->btf", x_btd, w_gate)
+    up = linear("btd,df->btf", x_btd, w_up)
+    return linear("btf,fd->btd", act(gate) * up, w_down)
 
 
 # ---------------------------------------------------------------- the model
@@ -140,34 +150,42 @@ class Decoder(nnx.Module):
 
     def _layer_weights(self) -> dict[str, Array]:
         specs = param_specs(self.cfg)
-        return {name: getattr(self, name)[...] for name, spec in specs.items() if spec.per_layer}
+        return {name: self.weight(name) for name, spec in specs.items() if spec.per_layer}
+
+    def weight(self, name: str) -> Array | QArray:
+        return getattr(self, name).get_value()
 
     def embed_tokens(self, tokens_bt: Array) -> Array:
-        x = jnp.take(self.embed[...], tokens_bt, axis=0)
+        table = self.weight("embed")
+        if isinstance(table, QArray):
+            x = (table.q[tokens_bt].astype(jnp.float32) * table.scale[tokens_bt][..., None])
+            x = x.astype(self.weight("final_norm").dtype)
+        else:
+            x = jnp.take(table, tokens_bt, axis=0)
         if self.cfg.scale_embeddings:
             x = x * jnp.asarray(self.cfg.hidden_size ** 0.5, x.dtype)
         return constrain(x, ("batch", "seq", "embed"), self.mesh)
 
     def head(self, x_btd: Array) -> Array:
         """Final norm and vocabulary projection; float32 logits [b, t, v]."""
-        x = rms_norm(x_btd, self.final_norm[...], self.cfg.rms_norm_eps, self.cfg.norm_weight_offset)
+        x = rms_norm(x_btd, self.weight("final_norm"), self.cfg.rms_norm_eps, self.cfg.norm_weight_offset)
         if self.cfg.tie_word_embeddings:
-            return jnp.einsum("btd,vd->btv", x, self.embed[...], preferred_element_type=jnp.float32)
-        return jnp.einsum("btd,dv->btv", x, self.lm_head[...], preferred_element_type=jnp.float32)
+            return linear("btd,vd->btv", x, self.weight("embed"), preferred_element_type=jnp.float32)
+        return linear("btd,dv->btv", x, self.weight("lm_head"), preferred_element_type=jnp.float32)
 
     def _block(self, x: Array, w: dict[str, Array], positions_bt: Array, attend: AttendFn,
                layer: Array, carry: tuple) -> tuple[Array, tuple]:
         cfg = self.cfg
         h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps, cfg.norm_weight_offset)
-        q = jnp.einsum("btd,dnh->btnh", h, w["wq"])
-        k = jnp.einsum("btd,dkh->btkh", h, w["wk"])
-        v = jnp.einsum("btd,dkh->btkh", h, w["wv"])
+        q = linear("btd,dnh->btnh", h, w["wq"])
+        k = linear("btd,dkh->btkh", h, w["wk"])
+        v = linear("btd,dkh->btkh", h, w["wv"])
         if cfg.qkv_bias:
             q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
         inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
         q, k = rope(q, positions_bt, inv_freq), rope(k, positions_bt, inv_freq)
         out, carry = attend(layer, q, k, v, carry)
-        x = x + jnp.einsum("btnh,nhd->btd", out, w["wo"])
+        x = x + linear("btnh,nhd->btd", out, w["wo"])
         h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps, cfg.norm_weight_offset)
         x = x + gated_mlp(h, w["w_gate"], w["w_up"], w["w_down"], cfg.activation)
         return constrain(x, ("batch", "seq", "embed"), self.mesh), carry

@@ -26,6 +26,7 @@ from flax import nnx
 from model.config import PRESETS, ModelConfig
 from model.decoder import Decoder, init_params, param_specs
 from model.kv_cache import KVCache
+from model.quantize import quantize_params
 from model.sampling import SamplingParams, sample
 from model.sharding import make_mesh, named_sharding
 from model.tokenizer import load_tokenizer
@@ -112,7 +113,7 @@ class Engine:
         self.max_slots, self.max_len = max_slots, max_len
         self.decode_steps, self.prefill_tokens = decode_steps, prefill_tokens
         self.buckets = buckets_for(max_len)
-        self.dtype = next(iter(params.values())).dtype
+        self.dtype = params["final_norm"].dtype  # activations and cache; weights may be int8
         self.compile_counts: collections.Counter[str] = collections.Counter()
         self.graphdef, self.params = nnx.split(Decoder(cfg, params, mesh))
         self.cache = KVCache.create(cfg, max_slots, max_len, self.dtype, mesh)
@@ -134,8 +135,8 @@ class Engine:
         name: "demo" (the bundled checkpoint) or a random-weight shape from PRESETS (seeded).
         max_len=None: min(2048, the model's context). The checkpoint's tokenizer, if any, becomes
         `engine.tokenizer`."""
-        if quantize is not None:
-            raise ValueError(f"quantize={quantize!r} is not supported yet; expected None")
+        if quantize not in (None, "int8"):
+            raise ValueError(f"quantize={quantize!r}; expected None or 'int8'")
         if dtype not in ("bfloat16", "float32"):
             raise ValueError(f"dtype={dtype!r}; expected 'bfloat16' or 'float32'")
         path_or_preset = os.fspath(path_or_preset)
@@ -153,6 +154,8 @@ class Engine:
         else:
             raise ValueError(f"{path_or_preset!r} is neither a checkpoint directory nor a preset; "
                              f"presets: {sorted(PRESETS) + sorted(CHECKPOINTS)}")
+        if quantize == "int8":
+            params = quantize_params(params, cfg, mesh)
         max_len = max_len or min(2048, cfg.max_position_embeddings)
         enable_compilation_cache()
         return cls(cfg, params, mesh, max_slots=max_slots, max_len=max_len, tokenizer=tokenizer, **engine_kw)

@@ -157,7 +157,7 @@ def test_many_stop_ids_widen_without_error(engine):
 def test_unknown_preset_or_path():
     with pytest.raises(ValueError, match="neither a checkpoint directory nor a preset"):
         Engine.from_pretrained("no-such-model")
-    with pytest.raises(ValueError, match="quantize='int4'"):
+    with pytest.raises(ValueError, match="quantize='int4'; expected None or 'int8'"):
         Engine.from_pretrained("tiny-llama", quantize="int4")
     with pytest.raises(ValueError, match="max_len=4096 exceeds"):
         Engine.from_pretrained("tiny-llama", mesh_shape=(1, 1), max_len=4096)
