@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model.config import ModelConfig, rope_inv_freq
+from model.kv_cache import KVCache
 from model.quantize import QArray
 from model.sharding import constrain
 
@@ -98,15 +99,23 @@ def rope(x_btnh: Array, positions_bt: Array, inv_freq_h: Array) -> Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_btnh.dtype)
 
 
-def attention(q_btnh: Array, k_bskh: Array, v_bskh: Array, mask_bts: Array) -> Array:
-    """Grouped-query attention: each kv head serves num_heads // num_kv_heads query heads."""
+def attention(q_btnh: Array, k_bskh: Array, v_bskh: Array, mask_bts: Array,
+              k_scale_bsk: Array | None = None, v_scale_bsk: Array | None = None) -> Array:
+    """Grouped-query attention: each kv head serves num_heads // num_kv_heads query heads.
+    With an int8 cache, the key scales multiply the scores and the value scales the weights."""
     b, t, n, h = q_btnh.shape
     k = k_bskh.shape[2]
     q = q_btnh.reshape(b, t, k, n // k, h)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k_bskh, preferred_element_type=jnp.float32) * h ** -0.5
-    scores = jnp.where(mask_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_bskh.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh, preferred_element_type=jnp.float32)
+    per_key = lambda s: s.transpose(0, 2, 1)[:, :, None, None, :]  # noqa: E731  [b, s, k] -> [b, k, 1, 1, s]
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k_bskh.astype(q.dtype), preferred_element_type=jnp.float32)
+    if k_scale_bsk is not None:
+        scores = scores * per_key(k_scale_bsk)
+    scores = jnp.where(mask_bts[:, None, None], scores * h ** -0.5, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    if v_scale_bsk is not None:
+        probs = probs * per_key(v_scale_bsk)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(q.dtype), v_bskh.astype(q.dtype),
+                     preferred_element_type=jnp.float32)
     return out.reshape(b, t, n, h).astype(q_btnh.dtype)
 
 
@@ -128,9 +137,9 @@ def gated_mlp(x_btd: Array, w_gate, w_up, w_down, activation: str) -> Array:
 
 # ---------------------------------------------------------------- the model
 
-# attend(layer, q, k, v, carry) -> (out_btnh, carry): full self-attention for prefill,
-# or write-into-cache-then-attend for decode.
-AttendFn = Callable[[Array, Array, Array, Array, tuple], tuple[Array, tuple]]
+# attend(layer, q, k, v, cache) -> (out_btnh, cache): self-attention (writing the cache, if any)
+# for prefill, or write-into-cache-then-attend for decode.
+AttendFn = Callable[[Array, Array, Array, Array, KVCache | None], tuple[Array, KVCache | None]]
 
 
 class Decoder(nnx.Module):
@@ -174,7 +183,7 @@ class Decoder(nnx.Module):
         return linear("btd,dv->btv", x, self.weight("lm_head"), preferred_element_type=jnp.float32)
 
     def _block(self, x: Array, w: dict[str, Array], positions_bt: Array, attend: AttendFn,
-               layer: Array, carry: tuple) -> tuple[Array, tuple]:
+               layer: Array, carry: KVCache | None) -> tuple[Array, KVCache | None]:
         cfg = self.cfg
         h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps, cfg.norm_weight_offset)
         q = linear("btd,dnh->btnh", h, w["wq"])
@@ -190,7 +199,7 @@ class Decoder(nnx.Module):
         x = x + gated_mlp(h, w["w_gate"], w["w_up"], w["w_down"], cfg.activation)
         return constrain(x, ("batch", "seq", "embed"), self.mesh), carry
 
-    def _run_layers(self, x: Array, positions_bt: Array, attend: AttendFn, carry: tuple):
+    def _run_layers(self, x: Array, positions_bt: Array, attend: AttendFn, carry: KVCache | None):
         def body(state, xs):
             x, carry = state
             w, layer = xs
@@ -201,46 +210,38 @@ class Decoder(nnx.Module):
         (x, carry), _ = jax.lax.scan(body, (x, carry), xs)
         return x, carry
 
-    def forward(self, tokens_bt: Array, positions_bt: Array, cache: tuple[Array, Array] | None = None,
-                slots_b: Array | None = None):
+    def forward(self, tokens_bt: Array, positions_bt: Array, cache: KVCache | None = None,
+                slots_b: Array | None = None) -> tuple[Array, KVCache | None]:
         """Causal forward over whole sequences. Returns (hidden [b, t, d], cache or None).
 
-        With `cache` = (k, v) of shape [l, slots, max_len, kv_heads, head_dim] and `slots_b`, each
-        layer's keys and values for row i are written into cache slot slots_b[i] at positions
-        [0, t); out-of-range slot ids are dropped (padding rows). This is prefill.
+        With a `cache` and `slots_b`, each layer's keys and values for row i are written into
+        cache slot slots_b[i] at positions [0, t); out-of-range slot ids are dropped (padding
+        rows). This is prefill.
         """
         t = tokens_bt.shape[1]
         mask = attention_mask(positions_bt, jnp.arange(t), self.cfg.sliding_window)
 
-        def attend(layer, q, k, v, carry):
-            if carry:
-                kc, vc = carry
-                kc = kc.at[layer, slots_b, :t].set(k.astype(kc.dtype), mode="drop")
-                vc = vc.at[layer, slots_b, :t].set(v.astype(vc.dtype), mode="drop")
-                carry = (kc, vc)
-            return attention(q, k, v, mask), carry
+        def attend(layer, q, k, v, cache):
+            if cache is not None:
+                cache = cache.write((layer, slots_b, slice(0, t)), k, v)
+            return attention(q, k, v, mask), cache
 
-        x, carry = self._run_layers(self.embed_tokens(tokens_bt), positions_bt, attend, cache or ())
-        return x, (carry or None)
+        return self._run_layers(self.embed_tokens(tokens_bt), positions_bt, attend, cache)
 
-    def decode_step(self, tokens_b: Array, positions_b: Array, k_cache: Array, v_cache: Array):
-        """One token for each of b cache slots, at its own position.
+    def decode_step(self, tokens_b: Array, positions_b: Array, cache: KVCache) -> tuple[Array, KVCache]:
+        """One token for each of the cache's slots, at its own position.
 
-        k_cache, v_cache: [l, b, max_len, kv_heads, head_dim]. The new key/value is written at
-        `positions_b`, then each row attends to its cache up to and including that position.
-        Returns (float32 logits [b, v], k_cache, v_cache).
+        The new key/value is written at `positions_b`, then each row attends to its cache up to
+        and including that position. Returns (float32 logits [slots, vocab], cache).
         """
-        b, max_len = k_cache.shape[1], k_cache.shape[2]
+        b, max_len = cache.max_slots, cache.max_len
         positions_bt = positions_b[:, None]
         mask = attention_mask(positions_bt, jnp.arange(max_len), self.cfg.sliding_window)
         rows = jnp.arange(b)
 
-        def attend(layer, q, k, v, carry):
-            kc, vc = carry
-            kc = kc.at[layer, rows, positions_b].set(k[:, 0].astype(kc.dtype), mode="drop")
-            vc = vc.at[layer, rows, positions_b].set(v[:, 0].astype(vc.dtype), mode="drop")
-            return attention(q, kc[layer].astype(q.dtype), vc[layer].astype(q.dtype), mask), (kc, vc)
+        def attend(layer, q, k, v, cache):
+            cache = cache.write((layer, rows, positions_b), k[:, 0], v[:, 0])
+            return attention(q, *cache.layer(layer)[:2], mask, *cache.layer(layer)[2:]), cache
 
-        x, (k_cache, v_cache) = self._run_layers(
-            self.embed_tokens(tokens_b[:, None]), positions_bt, attend, (k_cache, v_cache))
-        return self.head(x)[:, 0], k_cache, v_cache
+        x, cache = self._run_layers(self.embed_tokens(tokens_b[:, None]), positions_bt, attend, cache)
+        return self.head(x)[:, 0], cache

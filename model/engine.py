@@ -101,7 +101,7 @@ class Engine:
 
     def __init__(self, cfg: ModelConfig, params: dict[str, jax.Array], mesh: jax.sharding.Mesh,
                  max_slots: int = 32, max_len: int = 2048, decode_steps: int = 8,
-                 prefill_tokens: int = 4096, tokenizer: Any = None):
+                 prefill_tokens: int = 4096, kv_cache_dtype: str | None = None, tokenizer: Any = None):
         if max_len < 2:
             raise ValueError(f"max_len={max_len}; must be >= 2")
         if max_len > cfg.max_position_embeddings:
@@ -116,7 +116,9 @@ class Engine:
         self.dtype = params["final_norm"].dtype  # activations and cache; weights may be int8
         self.compile_counts: collections.Counter[str] = collections.Counter()
         self.graphdef, self.params = nnx.split(Decoder(cfg, params, mesh))
-        self.cache = KVCache.create(cfg, max_slots, max_len, self.dtype, mesh)
+        if kv_cache_dtype not in (None, "int8"):
+            raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r}; expected None (the model dtype) or 'int8'")
+        self.cache = KVCache.create(cfg, max_slots, max_len, self.dtype, mesh, int8=kv_cache_dtype == "int8")
         self._n_stop = 8
         self._cache_sharding = self.cache.shardings(mesh)
         self.state = self._place_state(SlotState.empty(max_slots, self._n_stop))
@@ -167,7 +169,7 @@ class Engine:
         model = nnx.merge(self.graphdef, params)
         b, t = tokens_bt.shape
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        x, (k, v) = model.forward(tokens_bt, positions, (cache.k, cache.v), slots_b)
+        x, cache = model.forward(tokens_bt, positions, cache, slots_b)
         last = x[jnp.arange(b), lengths_b - 1][:, None]
         logits = model.head(last)[:, 0]
         token = sample(logits, rows.temperature, rows.top_k, rows.top_p, rows.seed, jnp.zeros_like(lengths_b))
@@ -175,7 +177,7 @@ class Engine:
         new = dataclasses.replace(rows, token=token, position=lengths_b, active=code == RUNNING,
                                   generated=jnp.ones_like(lengths_b))
         state = jax.tree.map(lambda s, r: s.at[slots_b].set(r, mode="drop"), state, new)
-        cache = jax.lax.with_sharding_constraint(KVCache(k, v), self._cache_sharding)
+        cache = jax.lax.with_sharding_constraint(cache, self._cache_sharding)
         return cache, self._place_state(state), token, code
 
     def _decode_fn(self, params, cache: KVCache, state: SlotState, steps: int):
@@ -185,7 +187,7 @@ class Engine:
         def step(carry, _):
             cache, s = carry
             pos = jnp.minimum(s.position, self.max_len - 1)
-            logits, k, v = model.decode_step(s.token, pos, cache.k, cache.v)
+            logits, cache = model.decode_step(s.token, pos, cache)
             token = sample(logits, s.temperature, s.top_k, s.top_p, s.seed, s.generated)
             emitted = s.active
             generated = s.generated + emitted
@@ -193,7 +195,7 @@ class Engine:
             code = jnp.where(emitted, _finish(token, s, generated, position, self.max_len), RUNNING)
             s = dataclasses.replace(s, token=jnp.where(emitted, token, s.token), position=position,
                                     generated=generated, active=s.active & (code == RUNNING))
-            return (KVCache(k, v), s), (token, emitted, code)
+            return (cache, s), (token, emitted, code)
 
         (cache, state), (tokens, emitted, codes) = jax.lax.scan(step, (cache, state), length=steps)
         cache = jax.lax.with_sharding_constraint(cache, self._cache_sharding)

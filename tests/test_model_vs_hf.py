@@ -45,21 +45,21 @@ def test_cached_decode_equals_full_forward(pair):
     """Two slots at different positions decode together; every step equals a full forward."""
     _, engine = pair
     merge = lambda params: nnx.merge(engine.graphdef, params)  # noqa: E731
-    prefill = jax.jit(lambda params, tokens, k, v: merge(params).forward(
-        tokens, jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape), (k, v), jnp.arange(2))[1])
-    decode = jax.jit(lambda params, last, pos, k, v: merge(params).decode_step(last, pos, k, v))
+    prefill = jax.jit(lambda params, tokens, cache: merge(params).forward(
+        tokens, jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape), cache, jnp.arange(2))[1])
+    decode = jax.jit(lambda params, last, pos, cache: merge(params).decode_step(last, pos, cache))
 
     seqs = [list(PROMPTS[0]), list(PROMPTS[2])]
     cache = KVCache.create(engine.cfg, 2, 64, jnp.float32, engine.mesh)
     tokens = np.zeros((2, 32), np.int32)
     for i, s in enumerate(seqs):
         tokens[i, : len(s)] = s
-    k, v = prefill(engine.params, jnp.asarray(tokens), cache.k, cache.v)
+    cache = prefill(engine.params, jnp.asarray(tokens), cache)
     full = engine.logits(seqs)
     seqs = [s + [int(np.argmax(full[i, len(s) - 1]))] for i, s in enumerate(seqs)]
     for _ in range(12):
         last = jnp.asarray([s[-1] for s in seqs])
-        logits, k, v = decode(engine.params, last, jnp.asarray([len(s) - 1 for s in seqs]), k, v)
+        logits, cache = decode(engine.params, last, jnp.asarray([len(s) - 1 for s in seqs]), cache)
         logits, full = np.asarray(logits), engine.logits(seqs)
         for i, s in enumerate(seqs):
             ref = full[i, len(s) - 1]
