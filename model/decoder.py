@@ -210,21 +210,29 @@ class Decoder(nnx.Module):
         (x, carry), _ = jax.lax.scan(body, (x, carry), xs)
         return x, carry
 
-    def forward(self, tokens_bt: Array, positions_bt: Array, cache: KVCache | None = None,
-                slots_b: Array | None = None) -> tuple[Array, KVCache | None]:
-        """Causal forward over whole sequences. Returns (hidden [b, t, d], cache or None).
-
-        With a `cache` and `slots_b`, each layer's keys and values for row i are written into
-        cache slot slots_b[i] at positions [0, t); out-of-range slot ids are dropped (padding
-        rows). This is prefill.
-        """
-        t = tokens_bt.shape[1]
-        mask = attention_mask(positions_bt, jnp.arange(t), self.cfg.sliding_window)
+    def forward(self, tokens_bt: Array, positions_bt: Array) -> Array:
+        """Causal forward over whole sequences, no cache: hidden states [b, t, d]."""
+        mask = attention_mask(positions_bt, jnp.arange(tokens_bt.shape[1]), self.cfg.sliding_window)
 
         def attend(layer, q, k, v, cache):
-            if cache is not None:
-                cache = cache.write((layer, slots_b, slice(0, t)), k, v)
             return attention(q, k, v, mask), cache
+
+        return self._run_layers(self.embed_tokens(tokens_bt), positions_bt, attend, None)[0]
+
+    def prefill(self, tokens_bt: Array, starts_b: Array, slots_b: Array, cache: KVCache) -> tuple[Array, KVCache]:
+        """Runs t tokens per row at positions starts_b[i] + [0, t) of cache slot slots_b[i]: their
+        keys and values are written there, and each attends to everything its slot holds before
+        it. starts_b = 0 is a plain prefill; starts_b > 0 continues a slot whose first tokens are
+        already cached (a shared prefix). Out-of-range slot ids are padding rows: dropped.
+        Returns (hidden [b, t, d], cache).
+        """
+        positions_bt = starts_b[:, None] + jnp.arange(tokens_bt.shape[1])[None, :]
+        mask = attention_mask(positions_bt, jnp.arange(cache.max_len), self.cfg.sliding_window)
+
+        def attend(layer, q, k, v, cache):
+            cache = cache.write((layer, slots_b[:, None], positions_bt), k, v)
+            rows = [None if x is None else jnp.take(x, slots_b, axis=0, mode="clip") for x in cache.layer(layer)]
+            return attention(q, rows[0], rows[1], mask, rows[2], rows[3]), cache
 
         return self._run_layers(self.embed_tokens(tokens_bt), positions_bt, attend, cache)
 

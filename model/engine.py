@@ -26,6 +26,7 @@ from flax import nnx
 from model.config import PRESETS, ModelConfig
 from model.decoder import Decoder, init_params, param_specs
 from model.kv_cache import KVCache
+from model.prefix_cache import PrefixCache
 from model.quantize import quantize_params
 from model.sampling import SamplingParams, sample
 from model.sharding import make_mesh, named_sharding
@@ -101,7 +102,8 @@ class Engine:
 
     def __init__(self, cfg: ModelConfig, params: dict[str, jax.Array], mesh: jax.sharding.Mesh,
                  max_slots: int = 32, max_len: int = 2048, decode_steps: int = 8,
-                 prefill_tokens: int = 4096, kv_cache_dtype: str | None = None, tokenizer: Any = None):
+                 prefill_tokens: int = 4096, kv_cache_dtype: str | None = None, prefix_cache_entries: int = 0,
+                 prefix_block: int = 64, tokenizer: Any = None):
         if max_len < 2:
             raise ValueError(f"max_len={max_len}; must be >= 2")
         if max_len > cfg.max_position_embeddings:
@@ -119,6 +121,10 @@ class Engine:
         if kv_cache_dtype not in (None, "int8"):
             raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r}; expected None (the model dtype) or 'int8'")
         self.cache = KVCache.create(cfg, max_slots, max_len, self.dtype, mesh, int8=kv_cache_dtype == "int8")
+        # rows of shared-prefix KV, kept apart from the slots (decode would write into them)
+        self.prefix_cache = PrefixCache(KVCache.create(
+            cfg, prefix_cache_entries, max_len, self.dtype, mesh, int8=kv_cache_dtype == "int8"),
+            prefix_block) if prefix_cache_entries else None
         self._n_stop = 8
         self._cache_sharding = self.cache.shardings(mesh)
         self.state = self._place_state(SlotState.empty(max_slots, self._n_stop))
@@ -164,13 +170,14 @@ class Engine:
 
     # ------------------------------------------------------------ jitted device functions
 
-    def _prefill_fn(self, params, cache: KVCache, state: SlotState, tokens_bt, lengths_b, slots_b, rows):
+    def _prefill_fn(self, params, cache: KVCache, state: SlotState, tokens_bt, starts_b, lengths_b, slots_b, rows):
+        """tokens_bt: each prompt's tokens from starts_b on (its cached prefix ends there),
+        right-padded; lengths_b: whole prompt lengths."""
         self.compile_counts["prefill"] += 1  # runs once per trace, i.e. per compilation
         model = nnx.merge(self.graphdef, params)
-        b, t = tokens_bt.shape
-        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        x, cache = model.forward(tokens_bt, positions, cache, slots_b)
-        last = x[jnp.arange(b), lengths_b - 1][:, None]
+        b = tokens_bt.shape[0]
+        x, cache = model.prefill(tokens_bt, starts_b, slots_b, cache)
+        last = x[jnp.arange(b), lengths_b - starts_b - 1][:, None]
         logits = model.head(last)[:, 0]
         token = sample(logits, rows.temperature, rows.top_k, rows.top_p, rows.seed, jnp.zeros_like(lengths_b))
         code = _finish(token, rows, jnp.ones_like(lengths_b), lengths_b, self.max_len)
@@ -215,8 +222,7 @@ class Engine:
         self.compile_counts["forward"] += 1
         model = nnx.merge(self.graphdef, params)
         b, t = tokens_bt.shape
-        x, _ = model.forward(tokens_bt, jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)))
-        return model.head(x)
+        return model.head(model.forward(tokens_bt, jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))))
 
     # ------------------------------------------------------------ public API
 
@@ -256,14 +262,15 @@ class Engine:
 
         outputs: list[list[int]] = [[] for _ in prompts]
         reasons: list[str | None] = [None] * len(prompts)
+        hashes = [self.prefix_cache.hashes(p) if self.prefix_cache is not None else [] for p in prompts]
         waiting = collections.deque(sorted(range(len(prompts)), key=lambda i: self._bucket(len(prompts[i]))))
         slot_of: list[int] = [-1] * self.max_slots  # slot -> prompt index, -1 when free
         while waiting or any(r >= 0 for r in slot_of):
             free = [s for s, r in enumerate(slot_of) if r < 0]
             while free and waiting:
-                batch = self._take_bucket(waiting, prompts, len(free))
+                batch, cached = self._take_batch(waiting, prompts, hashes, len(free))
                 slots = [free.pop(0) for _ in batch]
-                first, codes = self._run_prefill(batch, slots, prompts, params, stops)
+                first, codes = self._run_prefill(batch, cached, slots, prompts, params, stops, hashes)
                 for i, s, tok, code in zip(batch, slots, first, codes):
                     outputs[i].append(int(tok))
                     if code != RUNNING:
@@ -297,35 +304,59 @@ class Engine:
         """Rows per prefill call for a bucket: as many as fit the token budget, at most max_slots."""
         return max(1, min(self.max_slots, self.prefill_tokens // bucket))
 
-    def _take_bucket(self, waiting: collections.deque, prompts, n_free: int) -> list[int]:
-        """Pops up to n_free waiting prompts that share the first waiting prompt's bucket."""
-        bucket = self._bucket(len(prompts[waiting[0]]))
+    def _take_batch(self, waiting: collections.deque, prompts, hashes,
+                    n_free: int) -> tuple[list[int], list[tuple[int | None, int]]]:
+        """Pops up to n_free waiting prompts whose uncached part falls in the same bucket as the
+        first one's; returns them and, for each, (prefix store row or None, where its uncached
+        part starts). Of prompts that miss the prefix cache, one per first block goes at a time:
+        the others then find its prefix cached."""
+        found = {}
+
+        def start(i: int) -> int:
+            if i not in found:
+                found[i] = self.prefix_cache.lookup(hashes[i]) if self.prefix_cache is not None else (None, 0)
+            return found[i][1]
+
+        head = waiting[0]
+        bucket = self._bucket(len(prompts[head]) - start(head))
         limit = min(n_free, self.prefill_batch(bucket))
-        batch = []
+        batch, missed_heads = [], set()
         for i in list(waiting):
             if len(batch) == limit:
                 break
-            if self._bucket(len(prompts[i])) == bucket:
-                batch.append(i)
+            if self._bucket(len(prompts[i]) - start(i)) != bucket:
+                continue
+            if found[i][1] == 0 and hashes[i]:
+                if hashes[i][0] in missed_heads:
+                    continue
+                missed_heads.add(hashes[i][0])
+            batch.append(i)
         for i in batch:
             waiting.remove(i)
-        return batch
+        return batch, [found[i] for i in batch]
 
-    def _run_prefill(self, batch, slots, prompts, params, stops):
-        t = self._bucket(len(prompts[batch[0]]))
+    def _run_prefill(self, batch, cached, slots, prompts, params, stops, hashes):
+        starts = [st for _, st in cached]
+        t = self._bucket(max(len(prompts[i]) - st for i, st in zip(batch, starts)))
         b = self.prefill_batch(t)
         tokens = np.zeros((b, t), np.int32)
-        lengths = np.ones((b,), np.int32)
+        start_ids, lengths = np.zeros((b,), np.int32), np.ones((b,), np.int32)
         slot_ids = np.full((b,), self.max_slots, np.int32)  # out of range: padding rows are dropped
         rows = _host_rows(b, self._n_stop)
-        for r, (i, s) in enumerate(zip(batch, slots)):
-            tokens[r, : len(prompts[i])] = prompts[i]
-            lengths[r], slot_ids[r] = len(prompts[i]), s
+        for r, (i, (row, st), s) in enumerate(zip(batch, cached, slots)):
+            if row is not None:
+                self.cache = self.prefix_cache.load(self.cache, row, s)
+            tokens[r, : len(prompts[i]) - st] = prompts[i][st:]
+            start_ids[r], lengths[r], slot_ids[r] = st, len(prompts[i]), s
             sp = params[i]
             rows["max_new"][r], rows["temperature"][r] = sp.max_new_tokens, sp.temperature
             rows["top_k"][r], rows["top_p"][r], rows["seed"][r] = sp.top_k, sp.top_p, sp.seed
             rows["stop_ids"][r, : len(stops[i])] = stops[i]
-        first, codes = self._call_prefill(tokens, lengths, slot_ids, rows)
+        first, codes = self._call_prefill(tokens, start_ids, lengths, slot_ids, rows)
+        if self.prefix_cache is not None:
+            for i, st, s in zip(batch, starts, slots):
+                if st < len(hashes[i]) * self.prefix_cache.block:  # it brings a longer prefix
+                    self.prefix_cache.insert(hashes[i], self.cache, s)
         return first[: len(batch)], codes[: len(batch)]
 
     def warmup(self) -> None:
@@ -334,16 +365,16 @@ class Engine:
         with self._lock:
             for t in self.buckets:
                 b = self.prefill_batch(t)
-                self._call_prefill(np.zeros((b, t), np.int32), np.ones((b,), np.int32),
+                self._call_prefill(np.zeros((b, t), np.int32), np.zeros((b,), np.int32), np.ones((b,), np.int32),
                                    np.full((b,), self.max_slots, np.int32), _host_rows(b, self._n_stop))
             if not bool(jnp.any(self.state.active)):
                 self.cache, self.state, *_ = self._decode(self.params, self.cache, self.state, self.decode_steps)
 
-    def _call_prefill(self, tokens, lengths, slot_ids, rows: dict[str, np.ndarray]):
+    def _call_prefill(self, tokens, starts, lengths, slot_ids, rows: dict[str, np.ndarray]):
         rows = SlotState(**{k: jnp.asarray(v) for k, v in rows.items()})
         self.cache, self.state, first, codes = self._prefill(
-            self.params, self.cache, self.state, jnp.asarray(tokens), jnp.asarray(lengths),
-            jnp.asarray(slot_ids), rows)
+            self.params, self.cache, self.state, jnp.asarray(tokens), jnp.asarray(starts),
+            jnp.asarray(lengths), jnp.asarray(slot_ids), rows)
         return np.asarray(first), np.asarray(codes)
 
     def _stop_ids(self, sp: SamplingParams) -> tuple[int, ...]:

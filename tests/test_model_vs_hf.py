@@ -45,8 +45,8 @@ def test_cached_decode_equals_full_forward(pair):
     """Two slots at different positions decode together; every step equals a full forward."""
     _, engine = pair
     merge = lambda params: nnx.merge(engine.graphdef, params)  # noqa: E731
-    prefill = jax.jit(lambda params, tokens, cache: merge(params).forward(
-        tokens, jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape), cache, jnp.arange(2))[1])
+    prefill = jax.jit(lambda params, tokens, cache: merge(params).prefill(
+        tokens, jnp.zeros((2,), jnp.int32), jnp.arange(2), cache)[1])
     decode = jax.jit(lambda params, last, pos, cache: merge(params).decode_step(last, pos, cache))
 
     seqs = [list(PROMPTS[0]), list(PROMPTS[2])]

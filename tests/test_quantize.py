@@ -62,8 +62,8 @@ def test_int8_kv_cache_decode_tracks_the_full_forward(engines):
     full = engines[0]
     cfg = full.cfg
     merge = lambda params: nnx.merge(full.graphdef, params)  # noqa: E731
-    prefill = jax.jit(lambda params, tokens, cache: merge(params).forward(
-        tokens, jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape), cache, jnp.arange(1))[1])
+    prefill = jax.jit(lambda params, tokens, cache: merge(params).prefill(
+        tokens, jnp.zeros((1,), jnp.int32), jnp.arange(1), cache)[1])
     decode = jax.jit(lambda params, last, pos, cache: merge(params).decode_step(last, pos, cache))
     prompt = PROMPTS[2]
     seq = prompt + full.generate([prompt], SamplingParams(max_new_tokens=20, ignore_eos=True))[0].token_ids
