@@ -103,17 +103,20 @@ class Engine:
     def __init__(self, cfg: ModelConfig, params: dict[str, jax.Array], mesh: jax.sharding.Mesh,
                  max_slots: int = 32, max_len: int = 2048, decode_steps: int = 8,
                  prefill_tokens: int = 4096, kv_cache_dtype: str | None = None, prefix_cache_entries: int = 0,
-                 prefix_block: int = 64, tokenizer: Any = None):
+                 prefix_block: int = 64, batching: str = "inflight", tokenizer: Any = None):
         if max_len < 2:
             raise ValueError(f"max_len={max_len}; must be >= 2")
         if max_len > cfg.max_position_embeddings:
             raise ValueError(f"max_len={max_len} exceeds the model's max_position_embeddings="
                              f"{cfg.max_position_embeddings}")
+        if batching not in ("inflight", "static"):
+            raise ValueError(f"batching={batching!r}; expected 'inflight' or 'static'")
         if max_slots < 1:
             raise ValueError(f"max_slots={max_slots}; must be >= 1")
         self.cfg, self.mesh, self.tokenizer = cfg, mesh, tokenizer
         self.max_slots, self.max_len = max_slots, max_len
         self.decode_steps, self.prefill_tokens = decode_steps, prefill_tokens
+        self.batching = batching  # "static": refill only when every slot is free (waves; a baseline)
         self.buckets = buckets_for(max_len)
         self.dtype = params["final_norm"].dtype  # activations and cache; weights may be int8
         self.compile_counts: collections.Counter[str] = collections.Counter()
@@ -267,6 +270,8 @@ class Engine:
         slot_of: list[int] = [-1] * self.max_slots  # slot -> prompt index, -1 when free
         while waiting or any(r >= 0 for r in slot_of):
             free = [s for s, r in enumerate(slot_of) if r < 0]
+            if self.batching == "static" and len(free) < self.max_slots:
+                free = []
             while free and waiting:
                 batch, cached = self._take_batch(waiting, prompts, hashes, len(free))
                 slots = [free.pop(0) for _ in batch]
