@@ -268,7 +268,9 @@ class Engine:
         hashes = [self.prefix_cache.hashes(p) if self.prefix_cache is not None else [] for p in prompts]
         waiting = collections.deque(sorted(range(len(prompts)), key=lambda i: self._bucket(len(prompts[i]))))
         slot_of: list[int] = [-1] * self.max_slots  # slot -> prompt index, -1 when free
-        while waiting or any(r >= 0 for r in slot_of):
+        limit = [min(sp.max_new_tokens, self.max_len - len(p)) for sp, p in zip(params, prompts)]
+        in_flight = None  # the last decode dispatch, not read yet
+        while waiting or in_flight or any(r >= 0 for r in slot_of):
             free = [s for s, r in enumerate(slot_of) if r < 0]
             if self.batching == "static" and len(free) < self.max_slots:
                 free = []
@@ -283,24 +285,38 @@ class Engine:
                         free.append(s)
                     else:
                         slot_of[s] = i
-            if not any(r >= 0 for r in slot_of):
+            running = [i for i in slot_of if i >= 0]
+            # Dispatch the next decode before reading the last one, so host bookkeeping overlaps
+            # device work; unless the last one surely ends every running row (no wasted step).
+            if in_flight and (not running or all(len(outputs[i]) + self.decode_steps >= limit[i] for i in running)):
+                self._collect(*in_flight, slot_of, outputs, reasons)
+                in_flight = None
                 continue
-            self.cache, self.state, tokens, emitted, codes = self._decode(
-                self.params, self.cache, self.state, self.decode_steps)
-            tokens, emitted, codes = np.asarray(tokens), np.asarray(emitted), np.asarray(codes)
-            for s, i in enumerate(slot_of):
-                if i < 0:
-                    continue
-                for step in range(self.decode_steps):
-                    if emitted[step, s]:
-                        outputs[i].append(int(tokens[step, s]))
-                    if codes[step, s] != RUNNING:
-                        reasons[i] = FINISH_REASONS[int(codes[step, s])]
-                        slot_of[s] = -1
-                        break
+            dispatched = None
+            if running:
+                self.cache, self.state, *out = self._decode(self.params, self.cache, self.state, self.decode_steps)
+                dispatched = (out, list(slot_of))
+            if in_flight:
+                self._collect(*in_flight, slot_of, outputs, reasons)
+            in_flight = dispatched
         return [GenerationOutput(o, r, len(p)) for o, r, p in zip(outputs, reasons, prompts)]
 
     # ------------------------------------------------------------ helpers
+
+    def _collect(self, out, slot_of_then: list[int], slot_of: list[int], outputs, reasons) -> None:
+        """Appends one decode dispatch's tokens to their prompts (as the slots were when it was
+        dispatched) and frees the slots whose sequence ended."""
+        tokens, emitted, codes = (np.asarray(x) for x in out)
+        for s, i in enumerate(slot_of_then):
+            if i < 0:
+                continue
+            for step in range(self.decode_steps):
+                if emitted[step, s]:
+                    outputs[i].append(int(tokens[step, s]))
+                if codes[step, s] != RUNNING:
+                    reasons[i] = FINISH_REASONS[int(codes[step, s])]
+                    slot_of[s] = -1
+                    break
 
     def _bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
