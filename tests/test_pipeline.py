@@ -2,7 +2,6 @@
 
 import json
 
-import apache_beam as beam
 import pytest
 
 from model import Engine, SamplingParams
@@ -11,7 +10,7 @@ from pipeline import preview
 from pipeline.job import run
 from pipeline.records import Request, Result, parse
 
-MODEL = "/tmp/tinyckpt"
+MODEL = "demo"
 DEFAULTS = {"max_tokens": 16, "temperature": 0.0, "top_p": 1.0, "top_k": 0}
 GOOD = ["In the beginning", "The hacker", "And the LORD said unto Moses,", "A kludge is", "Blessed are the",
         "The program", "Thou shalt not", "Every hacker knows that"]
