@@ -29,6 +29,10 @@ class ModelSpec:
     max_len: int | None = None
     mesh_shape: tuple[int, int] | None = None
     decode_steps: int = 8
+    quantize: str | None = None  # "int8": int8 weights
+    kv_cache_dtype: str | None = None  # "int8": int8 KV cache
+    prefix_cache_entries: int = 0  # > 0 for labeling runs: a shared instruction is prefilled once
+    prefix_block: int = 64
 
     @classmethod
     def parse(cls, model: str, **overrides: Any) -> "ModelSpec":
@@ -51,8 +55,10 @@ class ModelSpec:
 
     def load(self) -> Engine:
         return Engine.from_pretrained(self.checkpoint, mesh_shape=self.mesh_shape, dtype=self.dtype,
-                                      max_slots=self.max_slots, max_len=self.max_len,
-                                      decode_steps=self.decode_steps)
+                                      max_slots=self.max_slots, max_len=self.max_len, quantize=self.quantize,
+                                      decode_steps=self.decode_steps, kv_cache_dtype=self.kv_cache_dtype,
+                                      prefix_cache_entries=self.prefix_cache_entries,
+                                      prefix_block=self.prefix_block)
 
 
 class EngineHandler(ModelHandler[Sequence[Request], Result, Engine]):
