@@ -78,10 +78,13 @@ def init_params(cfg: ModelConfig, key: Array, dtype: jnp.dtype, std: float = 0.0
 def linear(eq: str, x: Array, w: Array | QArray, **kw) -> Array:
     """einsum(eq, x, w). An int8 weight is converted to x's dtype and its per-output-channel
     scale applied to the result (the output ends with the weight's non-contracted dims)."""
+    # Accumulate in float32 and cast back: better numerics, and on CPU a bfloat16 matmul with a
+    # float32 result runs about twice as fast as one with a bfloat16 result.
+    out_dtype = kw.pop("preferred_element_type", x.dtype)
     if isinstance(w, QArray):
-        out = jnp.einsum(eq, x, w.q.astype(x.dtype), **kw)
-        return out * w.scale.astype(out.dtype)
-    return jnp.einsum(eq, x, w, **kw)
+        out = jnp.einsum(eq, x, w.q.astype(x.dtype), preferred_element_type=jnp.float32, **kw)
+        return (out * w.scale).astype(out_dtype)
+    return jnp.einsum(eq, x, w, preferred_element_type=jnp.float32, **kw).astype(out_dtype)
 
 
 def rms_norm(x: Array, w: Array, eps: float, offset: float = 0.0) -> Array:

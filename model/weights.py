@@ -251,4 +251,4 @@ def save_params(path: str, cfg: ModelConfig, params: dict[str, Any], dtype: Any 
             tensors[key] = np.ascontiguousarray(tensor.reshape(hf_shape(name, cfg)))
     save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump({**cfg.to_hf_config(), "torch_dtype": np.dtype(dtype).name}, f, indent=2)
+        json.dump({**cfg.to_hf_config(), "dtype": np.dtype(dtype).name}, f, indent=2)
