@@ -29,7 +29,7 @@ from model.decoder import Decoder, init_params, param_specs
 from model.kv_cache import KVCache
 from model.prefix_cache import PrefixCache
 from model.quantize import quantize_params
-from model.sampling import SamplingParams, sample
+from model.sampling import SamplingParams, sample, token_logprobs
 from model.sharding import make_mesh, named_sharding
 from model.tokenizer import load_tokenizer
 from model.weights import load_params, read_hf_config
@@ -54,6 +54,8 @@ class GenerationOutput:
     finish_reason: str  # "stop" (EOS or a stop token, which is included) | "length" (max_new_tokens
     # reached, or prompt + completion reached max_len)
     prompt_len: int = 0
+    logprobs: list[float] = dataclasses.field(default_factory=list)  # log p of each generated token
+    # under the model's unmodified distribution (before temperature, top-k and top-p)
 
 
 @jax.tree_util.register_dataclass
@@ -184,12 +186,13 @@ class Engine:
         last = x[jnp.arange(b), lengths_b - starts_b - 1][:, None]
         logits = model.head(last)[:, 0]
         token = sample(logits, rows.temperature, rows.top_k, rows.top_p, rows.seed, jnp.zeros_like(lengths_b))
+        logprob = token_logprobs(logits, token)
         code = _finish(token, rows, jnp.ones_like(lengths_b), lengths_b, self.max_len)
         new = dataclasses.replace(rows, token=token, position=lengths_b, active=code == RUNNING,
                                   generated=jnp.ones_like(lengths_b))
         state = jax.tree.map(lambda s, r: s.at[slots_b].set(r, mode="drop"), state, new)
         cache = jax.lax.with_sharding_constraint(cache, self._cache_sharding)
-        return cache, self._place_state(state), token, code
+        return cache, self._place_state(state), token, logprob, code
 
     def _decode_fn(self, params, cache: KVCache, state: SlotState, steps: int):
         self.compile_counts["decode"] += 1
@@ -200,17 +203,18 @@ class Engine:
             pos = jnp.minimum(s.position, self.max_len - 1)
             logits, cache = model.decode_step(s.token, pos, cache)
             token = sample(logits, s.temperature, s.top_k, s.top_p, s.seed, s.generated)
+            logprob = token_logprobs(logits, token)
             emitted = s.active
             generated = s.generated + emitted
             position = s.position + emitted
             code = jnp.where(emitted, _finish(token, s, generated, position, self.max_len), RUNNING)
             s = dataclasses.replace(s, token=jnp.where(emitted, token, s.token), position=position,
                                     generated=generated, active=s.active & (code == RUNNING))
-            return (cache, s), (token, emitted, code)
+            return (cache, s), (token, logprob, emitted, code)
 
-        (cache, state), (tokens, emitted, codes) = jax.lax.scan(step, (cache, state), length=steps)
+        (cache, state), (tokens, logprobs, emitted, codes) = jax.lax.scan(step, (cache, state), length=steps)
         cache = jax.lax.with_sharding_constraint(cache, self._cache_sharding)
-        return cache, self._place_state(state), tokens, emitted, codes
+        return cache, self._place_state(state), tokens, logprobs, emitted, codes
 
     def _place_state(self, state: SlotState) -> SlotState:
         """The slot state's one placement (slots over 'data'), inside jit and out, so that calls
@@ -265,6 +269,7 @@ class Engine:
         self._ensure_stop_width(max(len(s) for s in stops) if stops else 0)
 
         outputs: list[list[int]] = [[] for _ in prompts]
+        logprobs: list[list[float]] = [[] for _ in prompts]
         reasons: list[str | None] = [None] * len(prompts)
         hashes = [self.prefix_cache.hashes(p) if self.prefix_cache is not None else [] for p in prompts]
         waiting = collections.deque(sorted(range(len(prompts)), key=lambda i: self._bucket(len(prompts[i]))))
@@ -278,9 +283,10 @@ class Engine:
             while free and waiting:
                 batch, cached = self._take_batch(waiting, prompts, hashes, len(free))
                 slots = [free.pop(0) for _ in batch]
-                first, codes = self._run_prefill(batch, cached, slots, prompts, params, stops, hashes)
-                for i, s, tok, code in zip(batch, slots, first, codes):
+                first, first_lp, codes = self._run_prefill(batch, cached, slots, prompts, params, stops, hashes)
+                for i, s, tok, lp, code in zip(batch, slots, first, first_lp, codes):
                     outputs[i].append(int(tok))
+                    logprobs[i].append(float(lp))
                     if code != RUNNING:
                         reasons[i] = FINISH_REASONS[int(code)]
                         free.append(s)
@@ -290,7 +296,7 @@ class Engine:
             # Dispatch the next decode before reading the last one, so host bookkeeping overlaps
             # device work; unless the last one surely ends every running row (no wasted step).
             if in_flight and (not running or all(len(outputs[i]) + self.decode_steps >= limit[i] for i in running)):
-                self._collect(*in_flight, slot_of, outputs, reasons)
+                self._collect(*in_flight, slot_of, outputs, logprobs, reasons)
                 in_flight = None
                 continue
             dispatched = None
@@ -298,22 +304,23 @@ class Engine:
                 self.cache, self.state, *out = self._decode(self.params, self.cache, self.state, self.decode_steps)
                 dispatched = (out, list(slot_of))
             if in_flight:
-                self._collect(*in_flight, slot_of, outputs, reasons)
+                self._collect(*in_flight, slot_of, outputs, logprobs, reasons)
             in_flight = dispatched
-        return [GenerationOutput(o, r, len(p)) for o, r, p in zip(outputs, reasons, prompts)]
+        return [GenerationOutput(o, r, len(p), lp) for o, r, p, lp in zip(outputs, reasons, prompts, logprobs)]
 
     # ------------------------------------------------------------ helpers
 
-    def _collect(self, out, slot_of_then: list[int], slot_of: list[int], outputs, reasons) -> None:
+    def _collect(self, out, slot_of_then: list[int], slot_of: list[int], outputs, logprobs, reasons) -> None:
         """Appends one decode dispatch's tokens to their prompts (as the slots were when it was
         dispatched) and frees the slots whose sequence ended."""
-        tokens, emitted, codes = (np.asarray(x) for x in out)
+        tokens, lps, emitted, codes = (np.asarray(x) for x in out)
         for s, i in enumerate(slot_of_then):
             if i < 0:
                 continue
             for step in range(self.decode_steps):
                 if emitted[step, s]:
                     outputs[i].append(int(tokens[step, s]))
+                    logprobs[i].append(float(lps[step, s]))
                 if codes[step, s] != RUNNING:
                     reasons[i] = FINISH_REASONS[int(codes[step, s])]
                     slot_of[s] = -1
@@ -380,12 +387,12 @@ class Engine:
             rows["max_new"][r], rows["temperature"][r] = sp.max_new_tokens, sp.temperature
             rows["top_k"][r], rows["top_p"][r], rows["seed"][r] = sp.top_k, sp.top_p, sp.seed
             rows["stop_ids"][r, : len(stops[i])] = stops[i]
-        first, codes = self._call_prefill(tokens, start_ids, lengths, slot_ids, rows)
+        first, first_lp, codes = self._call_prefill(tokens, start_ids, lengths, slot_ids, rows)
         if self.prefix_cache is not None:
             for i, st, s in zip(batch, starts, slots):
                 if st < len(hashes[i]) * self.prefix_cache.block:  # it brings a longer prefix
                     self.prefix_cache.insert(hashes[i], self.cache, s)
-        return first[: len(batch)], codes[: len(batch)]
+        return first[: len(batch)], first_lp[: len(batch)], codes[: len(batch)]
 
     def warmup(self) -> None:
         """Compiles every prefill bucket and the decode step now, so that a job compiles nothing
@@ -400,10 +407,10 @@ class Engine:
 
     def _call_prefill(self, tokens, starts, lengths, slot_ids, rows: dict[str, np.ndarray]):
         rows = SlotState(**{k: jnp.asarray(v) for k, v in rows.items()})
-        self.cache, self.state, first, codes = self._prefill(
+        self.cache, self.state, first, logprob, codes = self._prefill(
             self.params, self.cache, self.state, jnp.asarray(tokens), jnp.asarray(starts),
             jnp.asarray(lengths), jnp.asarray(slot_ids), rows)
-        return np.asarray(first), np.asarray(codes)
+        return np.asarray(first), np.asarray(logprob), np.asarray(codes)
 
     def _stop_ids(self, sp: SamplingParams) -> tuple[int, ...]:
         ids = tuple(sp.stop_token_ids) + (() if sp.ignore_eos else self.cfg.eos_token_ids)

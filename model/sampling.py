@@ -62,3 +62,10 @@ def sample(logits_bv: jax.Array, temperature_b: jax.Array, top_k_b: jax.Array, t
         return jnp.where(temperature_b > 0, token, greedy)
 
     return jax.lax.cond(jnp.any(temperature_b > 0), sampled, lambda _: greedy, None)
+
+
+def token_logprobs(logits_bv: jax.Array, token_b: jax.Array) -> jax.Array:
+    """log p(token) per row [b] under the model's own distribution (before temperature, top-k, top-p)."""
+    logits = logits_bv.astype(jnp.float32)
+    chosen = jnp.take_along_axis(logits, token_b[:, None], axis=-1)[:, 0]
+    return chosen - jax.nn.logsumexp(logits, axis=-1)

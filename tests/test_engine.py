@@ -188,3 +188,16 @@ def test_warmup_compiles_everything_a_mixed_workload_needs():
     outs = eng.generate(prompts, sampling)
     assert compiles == [] and [len(o.token_ids) for o in outs] == [sp.max_new_tokens if len(p) + sp.max_new_tokens <= 64
                                                                    else 64 - len(p) for p, sp in zip(prompts, sampling)]
+
+
+def test_logprobs_are_the_full_forward_log_softmax_of_each_chosen_token(engine):
+    params = [greedy(12), greedy(12, temperature=1.5, top_k=7, seed=3)]
+    outs = engine.generate(PROMPTS[:2], params)
+    for p, o in zip(PROMPTS, outs):
+        assert len(o.logprobs) == len(o.token_ids)
+        logits = engine.logits([p + o.token_ids])[0].astype(np.float64)
+        logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+            - logits.max(-1, keepdims=True)
+        expected = [logp[len(p) - 1 + i, t] for i, t in enumerate(o.token_ids)]
+        np.testing.assert_allclose(o.logprobs, expected, atol=2e-4)
+    assert max(outs[1].logprobs) < 0 and np.mean(outs[1].logprobs) < np.mean(outs[0].logprobs)
