@@ -10,6 +10,7 @@ Both read through fsspec, so a gs:// checkpoint brings its tokenizer along.
 from __future__ import annotations
 
 import json
+import re
 import threading
 from typing import Protocol, Sequence
 
@@ -22,9 +23,12 @@ class Tokenizer(Protocol):
     pad_id: int
     vocab_size: int
 
-    def encode_batch(self, texts: Sequence[str], add_bos: bool = True) -> list[list[int]]: ...
+    def encode_batch(self, texts: Sequence[str], add_bos: bool = True,
+                     parse_special: bool = False) -> list[list[int]]: ...
 
     def decode_batch(self, ids: Sequence[Sequence[int]]) -> list[str]: ...
+
+    def special_tokens(self) -> dict[str, int]: ...
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]: ...
 
@@ -51,6 +55,9 @@ class SentencePieceTokenizer(_Base):
         self.bos_id = sp.bos_id() if sp.bos_id() >= 0 else None
         self.eos_id = sp.eos_id() if sp.eos_id() >= 0 else None
         self.pad_id = sp.pad_id() if sp.pad_id() >= 0 else 0
+        self._special = {sp.id_to_piece(i): i for i in range(self.vocab_size) if sp.is_control(i) or sp.is_unknown(i)}
+        self._special_re = re.compile("(" + "|".join(map(re.escape, sorted(self._special, key=len, reverse=True)))
+                                      + ")") if self._special else None
         self._tf = None
         self._lock = threading.Lock()
 
@@ -63,13 +70,30 @@ class SentencePieceTokenizer(_Base):
                 self._tf = (tf, tf_text.SentencepieceTokenizer(model=self._proto, out_type=tf.int32))
         return self._tf
 
-    def encode_batch(self, texts: Sequence[str], add_bos: bool = True) -> list[list[int]]:
+    def special_tokens(self) -> dict[str, int]:
+        """Text of each control piece ('<s>', '</s>', '<unk>', ...) -> its id."""
+        return dict(self._special)
+
+    def encode_batch(self, texts: Sequence[str], add_bos: bool = True,
+                     parse_special: bool = False) -> list[list[int]]:
+        """parse_special: the text of a control piece ('<s>' in a rendered chat template) becomes
+        its id, as HF tokenizers treat special tokens; sentencepiece itself would spell it out."""
+        if parse_special and self._special_re is not None:
+            return self._encode_parsing_special(texts, add_bos)
         if not texts:
             return []
         tf, sp = self._backend()
         ids = sp.tokenize(tf.constant(list(texts), dtype=tf.string)).to_list()
         bos = [self.bos_id] if add_bos and self.bos_id is not None else []
         return [bos + row for row in ids]
+
+    def _encode_parsing_special(self, texts: Sequence[str], add_bos: bool) -> list[list[int]]:
+        parts = [[p for p in self._special_re.split(t) if p] for t in texts]
+        plain = [p for row in parts for p in row if p not in self._special]
+        encoded = iter(self.encode_batch(plain, add_bos=False))
+        bos = [self.bos_id] if add_bos and self.bos_id is not None else []
+        return [bos + [i for p in row for i in ([self._special[p]] if p in self._special else next(encoded))]
+                for row in parts]
 
     def decode_batch(self, ids: Sequence[Sequence[int]]) -> list[str]:
         if not ids:
@@ -92,7 +116,14 @@ class HFTokenizer(_Base):
         self.bos_id, self.eos_id = special.get("bos"), special.get("eos")
         self.pad_id = special.get("pad") or 0
 
-    def encode_batch(self, texts: Sequence[str], add_bos: bool = True) -> list[list[int]]:
+    def special_tokens(self) -> dict[str, int]:
+        """Text of each special added token -> its id."""
+        return {t.content: i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+
+    def encode_batch(self, texts: Sequence[str], add_bos: bool = True,
+                     parse_special: bool = False) -> list[list[int]]:
+        """The `tokenizers` library always turns the text of an added token into its id, so
+        parse_special changes nothing here."""
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=add_bos)]
 
     def decode_batch(self, ids: Sequence[Sequence[int]]) -> list[str]:

@@ -1,10 +1,12 @@
-"""Input records and the output schema.
+"""Input records -> Requests, finished completions, and the project's output schema.
 
-Input, per shard line:
-  jsonl: {"id", "prompt", optional "max_tokens", "temperature", "top_p", "top_k", "seed", "stop"}
-  text:  the whole line is the prompt; its id is "<shard name>:<line number>"
-Blank lines are not records. Output, one JSON line per input record:
-  {"id", "completion", "prompt_tokens", "completion_tokens", "finish_reason"}  or
+Input record (a JSONL line, a Parquet row or a TFRecord Example; see pipeline/formats.py):
+  {"id", "prompt" | "messages", optional "max_tokens", "temperature", "top_p", "top_k", "seed",
+   "stop", "include_stop_str_in_output", "logprobs"}
+  text: the whole line is the prompt; its id is "<shard name>:<line number>"
+OpenAI Batch API lines are read and answered by pipeline/openai_batch.py.
+Output, one JSON line per input record:
+  {"id", "completion", "prompt_tokens", "completion_tokens", "finish_reason"[, "logprobs"]}  or
   {"id", "error": {"type", "message"}}
 """
 
@@ -13,12 +15,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import zlib
-from typing import Any
+from typing import Any, Sequence
 
-from model import SamplingParams
+from model import GenerationOutput, SamplingParams
+from model.chat_template import (ChatTemplate, ChatTemplateError, check_messages, load_chat_template,
+                                  special_token_strings)
+from model.tokenizer import Tokenizer, decode_completions
+from pipeline.formats import BadRecord
 
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
+FLAG_FIELDS = ("include_stop_str_in_output", "logprobs")
 
 
 @dataclasses.dataclass
@@ -26,7 +34,7 @@ class Request:
     id: str
     shard: int
     line: int
-    prompt: str
+    prompt: str | None  # None for a chat record: `messages` become the prompt at tokenization
     max_tokens: int
     max_tokens_given: bool  # an explicit value must fit the context; the default is clamped
     temperature: float
@@ -34,11 +42,27 @@ class Request:
     top_k: int
     seed: int
     stop: tuple[str, ...] = ()
+    messages: list[dict[str, Any]] | None = None
+    include_stop: bool = False  # vLLM's include_stop_str_in_output
+    logprobs: bool = False
+    api: str | None = None  # OpenAI endpoint URL for an OpenAI Batch record; None: the project's shape
+    model: str = ""  # the served model's name, for OpenAI responses
     token_ids: list[int] = dataclasses.field(default_factory=list)
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(max_new_tokens=self.max_tokens, temperature=self.temperature, top_k=self.top_k,
                               top_p=self.top_p, seed=self.seed)
+
+    def result(self, out: GenerationOutput) -> Result:
+        """The engine's output for this request, to be finished by `finish_completions`."""
+        return Result(id=self.id, shard=self.shard, line=self.line, prompt_tokens=len(self.token_ids),
+                      completion_tokens=len(out.token_ids), finish_reason=out.finish_reason,
+                      token_ids=list(out.token_ids), prompt_ids=self.token_ids, stop=self.stop,
+                      include_stop=self.include_stop, want_logprobs=self.logprobs,
+                      logprobs=list(out.logprobs) if self.logprobs else None, api=self.api, model=self.model)
+
+    def fail(self, kind: str, message: str) -> Result:
+        return error(self.id, self.shard, self.line, kind, message, api=self.api, model=self.model)
 
 
 @dataclasses.dataclass
@@ -57,65 +81,116 @@ class Result:
     token_ids: list[int] = dataclasses.field(default_factory=list)
     prompt_ids: list[int] = dataclasses.field(default_factory=list)
     stop: tuple[str, ...] = ()
+    include_stop: bool = False
+    want_logprobs: bool = False
+    logprobs: list[float] | None = None  # of the completion's tokens, when the record asked
+    token_texts: list[str] | None = None  # the text of each of those tokens (OpenAI logprobs)
+    api: str | None = None  # see Request.api; "" for an OpenAI line that is not a request
+    model: str = ""
 
     def to_json(self) -> str:
+        if self.api is not None:
+            from pipeline import openai_batch
+
+            return openai_batch.to_json(self)
         if self.error is not None:
             out = {"id": self.id, "error": {"type": self.error_type, "message": self.error}}
         else:
             out = {"id": self.id, "completion": self.completion, "prompt_tokens": self.prompt_tokens,
                    "completion_tokens": self.completion_tokens, "finish_reason": self.finish_reason}
+            if self.want_logprobs:
+                out["logprobs"] = self.logprobs
         return json.dumps(out, ensure_ascii=False)
 
 
-def error(id_: str, shard: int, line: int, kind: str, message: str) -> Result:
-    return Result(id=id_, shard=shard, line=line, error_type=kind, error=message)
+def error(id_: str, shard: int, line: int, kind: str, message: str, api: str | None = None,
+          model: str = "") -> Result:
+    return Result(id=id_, shard=shard, line=line, error_type=kind, error=message, api=api, model=model)
 
 
 def default_id(shard_name: str, line: int) -> str:
     return f"{shard_name}:{line}"
 
 
-def parse(raw: bytes, shard: int, shard_name: str, line: int, fmt: str,
+def model_name(checkpoint: str) -> str:
+    """The name a checkpoint is served under in OpenAI responses: its directory's or preset's name."""
+    return os.path.basename(checkpoint.rstrip("/")) or checkpoint
+
+
+def parse(raw: bytes | dict | BadRecord, shard: int, shard_name: str, line: int, fmt: str,
           defaults: dict[str, Any]) -> Request | Result:
-    """One input line -> a Request, or an error Result naming what is wrong with it."""
+    """One input record (a line's bytes, or a Parquet/TFRecord record dict) -> a Request, or an
+    error Result naming what is wrong with it. `defaults`: the job's sampling defaults, and
+    "model", the served model's name."""
     rid = default_id(shard_name, line)
+    if fmt == "openai":
+        from pipeline import openai_batch
+
+        return openai_batch.parse(raw, shard, rid, line, defaults)
+    if isinstance(raw, BadRecord):
+        return error(rid if raw.id is None else str(raw.id), shard, line, raw.kind, raw.message)
+    if isinstance(raw, dict):
+        return parse_object(raw, rid, shard, line, defaults)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         return error(rid, shard, line, "invalid_utf8", f"line is not valid UTF-8 (byte {e.start})")
     if fmt == "text":
-        return _request(rid, shard, line, text.rstrip("\r\n"), {}, defaults)
+        return make_request(rid, shard, line, text.rstrip("\r\n"), None, {}, defaults)
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         return error(rid, shard, line, "invalid_json", f"line is not valid JSON: {e.msg} at column {e.colno}")
     if not isinstance(obj, dict):
         return error(rid, shard, line, "invalid_record", f"record must be a JSON object; got {type(obj).__name__}")
-    if "id" in obj:
+    return parse_object(obj, rid, shard, line, defaults)
+
+
+def parse_object(obj: dict[str, Any], rid: str, shard: int, line: int, defaults: dict[str, Any]) -> Request | Result:
+    """A record in the project's vocabulary (a JSONL object, a Parquet row, a TFRecord Example)."""
+    if obj.get("id") is not None:
         if not isinstance(obj["id"], (str, int)) or isinstance(obj["id"], bool):
             return error(rid, shard, line, "invalid_record", f"id must be a string or integer; got {obj['id']!r}")
         rid = str(obj["id"])
-    if "prompt" not in obj:
-        return error(rid, shard, line, "invalid_record", "record has no 'prompt'")
-    return _request(rid, shard, line, obj["prompt"], obj, defaults)
+    has_prompt, has_messages = obj.get("prompt") is not None, obj.get("messages") is not None
+    if has_prompt and has_messages:
+        return error(rid, shard, line, "invalid_record", "record has both 'prompt' and 'messages'; give one")
+    if not has_prompt and not has_messages:
+        return error(rid, shard, line, "invalid_record", "record has no 'prompt' (or 'messages')")
+    return make_request(rid, shard, line, obj.get("prompt"), obj.get("messages"), obj, defaults)
 
 
-def _request(rid: str, shard: int, line: int, prompt: Any, obj: dict, defaults: dict) -> Request | Result:
-    if not isinstance(prompt, str):
-        return error(rid, shard, line, "invalid_prompt", f"prompt must be a string; got {type(prompt).__name__}")
-    if not prompt.strip():
-        return error(rid, shard, line, "invalid_prompt", "prompt is empty")
-    values = {k: obj.get(k, defaults.get(k)) for k in SAMPLING_FIELDS}
-    if values["seed"] is None:  # from the id: a rerun samples the same, however records are batched
+def make_request(rid: str, shard: int, line: int, prompt: Any, messages: Any, obj: dict, defaults: dict,
+                 api: str | None = None) -> Request | Result:
+    """Checks a record's prompt (or messages) and generation parameters; obj's values override
+    `defaults`. The seed defaults to a hash of the id, so a rerun samples the same, however the
+    records are sharded or batched."""
+    model = defaults.get("model", "")
+    fail = lambda kind, message: error(rid, shard, line, kind, message, api=api, model=model)  # noqa: E731
+    if messages is not None:
+        try:
+            messages = check_messages(messages)
+        except ChatTemplateError as e:
+            return fail(e.kind, str(e))
+    elif not isinstance(prompt, str):
+        return fail("invalid_prompt", f"prompt must be a string; got {type(prompt).__name__}")
+    elif not prompt.strip():
+        return fail("invalid_prompt", "prompt is empty")
+    values = {k: obj[k] if obj.get(k) is not None else defaults.get(k) for k in SAMPLING_FIELDS}
+    if values["seed"] is None:
         values["seed"] = zlib.crc32(rid.encode("utf-8"))
-    problem = _check_sampling(values)
+    flags = {k: obj[k] if obj.get(k) is not None else False for k in FLAG_FIELDS}
+    problem = _check_sampling(values) or _check_flags(flags)
     if problem:
-        return error(rid, shard, line, "invalid_parameter", problem)
+        return fail("invalid_parameter", problem)
     stop = values["stop"]
     stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
-    return Request(id=rid, shard=shard, line=line, prompt=prompt, max_tokens=int(values["max_tokens"]),
-                   max_tokens_given="max_tokens" in obj, temperature=float(values["temperature"]),
-                   top_p=float(values["top_p"]), top_k=int(values["top_k"]), seed=int(values["seed"]), stop=stop)
+    return Request(id=rid, shard=shard, line=line, prompt=None if messages is not None else prompt,
+                   messages=messages, max_tokens=int(values["max_tokens"]),
+                   max_tokens_given=obj.get("max_tokens") is not None, temperature=float(values["temperature"]),
+                   top_p=float(values["top_p"]), top_k=int(values["top_k"]), seed=int(values["seed"]), stop=stop,
+                   include_stop=flags["include_stop_str_in_output"], logprobs=flags["logprobs"], api=api,
+                   model=model)
 
 
 def _is_int(v: Any) -> bool:
@@ -145,3 +220,149 @@ def _check_sampling(v: dict[str, Any]) -> str | None:
     if stop == "":
         return "stop must not be an empty string"
     return None
+
+
+def _check_flags(flags: dict[str, Any]) -> str | None:
+    for key, value in flags.items():
+        if not isinstance(value, bool):
+            return f"{key} must be true or false; got {value!r}"
+    return None
+
+
+# ------------------------------------------------------------------ prompts -> token ids
+
+
+def chat_template_for(checkpoint: str, tokenizer: Tokenizer) -> ChatTemplate | ChatTemplateError:
+    """The checkpoint's chat template, or the error every chat record of the job reports."""
+    try:
+        template = load_chat_template(checkpoint, special_token_strings(tokenizer))
+    except ValueError as e:
+        return ChatTemplateError("chat_template_invalid", f"checkpoint {checkpoint!r}: {e}")
+    if template is None:
+        return ChatTemplateError("chat_template_missing", f"checkpoint {checkpoint!r} has no chat template "
+                                 "(no chat_template.jinja, no chat_template in tokenizer_config.json), "
+                                 "so 'messages' cannot become a prompt; send 'prompt' instead")
+    return template
+
+
+def prompt_token_ids(tokenizer: Tokenizer, template: ChatTemplate | ChatTemplateError,
+                     requests: Sequence[Request]) -> list[list[int] | Result]:
+    """Each request's prompt as token ids, or its error Result. A prompt gets the tokenizer's BOS;
+    messages are rendered by the chat template and tokenized as HF's apply_chat_template does:
+    no BOS added (templates write their own) and special-token text ('<s>') read as that token."""
+    rendered: dict[int, str | Result] = {}
+    for i, r in enumerate(requests):
+        if r.messages is not None:
+            try:
+                if isinstance(template, ChatTemplateError):
+                    raise template
+                rendered[i] = template.render(r.messages)
+                if not rendered[i].strip():
+                    raise ChatTemplateError("invalid_prompt", "the chat template rendered the messages as an "
+                                            "empty prompt")
+            except ChatTemplateError as e:
+                rendered[i] = r.fail(e.kind, str(e))
+    plain = [i for i, r in enumerate(requests) if r.messages is None]
+    chat = [i for i, text in rendered.items() if isinstance(text, str)]
+    out: list[list[int] | Result] = [rendered.get(i) for i in range(len(requests))]
+    for i, ids in zip(plain, tokenizer.encode_batch([requests[i].prompt for i in plain])):
+        out[i] = ids
+    if chat:
+        for i, ids in zip(chat, tokenizer.encode_batch([rendered[i] for i in chat], add_bos=False,
+                                                       parse_special=True)):
+            out[i] = ids
+    return out
+
+
+# ------------------------------------------------------------------ finishing completions
+
+
+def finish_completions(tokenizer: Tokenizer, results: list[Result]) -> list[Result]:
+    """Token ids -> completion text, in place; returns `results`.
+
+    Stop strings are matched on the text, so one split across tokens is found. The completion is
+    cut at the earliest stop string (the longest, if several start there), which is kept only with
+    include_stop_str_in_output, as vLLM does; finish_reason becomes "stop". completion_tokens and
+    logprobs then count the tokens up to and including the one that completes the stop string:
+    the tokens generation would have stopped after. Token ids are dropped once decoded.
+    """
+    ok = [r for r in results if r.error is None]
+    texts = decode_completions(tokenizer, [r.prompt_ids for r in ok], [r.token_ids for r in ok])
+    hits = [_find_stop(text, r.stop) for r, text in zip(ok, texts)]
+    need = [i for i, (r, hit) in enumerate(zip(ok, hits)) if hit or (r.want_logprobs and r.api)]
+    pieces = dict(zip(need, token_texts(tokenizer, [ok[i].prompt_ids for i in need], [ok[i].token_ids for i in need])))
+    for i, (r, text, hit) in enumerate(zip(ok, texts, hits)):
+        r.completion = text
+        kept = len(r.token_ids)
+        if hit:
+            start, end = hit
+            r.completion, r.finish_reason = text[:end if r.include_stop else start], "stop"
+            kept = tokens_through(pieces[i], end)
+        r.completion_tokens = kept
+        if r.logprobs is not None:
+            r.logprobs = r.logprobs[:kept]
+        if r.want_logprobs and r.api:
+            r.token_texts = pieces[i][:kept]
+    for r in results:
+        r.token_ids, r.prompt_ids = [], []
+    return results
+
+
+def _find_stop(text: str, stops: Sequence[str]) -> tuple[int, int] | None:
+    """(start, end) of the earliest stop string in `text` (the longest among those starting there)."""
+    found = [(i, -len(s)) for s in stops if (i := text.find(s)) >= 0]
+    if not found:
+        return None
+    start, neg_len = min(found)
+    return start, start - neg_len
+
+
+def token_texts(tokenizer: Tokenizer, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
+                window: int = 8) -> list[list[str]]:
+    """The text each completion token adds, decoded with up to `window` tokens before it (from the
+    prompt at first), so a SentencePiece word-start space is kept. A token that ends inside a
+    multi-byte character adds "", and the token that completes the character carries all of it;
+    so the texts join to the completion (which is assumed to hold no U+FFFD of its own). Special
+    tokens (EOS) add ""."""
+    before, after, sizes = [], [], []
+    for p, c in zip(prompts, completions):
+        seq = list(p[-window:]) + list(c)
+        off = len(seq) - len(c)
+        for i in range(len(c)):
+            lo = max(0, off + i - window)
+            before.append(seq[lo:off + i])
+            after.append(seq[lo:off + i + 1])
+        sizes.append(len(c))
+    decoded = tokenizer.decode_batch(before + after) if before else []
+    pieces = []
+    for a, b in zip(decoded[:len(before)], decoded[len(before):]):
+        # a window may start or end inside a multi-byte character: its bytes decode to U+FFFD
+        a, b = a.strip("\ufffd"), b.strip("\ufffd")
+        pieces.append(b[len(a):] if b.startswith(a) else b[len(os.path.commonprefix([a, b])):])
+    out, at = [], 0
+    for n in sizes:
+        out.append(pieces[at:at + n])
+        at += n
+    return out
+
+
+def tokens_through(pieces: Sequence[str], end: int) -> int:
+    """How many tokens it takes for their texts to reach `end` characters (all, if they never do)."""
+    total = 0
+    for k, piece in enumerate(pieces):
+        total += len(piece)
+        if total >= end:
+            return k + 1
+    return len(pieces)
+
+
+def output_view(rec: dict[str, Any]) -> dict[str, Any]:
+    """An output line of either shape (the project's or OpenAI's) -> {"id", "error_type" (None for
+    a completion), "completion", "prompt_tokens", "completion_tokens"}, for summaries."""
+    if "custom_id" in rec:
+        from pipeline import openai_batch
+
+        return openai_batch.output_view(rec)
+    err = rec.get("error")
+    return {"id": rec.get("id"), "error_type": err["type"] if err else None, "completion": rec.get("completion"),
+            "prompt_tokens": rec.get("prompt_tokens", 0), "completion_tokens": rec.get("completion_tokens", 0)}
