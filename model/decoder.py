@@ -1,8 +1,9 @@
 """The decoder: embed -> N x (attention, gated MLP) -> norm -> head, in Flax NNX.
 
-Each weight is declared once in `param_specs` (shape, logical axes, init). Per-layer weights are
-stacked on a leading "layers" axis and the blocks run under `jax.lax.scan`, so compile time does
-not grow with depth. Dimension letters in einsums: b batch, t query positions, s key positions,
+Each weight is declared once in `param_specs` (shape, logical axes, init). A per-layer weight is
+held as one array per layer, and the layers run as an unrolled Python loop: slicing a layer out
+of stacked weights (as `lax.scan` does) copies it on XLA:CPU at every decode step, doubling the
+memory traffic that bounds decoding. Compile time grows with depth instead. Dimension letters in einsums: b batch, t query positions, s key positions,
 d model width, n query heads, k kv heads, g query heads per kv head, h head dim, f MLP width,
 v vocabulary, l layers.
 """
@@ -10,7 +11,7 @@ v vocabulary, l layers.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -19,57 +20,66 @@ from flax import nnx
 from model.config import ModelConfig, rope_inv_freq
 from model.kv_cache import KVCache
 from model.quantize import QArray
-from model.sharding import constrain
+from model.sharding import constrain, named_sharding
 
 Array = jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
 class ParamSpec:
-    shape: tuple[int, ...]
+    shape: tuple[int, ...]  # of one array (one layer's, for a per-layer weight)
     axes: tuple[str | None, ...]
     init: str = "normal"  # "normal" | "zeros" | "ones"
-
-    @property
-    def per_layer(self) -> bool:
-        return self.axes[0] == "layers"
+    per_layer: bool = False  # params[name] is then a list of num_layers such arrays
 
 
 def param_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
-    """Every weight of the decoder, by name. Per-layer weights lead with the "layers" axis."""
-    L, D, F, V = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    """Every weight of the decoder, by name."""
+    D, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     norm_init = "zeros" if cfg.norm_weight_offset else "ones"  # Gemma scales by (1 + w)
+    layer = lambda shape, axes, init="normal": ParamSpec(shape, axes, init, per_layer=True)  # noqa: E731
     specs = {
         "embed": ParamSpec((V, D), ("vocab", "embed")),
-        "attn_norm": ParamSpec((L, D), ("layers", "embed"), norm_init),
-        "wq": ParamSpec((L, D, N, H), ("layers", "embed", "q_heads", "head_dim")),
-        "wk": ParamSpec((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim")),
-        "wv": ParamSpec((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim")),
-        "wo": ParamSpec((L, N, H, D), ("layers", "q_heads", "head_dim", "embed")),
-        "mlp_norm": ParamSpec((L, D), ("layers", "embed"), norm_init),
-        "w_gate": ParamSpec((L, D, F), ("layers", "embed", "ffw")),
-        "w_up": ParamSpec((L, D, F), ("layers", "embed", "ffw")),
-        "w_down": ParamSpec((L, F, D), ("layers", "ffw", "embed")),
+        "attn_norm": layer((D,), ("embed",), norm_init),
+        "wq": layer((D, N, H), ("embed", "q_heads", "head_dim")),
+        "wk": layer((D, K, H), ("embed", "kv_heads", "head_dim")),
+        "wv": layer((D, K, H), ("embed", "kv_heads", "head_dim")),
+        "wo": layer((N, H, D), ("q_heads", "head_dim", "embed")),
+        "mlp_norm": layer((D,), ("embed",), norm_init),
+        "w_gate": layer((D, F), ("embed", "ffw")),
+        "w_up": layer((D, F), ("embed", "ffw")),
+        "w_down": layer((F, D), ("ffw", "embed")),
         "final_norm": ParamSpec((D,), ("embed",), norm_init),
     }
     if cfg.qkv_bias:
-        specs["bq"] = ParamSpec((L, N, H), ("layers", "q_heads", "head_dim"), "zeros")
-        specs["bk"] = ParamSpec((L, K, H), ("layers", "kv_heads", "head_dim"), "zeros")
-        specs["bv"] = ParamSpec((L, K, H), ("layers", "kv_heads", "head_dim"), "zeros")
+        specs["bq"] = layer((N, H), ("q_heads", "head_dim"), "zeros")
+        specs["bk"] = layer((K, H), ("kv_heads", "head_dim"), "zeros")
+        specs["bv"] = layer((K, H), ("kv_heads", "head_dim"), "zeros")
     if not cfg.tie_word_embeddings:
         specs["lm_head"] = ParamSpec((D, V), ("embed", "vocab"))
     return specs
 
 
-def init_params(cfg: ModelConfig, key: Array, dtype: jnp.dtype, std: float = 0.02) -> dict[str, Array]:
+def param_shardings(cfg: ModelConfig, mesh: jax.sharding.Mesh) -> dict[str, Any]:
+    """The NamedSharding of every weight, in the params' structure (a list for per-layer ones)."""
+    out = {}
+    for name, spec in param_specs(cfg).items():
+        sharding = named_sharding(spec.axes, spec.shape, mesh)
+        out[name] = [sharding] * cfg.num_layers if spec.per_layer else sharding
+    return out
+
+
+def init_params(cfg: ModelConfig, key: Array, dtype: jnp.dtype, std: float = 0.02) -> dict[str, Any]:
     """Random weights (normal(0, std) matrices, unit norms). Jit it with out_shardings to place them."""
     out = {}
     for i, (name, spec) in enumerate(sorted(param_specs(cfg).items())):
+        shape = (cfg.num_layers, *spec.shape) if spec.per_layer else spec.shape
         if spec.init == "normal":
-            out[name] = (std * jax.random.normal(jax.random.fold_in(key, i), spec.shape)).astype(dtype)
+            value = (std * jax.random.normal(jax.random.fold_in(key, i), shape)).astype(dtype)
         else:
-            out[name] = (jnp.ones if spec.init == "ones" else jnp.zeros)(spec.shape, dtype)
+            value = (jnp.ones if spec.init == "ones" else jnp.zeros)(shape, dtype)
+        out[name] = list(value) if spec.per_layer else value
     return out
 
 
@@ -102,24 +112,33 @@ def rope(x_btnh: Array, positions_bt: Array, inv_freq_h: Array) -> Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_btnh.dtype)
 
 
-def attention(q_btnh: Array, k_bskh: Array, v_bskh: Array, mask_bts: Array,
-              k_scale_bsk: Array | None = None, v_scale_bsk: Array | None = None) -> Array:
+def attention(q_btnh: Array, k_bkhs: Array, v_bksh: Array, mask_bts: Array,
+              k_scale_bks: Array | None = None, v_scale_bks: Array | None = None) -> Array:
     """Grouped-query attention: each kv head serves num_heads // num_kv_heads query heads.
-    With an int8 cache, the key scales multiply the scores and the value scales the weights."""
+    Keys and values come in the cache's layouts (see kv_cache.py), which the two matmuls read
+    without a transpose. With an int8 cache, the key scales multiply the scores and the value
+    scales the weights."""
     b, t, n, h = q_btnh.shape
-    k = k_bskh.shape[2]
+    k = k_bkhs.shape[1]
     q = q_btnh.reshape(b, t, k, n // k, h)
-    per_key = lambda s: s.transpose(0, 2, 1)[:, :, None, None, :]  # noqa: E731  [b, s, k] -> [b, k, 1, 1, s]
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k_bskh.astype(q.dtype), preferred_element_type=jnp.float32)
-    if k_scale_bsk is not None:
-        scores = scores * per_key(k_scale_bsk)
-    scores = jnp.where(mask_bts[:, None, None], scores * h ** -0.5, jnp.finfo(jnp.float32).min)
+    per_key = lambda s: s[:, :, None, None, :]  # noqa: E731  [b, k, s] -> [b, k, 1, 1, s]
+    scores = jnp.einsum("btkgh,bkhs->bktgs", q, k_bkhs.astype(q.dtype), preferred_element_type=jnp.float32)
+    if k_scale_bks is not None:
+        scores = scores * per_key(k_scale_bks)
+    scores = jnp.where(mask_bts[:, None, :, None, :], scores * h ** -0.5, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
-    if v_scale_bsk is not None:
-        probs = probs * per_key(v_scale_bsk)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(q.dtype), v_bskh.astype(q.dtype),
+    if v_scale_bks is not None:
+        probs = probs * per_key(v_scale_bks)
+    # [b, k, t, g, h] is the matmul's natural output; asking for [b, t, k, g, h] directly lets
+    # XLA:CPU swap the operands into a form its bfloat16 dot does not implement
+    out = jnp.einsum("bktgs,bksh->bktgh", probs.astype(q.dtype), v_bksh.astype(q.dtype),
                      preferred_element_type=jnp.float32)
-    return out.reshape(b, t, n, h).astype(q_btnh.dtype)
+    return out.transpose(0, 2, 1, 3, 4).reshape(b, t, n, h).astype(q_btnh.dtype)
+
+
+def to_cache_layout(k_btkh: Array, v_btkh: Array) -> tuple[Array, Array]:
+    """Keys and values [b, t, kv_heads, head_dim] -> the layouts `attention` takes."""
+    return k_btkh.transpose(0, 2, 3, 1), v_btkh.transpose(0, 2, 1, 3)
 
 
 def attention_mask(q_pos_bt: Array, k_pos_s: Array, window: int | None) -> Array:
@@ -136,6 +155,13 @@ def gated_mlp(x_btd: Array, w_gate, w_up, w_down, activation: str) -> Array:
     gate = linear("btd,df->btf", x_btd, w_gate)
     up = linear("btd,df->btf", x_btd, w_up)
     return linear("btf,fd->btd", act(gate) * up, w_down)
+
+
+def _merge_leading(w: Array | QArray, n: int) -> Array | QArray:
+    """w with its first n dims merged into one (a free reshape of the stored array)."""
+    if isinstance(w, QArray):
+        return QArray(w.q.reshape(-1, *w.q.shape[n:]), w.scale)
+    return w.reshape(-1, *w.shape[n:])
 
 
 # ---------------------------------------------------------------- the model
@@ -156,16 +182,28 @@ class Decoder(nnx.Module):
         self.mesh = mesh
         self.inv_freq = tuple(rope_inv_freq(cfg))
         for name, value in params.items():
-            if tuple(value.shape) != specs[name].shape:
-                raise ValueError(f"weight {name!r} has shape {tuple(value.shape)}; expected {specs[name].shape}")
-            setattr(self, name, nnx.Param(value))
+            spec = specs[name]
+            arrays = value if spec.per_layer else [value]
+            if spec.per_layer and len(arrays) != cfg.num_layers:
+                raise ValueError(f"weight {name!r} has {len(arrays)} layers; expected {cfg.num_layers}")
+            for a in arrays:
+                if tuple(a.shape) != spec.shape:
+                    raise ValueError(f"weight {name!r} has shape {tuple(a.shape)}; expected {spec.shape}")
+            setattr(self, name, nnx.List([nnx.Param(a) for a in value]) if spec.per_layer else nnx.Param(value))
 
-    def _layer_weights(self) -> dict[str, Array]:
+    def _layer_weights(self, i: int) -> dict[str, Array | QArray]:
         specs = param_specs(self.cfg)
-        return {name: self.weight(name) for name, spec in specs.items() if spec.per_layer}
+        return {name: self.weight(name, i) for name, spec in specs.items() if spec.per_layer}
 
-    def weight(self, name: str) -> Array | QArray:
-        return getattr(self, name).get_value()
+    def weights(self) -> dict[str, Any]:
+        """All weights in the params format: name -> array, or a list of arrays per layer."""
+        return {name: [self.weight(name, i) for i in range(self.cfg.num_layers)] if spec.per_layer
+                else self.weight(name) for name, spec in param_specs(self.cfg).items()}
+
+    def weight(self, name: str, layer: int | None = None) -> Array | QArray:
+        """A weight's value; `layer` picks one layer's array of a per-layer weight."""
+        param = getattr(self, name) if layer is None else getattr(self, name)[layer]
+        return param.get_value()
 
     def embed_tokens(self, tokens_bt: Array) -> Array:
         table = self.weight("embed")
@@ -186,7 +224,7 @@ class Decoder(nnx.Module):
         return linear("btd,dv->btv", x, self.weight("lm_head"), preferred_element_type=jnp.float32)
 
     def _block(self, x: Array, w: dict[str, Array], positions_bt: Array, attend: AttendFn,
-               layer: Array, carry: KVCache | None) -> tuple[Array, KVCache | None]:
+               layer: int, carry: KVCache | None) -> tuple[Array, KVCache | None]:
         cfg = self.cfg
         h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps, cfg.norm_weight_offset)
         q = linear("btd,dnh->btnh", h, w["wq"])
@@ -197,20 +235,15 @@ class Decoder(nnx.Module):
         inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
         q, k = rope(q, positions_bt, inv_freq), rope(k, positions_bt, inv_freq)
         out, carry = attend(layer, q, k, v, carry)
-        x = x + linear("btnh,nhd->btd", out, w["wo"])
+        b, t = out.shape[:2]  # heads and head_dim merged: the matmul then reads wo as stored
+        x = x + linear("btx,xd->btd", out.reshape(b, t, -1), _merge_leading(w["wo"], 2))
         h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps, cfg.norm_weight_offset)
         x = x + gated_mlp(h, w["w_gate"], w["w_up"], w["w_down"], cfg.activation)
         return constrain(x, ("batch", "seq", "embed"), self.mesh), carry
 
     def _run_layers(self, x: Array, positions_bt: Array, attend: AttendFn, carry: KVCache | None):
-        def body(state, xs):
-            x, carry = state
-            w, layer = xs
-            x, carry = self._block(x, w, positions_bt, attend, layer, carry)
-            return (x, carry), None
-
-        xs = (self._layer_weights(), jnp.arange(self.cfg.num_layers))
-        (x, carry), _ = jax.lax.scan(body, (x, carry), xs)
+        for i in range(self.cfg.num_layers):
+            x, carry = self._block(x, self._layer_weights(i), positions_bt, attend, i, carry)
         return x, carry
 
     def forward(self, tokens_bt: Array, positions_bt: Array) -> Array:
@@ -218,7 +251,7 @@ class Decoder(nnx.Module):
         mask = attention_mask(positions_bt, jnp.arange(tokens_bt.shape[1]), self.cfg.sliding_window)
 
         def attend(layer, q, k, v, cache):
-            return attention(q, k, v, mask), cache
+            return attention(q, *to_cache_layout(k, v), mask), cache
 
         return self._run_layers(self.embed_tokens(tokens_bt), positions_bt, attend, None)[0]
 
@@ -233,7 +266,7 @@ class Decoder(nnx.Module):
         mask = attention_mask(positions_bt, jnp.arange(cache.max_len), self.cfg.sliding_window)
 
         def attend(layer, q, k, v, cache):
-            cache = cache.write((layer, slots_b[:, None], positions_bt), k, v)
+            cache = cache.write(layer, slots_b, positions_bt, k, v)
             rows = [None if x is None else jnp.take(x, slots_b, axis=0, mode="clip") for x in cache.layer(layer)]
             return attention(q, rows[0], rows[1], mask, rows[2], rows[3]), cache
 
@@ -251,7 +284,7 @@ class Decoder(nnx.Module):
         rows = jnp.arange(b)
 
         def attend(layer, q, k, v, cache):
-            cache = cache.write((layer, rows, positions_b), k[:, 0], v[:, 0])
+            cache = cache.write(layer, rows, positions_bt, k, v)
             return attention(q, *cache.layer(layer)[:2], mask, *cache.layer(layer)[2:]), cache
 
         x, cache = self._run_layers(self.embed_tokens(tokens_b[:, None]), positions_bt, attend, cache)

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from model.config import PRESETS, ModelConfig
-from model.decoder import Decoder, init_params, param_specs
+from model.decoder import Decoder, init_params, param_shardings
 from model.kv_cache import KVCache
 from model.prefix_cache import PrefixCache
 from model.quantize import quantize_params
@@ -233,6 +233,10 @@ class Engine:
         return model.head(model.forward(tokens_bt, jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))))
 
     # ------------------------------------------------------------ public API
+
+    def weights(self) -> dict[str, Any]:
+        """The weights, as `load_params` returns them (a list of arrays for a per-layer weight)."""
+        return nnx.merge(self.graphdef, self.params).weights()
 
     def logits(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
         """Full causal forward, no cache: float32 [batch, longest prompt, vocab].
@@ -467,6 +471,5 @@ def enable_compilation_cache(path: str | None = None) -> None:
 
 def random_params(cfg: ModelConfig, dtype: jnp.dtype, mesh: jax.sharding.Mesh, seed: int = 0) -> dict[str, jax.Array]:
     """Random weights created directly in their sharding (never whole on one device)."""
-    shardings = {n: named_sharding(s.axes, s.shape, mesh) for n, s in param_specs(cfg).items()}
-    init = jax.jit(lambda key: init_params(cfg, key, dtype), out_shardings=shardings)
+    init = jax.jit(lambda key: init_params(cfg, key, dtype), out_shardings=param_shardings(cfg, mesh))
     return init(jax.random.key(seed))

@@ -1,4 +1,11 @@
-"""The static KV cache: one fixed-shape buffer per key and value, shared by `max_slots` sequences.
+"""The static KV cache: fixed-shape key and value buffers, one pair per layer, shared by
+`max_slots` sequences.
+
+Layouts are chosen for the attention matmuls, so that decode reads each buffer in place: keys
+[slots, kv_heads, head_dim, max_len] (the score matmul contracts head_dim, then runs along
+positions), values [slots, kv_heads, max_len, head_dim]. One array per layer rather than one
+stacked array: slicing a layer out of a stacked buffer inside the step copies it on XLA:CPU,
+which cost a copy of the whole cache per decoded token.
 
 Optionally int8: each cached key/value vector (one position, one kv head) is stored as int8 with
 its own float32 scale. Attention then applies the key scales to the scores and folds the value
@@ -15,28 +22,30 @@ import jax.numpy as jnp
 from model.config import ModelConfig
 from model.sharding import named_sharding
 
-CACHE_AXES = ("layers", "slots", "cache_len", "kv_heads", "head_dim")
+K_AXES = ("slots", "kv_heads", "head_dim", "cache_len")
+V_AXES = ("slots", "kv_heads", "cache_len", "head_dim")
+SCALE_AXES = ("slots", "kv_heads", "cache_len")
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """k, v: [layers, slots, max_len, kv_heads, head_dim]; k_scale, v_scale: [layers, slots,
-    max_len, kv_heads] when int8, else None. Which positions of a slot are valid is tracked by
-    the engine's per-slot lengths; stale entries past a slot's length are masked."""
+    """Per layer: k [slots, kv_heads, head_dim, max_len], v [slots, kv_heads, max_len, head_dim];
+    k_scale, v_scale [slots, kv_heads, max_len] when int8, else None. Which positions of a slot
+    are valid is tracked by the engine's per-slot lengths; stale entries past them are masked."""
 
-    k: jax.Array
-    v: jax.Array
-    k_scale: jax.Array | None = None
-    v_scale: jax.Array | None = None
+    k: list[jax.Array]
+    v: list[jax.Array]
+    k_scale: list[jax.Array] | None = None
+    v_scale: list[jax.Array] | None = None
 
     @property
     def max_slots(self) -> int:
-        return self.k.shape[1]
+        return self.v[0].shape[0]
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.v[0].shape[2]
 
     @property
     def nbytes(self) -> int:
@@ -45,31 +54,47 @@ class KVCache:
     @classmethod
     def create(cls, cfg: ModelConfig, max_slots: int, max_len: int, dtype: jnp.dtype,
                mesh: jax.sharding.Mesh, int8: bool = False) -> "KVCache":
-        shape = (cfg.num_layers, max_slots, max_len, cfg.num_kv_heads, cfg.head_dim)
-        zeros = lambda s, dt, axes: jax.jit(  # noqa: E731
-            lambda: jnp.zeros(s, dt), out_shardings=named_sharding(axes, s, mesh))()
+        k_shape = (max_slots, cfg.num_kv_heads, cfg.head_dim, max_len)
+        v_shape = (max_slots, cfg.num_kv_heads, max_len, cfg.head_dim)
+
+        def zeros(shape, dt, axes):
+            make = jax.jit(lambda: jnp.zeros(shape, dt), out_shardings=named_sharding(axes, shape, mesh))
+            return [make() for _ in range(cfg.num_layers)]
+
         if not int8:
-            return cls(zeros(shape, dtype, CACHE_AXES), zeros(shape, dtype, CACHE_AXES))
-        return cls(zeros(shape, jnp.int8, CACHE_AXES), zeros(shape, jnp.int8, CACHE_AXES),
-                   zeros(shape[:-1], jnp.float32, CACHE_AXES[:-1]), zeros(shape[:-1], jnp.float32, CACHE_AXES[:-1]))
+            return cls(zeros(k_shape, dtype, K_AXES), zeros(v_shape, dtype, V_AXES))
+        return cls(zeros(k_shape, jnp.int8, K_AXES), zeros(v_shape, jnp.int8, V_AXES),
+                   zeros(v_shape[:-1], jnp.float32, SCALE_AXES), zeros(v_shape[:-1], jnp.float32, SCALE_AXES))
 
     def shardings(self, mesh: jax.sharding.Mesh) -> "KVCache":
-        return jax.tree.map(lambda x: named_sharding(CACHE_AXES[: x.ndim], x.shape, mesh), self)
+        def place(axes):
+            return lambda x: named_sharding(axes, x.shape, mesh)
+        scales = lambda xs: None if xs is None else [place(SCALE_AXES)(x) for x in xs]  # noqa: E731
+        return KVCache([place(K_AXES)(x) for x in self.k], [place(V_AXES)(x) for x in self.v],
+                       scales(self.k_scale), scales(self.v_scale))
 
-    def write(self, index: tuple, k: jax.Array, v: jax.Array) -> "KVCache":
-        """Stores k, v (trailing dims [kv_heads, head_dim]) at cache[index]; out-of-range
-        indices are dropped (padding rows)."""
+    def write(self, layer: int, slots_b: jax.Array, positions_bt: jax.Array, k_btkh: jax.Array,
+              v_btkh: jax.Array) -> "KVCache":
+        """Stores row i's keys/values [b, t, kv_heads, head_dim] at slot slots_b[i], positions
+        positions_bt[i] of `layer`; out-of-range slots are dropped (padding rows)."""
+        s, p = slots_b[:, None], positions_bt
+
+        def put(buffers, value, vector_dims):  # indexing [s, :, (:,) p] puts (b, t) first
+            index = (s, slice(None), slice(None), p) if vector_dims == "k" else (s, slice(None), p)
+            out = list(buffers)
+            out[layer] = buffers[layer].at[index].set(value.astype(buffers[layer].dtype), mode="drop")
+            return out
+
         if self.k_scale is None:
-            return dataclasses.replace(self, k=self.k.at[index].set(k.astype(self.k.dtype), mode="drop"),
-                                       v=self.v.at[index].set(v.astype(self.v.dtype), mode="drop"))
-        (kq, ks), (vq, vs) = _quantize_vectors(k), _quantize_vectors(v)
-        return KVCache(self.k.at[index].set(kq, mode="drop"), self.v.at[index].set(vq, mode="drop"),
-                       self.k_scale.at[index].set(ks, mode="drop"), self.v_scale.at[index].set(vs, mode="drop"))
+            return KVCache(put(self.k, k_btkh, "k"), put(self.v, v_btkh, "v"))
+        (kq, ks), (vq, vs) = _quantize_vectors(k_btkh), _quantize_vectors(v_btkh)
+        return KVCache(put(self.k, kq, "k"), put(self.v, vq, "v"), put(self.k_scale, ks, "scale"),
+                       put(self.v_scale, vs, "scale"))
 
-    def layer(self, i: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array | None]:
-        """(k, v, k_scale, v_scale) of one layer: [slots, max_len, kv_heads, (head_dim)]."""
-        pick = lambda x: None if x is None else x[i]  # noqa: E731
-        return pick(self.k), pick(self.v), pick(self.k_scale), pick(self.v_scale)
+    def layer(self, i: int) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array | None]:
+        """(k, v, k_scale, v_scale) of one layer, in the layouts above."""
+        pick = lambda xs: None if xs is None else xs[i]  # noqa: E731
+        return self.k[i], self.v[i], pick(self.k_scale), pick(self.v_scale)
 
 
 def _quantize_vectors(x: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -18,8 +18,8 @@ from model.kv_cache import KVCache
 
 
 def _copy_row(dst: KVCache, src: KVCache, src_row: jax.Array, dst_row: jax.Array) -> KVCache:
-    """dst[:, dst_row] = src[:, src_row] for every buffer of the cache."""
-    return jax.tree.map(lambda d, s: d.at[:, dst_row].set(s[:, src_row]), dst, src)
+    """dst[dst_row] = src[src_row] (slot rows) for every buffer of the cache."""
+    return jax.tree.map(lambda d, s: d.at[dst_row].set(s[src_row]), dst, src)
 
 
 @dataclasses.dataclass

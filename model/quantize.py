@@ -54,7 +54,7 @@ def quantize(w: jax.Array, contracted: tuple[int, ...]) -> QArray:
     return QArray(q, jnp.squeeze(scale, axis=contracted).astype(jnp.float32))
 
 
-def quantize_params(params: dict[str, jax.Array], cfg, mesh: jax.sharding.Mesh) -> dict[str, jax.Array | QArray]:
+def quantize_params(params: dict, cfg, mesh: jax.sharding.Mesh) -> dict:
     """int8 copies of the matmul weights, placed like the originals; norms and biases stay as they are.
     One weight at a time, so peak memory is the model plus one weight."""
     from model.decoder import param_specs  # the decoder imports QArray from here
@@ -68,7 +68,8 @@ def quantize_params(params: dict[str, jax.Array], cfg, mesh: jax.sharding.Mesh) 
         spec = specs[name]
         axes = tuple(spec.axes.index(a) for a in CONTRACTED[name])
         shardings = QArray(named_sharding(spec.axes, spec.shape, mesh), _scale_sharding(spec, axes, mesh))
-        out[name] = jax.jit(lambda w, axes=axes: quantize(w, axes), out_shardings=shardings)(value)
+        convert = jax.jit(lambda w, axes=axes: quantize(w, axes), out_shardings=shardings)
+        out[name] = [convert(v) for v in value] if spec.per_layer else convert(value)
     return out
 
 

@@ -216,15 +216,13 @@ def load_params(path: str, cfg: ModelConfig, dtype: Any, mesh: jax.sharding.Mesh
         np_dtype = np.dtype(dtype)
         params = {}
         for name, spec in param_specs(cfg).items():
-            host = np.empty(spec.shape, np_dtype)
-            if spec.per_layer:
-                for i, key in enumerate(wanted[name]):
-                    host[i] = _read_layout(ckpt, key, name, cfg, spec.shape[1:])
-            else:
-                host[...] = _read_layout(ckpt, wanted[name][0], name, cfg, spec.shape)
             sharding = named_sharding(spec.axes, spec.shape, mesh)
-            params[name] = jax.make_array_from_callback(spec.shape, sharding, lambda idx, h=host: h[idx])
-            del host
+            arrays = []
+            for key in wanted[name]:  # one tensor per layer for per-layer weights
+                host = _read_layout(ckpt, key, name, cfg, spec.shape).astype(np_dtype)
+                arrays.append(jax.make_array_from_callback(spec.shape, sharding, lambda idx, h=host: h[idx]))
+                del host
+            params[name] = arrays if spec.per_layer else arrays[0]
             if progress:
                 progress(name)
         return params
@@ -242,10 +240,9 @@ def save_params(path: str, cfg: ModelConfig, params: dict[str, Any], dtype: Any 
     os.makedirs(path, exist_ok=True)
     tensors = {}
     for name, spec in param_specs(cfg).items():
-        value = np.asarray(jax.device_get(params[name])).astype(dtype)
-        layers = [(value[i], key) for i, key in enumerate(expected_keys(cfg)[name])] if spec.per_layer \
-            else [(value, expected_keys(cfg)[name][0])]
-        for tensor, key in layers:
+        arrays = params[name] if spec.per_layer else [params[name]]
+        for value, key in zip(arrays, expected_keys(cfg)[name]):
+            tensor = np.asarray(jax.device_get(value)).astype(dtype)
             if HF_NAMES[name][1]:  # back to HF's [out, in]
                 tensor = tensor.reshape(hf_shape(name, cfg)[::-1]).T
             tensors[key] = np.ascontiguousarray(tensor.reshape(hf_shape(name, cfg)))

@@ -68,7 +68,7 @@ def test_stop_token_ends_generation_and_is_included(engine):
 def test_eos_stops_unless_ignored(engine):
     ref = engine.generate([PROMPTS[3]], greedy(20))[0].token_ids
     eos_engine = Engine(engine.cfg.__class__(**{**engine.cfg.__dict__, "eos_token_ids": (ref[3],)}),
-                        {k: v[...] for k, v in engine.params.items()}, engine.mesh, max_slots=2, max_len=128)
+                        engine.weights(), engine.mesh, max_slots=2, max_len=128)
     out = eos_engine.generate([PROMPTS[3]], SamplingParams(max_new_tokens=20))[0]
     assert out.finish_reason == "stop" and out.token_ids == ref[: ref.index(ref[3]) + 1]
     assert eos_engine.generate([PROMPTS[3]], greedy(20))[0].token_ids == ref

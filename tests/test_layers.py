@@ -10,7 +10,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_
 from hf_reference import VARIANTS, make_hf_model, save_hf_model
 from model import Engine
 from model.config import rope_inv_freq
-from model.decoder import attention, attention_mask, gated_mlp, rms_norm, rope
+from model.decoder import attention, attention_mask, gated_mlp, rms_norm, rope, to_cache_layout
 
 SEEDS = (0, 1, 2)
 
@@ -40,7 +40,7 @@ def layer0(request, tmp_path_factory):
 
 
 def _layer_params(engine, i=0):
-    return {k: v[...][i] for k, v in engine.params.items() if v[...].ndim > 1 and v[...].shape[0] == engine.cfg.num_layers}
+    return {k: v[i][...] for k, v in engine.params.items() if not hasattr(v, "get_value")}
 
 
 def test_rope(layer0):
@@ -81,7 +81,7 @@ def test_attention(layer0):
         q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
     inv_freq = jnp.asarray(_np(hf.model.rotary_emb.inv_freq))
     pos = jnp.asarray(positions.numpy())
-    out = attention(rope(q, pos, inv_freq), rope(k, pos, inv_freq), v, jnp.asarray(mask))
+    out = attention(rope(q, pos, inv_freq), *to_cache_layout(rope(k, pos, inv_freq), v), jnp.asarray(mask))
     ours = jnp.einsum("btnh,nhd->btd", out, w["wo"])
     np.testing.assert_allclose(np.asarray(ours), _np(ref), atol=1e-5 * max(1.0, np.abs(_np(ref)).max()))
     if variant == "mistral":
