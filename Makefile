@@ -21,7 +21,7 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 demo: install
-	$(PYTHON) -m pipeline.run --input 'configs/demo/*.jsonl' --output out/demo --model configs/models/demo.yaml
+	$(PYTHON) -m pipeline.run --input 'configs/demo/*.jsonl' --output out/demo --model configs/models/demo.yaml --overwrite
 
 test: install-dev
 	$(PYTHON) -m pytest -q
