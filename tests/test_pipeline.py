@@ -43,7 +43,7 @@ def test_every_id_once_and_greedy_equals_engine_generate(tmp_path, engine):
         ids += [r["id"] for r in recs]
     (tmp_path / "in" / "notes.txt").write_text("The wizard looked at the code and\n\nHear, O Israel:\n")
     summary = job(tmp_path, "--model", "configs/models/demo.yaml")
-    out = {p.name: read_out(p) for p in (tmp_path / "out").iterdir()}
+    out = {p.name: read_out(p) for p in (tmp_path / "out").glob("*.jsonl")}
     assert sorted(out) == ["notes.jsonl", "part-0.jsonl", "part-1.jsonl", "part-2.jsonl"]
     got = [r["id"] for recs in out.values() for r in recs]
     assert sorted(got) == sorted(ids + ["notes.txt:1", "notes.txt:3"]) and len(got) == len(set(got))
@@ -113,7 +113,8 @@ def test_gs_input_and_output(gcs, tmp_path):
     summary = run(["--input", "gs://jobs/in/*.jsonl", "--output", "gs://jobs/out", "--model", MODEL,
                    "--max_tokens", "8"])
     assert summary["records"] == 6 and summary["errors"] == 0
-    assert sorted(gcs.ls("jobs/out", detail=False)) == ["jobs/out/part-0.jsonl", "jobs/out/part-1.jsonl"]
+    assert sorted(gcs.ls("jobs/out", detail=False)) == ["jobs/out/_done", "jobs/out/_manifest.json",
+                                                        "jobs/out/part-0.jsonl", "jobs/out/part-1.jsonl"]
     with gcs.open("jobs/out/part-1.jsonl", "r") as f:
         assert [json.loads(line)["id"] for line in f] == ["g1-0", "g1-1", "g1-2"]
 
