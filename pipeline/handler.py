@@ -13,10 +13,13 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler
 
 from model import Engine
-from pipeline.records import Request, Result, error
+from pipeline.records import Request, Result
 
 log = logging.getLogger(__name__)
 NAMESPACE = "llm_batch"
+# The engine last loaded in this process, by spec: the successive pipelines of one job
+# (--shards_per_pass) on the in-process runner reuse it instead of loading and tracing it again.
+_last_engine: dict["ModelSpec", Engine] = {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,11 +74,16 @@ class EngineHandler(ModelHandler[Sequence[Request], Result, Engine]):
         self._share = share_across_processes
         self._latency = Metrics.distribution(NAMESPACE, "batch_latency_ms")
         self._tokens_per_s = Metrics.distribution(NAMESPACE, "batch_tokens_per_s")
+        self._batch_records = Metrics.distribution(NAMESPACE, "batch_records")
 
     def load_model(self) -> Engine:
+        if self.spec in _last_engine:
+            return _last_engine[self.spec]
         start = time.perf_counter()
         engine = self.spec.load()
         log.info("loaded %s in %.1fs", self.spec.checkpoint, time.perf_counter() - start)
+        _last_engine.clear()
+        _last_engine[self.spec] = engine
         return engine
 
     def share_model_across_processes(self) -> bool:
@@ -96,12 +104,11 @@ class EngineHandler(ModelHandler[Sequence[Request], Result, Engine]):
             if len(requests) == 1:
                 r = requests[0]
                 log.exception("record %s failed", r.id)
-                return [error(r.id, r.shard, r.line, "generation_failed", f"{type(e).__name__}: {e}")]
+                return [r.fail("generation_failed", f"{type(e).__name__}: {e}")]
             return [res for r in requests for res in self._generate([r], engine)]
         elapsed = time.perf_counter() - start
         generated = sum(len(o.token_ids) for o in outs)
         self._latency.update(int(elapsed * 1000))
         self._tokens_per_s.update(int(generated / max(elapsed, 1e-9)))
-        return [Result(id=r.id, shard=r.shard, line=r.line, prompt_tokens=len(r.token_ids),
-                       completion_tokens=len(o.token_ids), finish_reason=o.finish_reason,
-                       token_ids=o.token_ids, prompt_ids=r.token_ids, stop=r.stop) for r, o in zip(requests, outs)]
+        self._batch_records.update(len(requests))
+        return [r.result(o) for r, o in zip(requests, outs)]

@@ -8,24 +8,29 @@ from __future__ import annotations
 
 import bisect
 import collections
+import datetime
 import json
 import logging
+import os
+import sys
 import time
+import uuid
 from typing import Any, Iterable
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import RunInference
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.windowed_value import WindowedValue
 
 from model import ModelConfig, load_tokenizer, read_hf_config, resolve_checkpoint
-from model.tokenizer import decode_completions
-from pipeline import io
+from pipeline import formats, io, manifest, progress
 from pipeline.handler import NAMESPACE, EngineHandler, ModelSpec
 from pipeline.options import DEFAULT_RUNNER, JobOptions
-from pipeline.records import Request, Result, error, parse
+from pipeline.progress import CountResults
+from pipeline.records import (Request, Result, chat_template_for, finish_completions, model_name, output_view, parse,
+                              prompt_token_ids)
 
 log = logging.getLogger(__name__)
 BUCKETS = [16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
@@ -42,8 +47,12 @@ class ReadAndTokenize(beam.DoFn):
 
     ERRORS = "errors"
 
-    def __init__(self, spec: ModelSpec, fmt: str, defaults: dict[str, Any], chunk: int = 512):
-        self.spec, self.fmt, self.defaults, self.chunk = spec, fmt, defaults, chunk
+    def __init__(self, spec: ModelSpec, fmt: str, defaults: dict[str, Any], chunk: int = 512,
+                 max_record_bytes: int | None = None, last_lines: dict[int, int | None] | None = None,
+                 columns: formats.Columns = formats.Columns()):
+        """last_lines: {shard index: the last line to read} under --limit (absent or None: all)."""
+        self.spec, self.fmt, self.defaults, self.chunk, self.columns = spec, fmt, defaults, chunk, columns
+        self.max_record_bytes, self.last_lines = max_record_bytes, last_lines or {}
         self.records_in = Metrics.counter(NAMESPACE, "records_in")
         self.prompt_tokens = Metrics.counter(NAMESPACE, "prompt_tokens")
 
@@ -52,13 +61,17 @@ class ReadAndTokenize(beam.DoFn):
         if self.tokenizer is None:
             raise ValueError(f"checkpoint {self.spec.checkpoint!r} has no tokenizer.model or tokenizer.json")
         self.max_len = context_length(self.spec)
+        self.chat_template = chat_template_for(resolve_checkpoint(self.spec.checkpoint), self.tokenizer)
 
     def process(self, shard: tuple[int, str]):
         index, url = shard
         name = url.rsplit("/", 1)[-1]
-        fmt = io.shard_format(url, self.fmt)
+        fmt = formats.shard_format(url, self.fmt)
         pending: list[Request] = []
-        for line, raw in io.read_lines(url):
+        last = self.last_lines.get(index)
+        for line, raw in formats.read_records(url, fmt, self.columns, self.max_record_bytes):
+            if last is not None and line > last:
+                break
             self.records_in.inc()
             rec = parse(raw, index, name, line, fmt, self.defaults)
             if isinstance(rec, Result):
@@ -73,16 +86,18 @@ class ReadAndTokenize(beam.DoFn):
     def _tokenize(self, requests: list[Request]):
         if not requests:
             return
-        for req, ids in zip(requests, self.tokenizer.encode_batch([r.prompt for r in requests])):
+        for req, ids in zip(requests, prompt_token_ids(self.tokenizer, self.chat_template, requests)):
+            if isinstance(ids, Result):
+                yield beam.pvalue.TaggedOutput(self.ERRORS, ids)
+                continue
             req.token_ids = ids
             room = self.max_len - len(ids)
             if room < 1:
-                yield beam.pvalue.TaggedOutput(self.ERRORS, error(
-                    req.id, req.shard, req.line, "prompt_too_long",
-                    f"prompt has {len(ids)} tokens; the model's context is {self.max_len}"))
+                yield beam.pvalue.TaggedOutput(self.ERRORS, req.fail(
+                    "prompt_too_long", f"prompt has {len(ids)} tokens; the model's context is {self.max_len}"))
             elif req.max_tokens > room and req.max_tokens_given:
-                yield beam.pvalue.TaggedOutput(self.ERRORS, error(
-                    req.id, req.shard, req.line, "invalid_parameter",
+                yield beam.pvalue.TaggedOutput(self.ERRORS, req.fail(
+                    "invalid_parameter",
                     f"max_tokens={req.max_tokens} but the prompt's {len(ids)} tokens leave room for {room} "
                     f"in the model's context of {self.max_len}"))
             else:
@@ -119,7 +134,7 @@ class BatchByTokens(beam.DoFn):
 
 
 class Detokenize(beam.DoFn):
-    """Token ids -> text; cuts at the first stop string (not included), finish_reason "stop"."""
+    """Token ids -> text, cut at stop strings; see records.finish_completions."""
 
     def __init__(self, spec: ModelSpec):
         self.spec = spec
@@ -129,106 +144,196 @@ class Detokenize(beam.DoFn):
         self.tokenizer = load_tokenizer(resolve_checkpoint(self.spec.checkpoint))
 
     def process(self, results: list[Result]):
-        ok = [r for r in results if r.error is None]
-        texts = decode_completions(self.tokenizer, [r.prompt_ids for r in ok], [r.token_ids for r in ok])
-        it = iter(texts)
-        for r in results:
-            if r.error is None:
-                r.completion = next(it)
-                self.completion_tokens.inc(r.completion_tokens)
-                cut = min((i for i in (r.completion.find(s) for s in r.stop) if i >= 0), default=-1)
-                if cut >= 0:
-                    r.completion, r.finish_reason = r.completion[:cut], "stop"
-            r.token_ids, r.prompt_ids = [], []
+        for r in finish_completions(self.tokenizer, results):
+            self.completion_tokens.inc(r.completion_tokens)
             yield r
 
 
 class WriteShard(beam.DoFn):
-    """All results of one input shard -> its output shard, in input line order, written atomically."""
+    """All results of one input shard -> its output shard, in input line order, written atomically;
+    then its completion marker: what produced the shard (`markers[shard]`) and its counts."""
 
-    def __init__(self, output_urls: list[str]):
-        self.output_urls = output_urls
+    def __init__(self, output_urls: list[str], markers: dict[int, dict[str, Any]]):
+        self.output_urls, self.markers = output_urls, markers
         self.records_out = Metrics.counter(NAMESPACE, "records_out")
-        self.errors = Metrics.counter(NAMESPACE, "errors")
+        self.shards_written = Metrics.counter(NAMESPACE, "shards_written")
 
     def process(self, keyed: tuple[int, Iterable[Result | None]]):
         shard, results = keyed
         results = sorted((r for r in results if r is not None), key=lambda r: r.line)
-        io.write_atomic(self.output_urls[shard], [r.to_json() for r in results])
+        url = self.output_urls[shard]
+        io.write_atomic(url, [r.to_json() for r in results])
+        io.write_marker(url, {**self.markers[shard], **manifest.shard_counts(results)})
         self.records_out.inc(len(results))
-        self.errors.inc(sum(r.error is not None for r in results))
+        self.shards_written.inc()
         yield shard, len(results)
 
 
-def build(p: beam.Pipeline, opts: JobOptions, spec: ModelSpec, shards: list[str]) -> beam.PCollection:
-    """Adds the job's steps to `p`; returns (shard index, records written) per shard."""
+def build(p: beam.Pipeline, opts: JobOptions, spec: ModelSpec, shards: list[str], todo: list[int] | None = None,
+          last_lines: dict[int, int | None] | None = None, markers: dict[int, dict[str, Any]] | None = None,
+          run_id: str | None = None, started: float | None = None) -> beam.PCollection:
+    """Adds the job's steps to `p` for the shards numbered `todo` (default: all); returns (shard
+    index, records written) per shard. last_lines: see ReadAndTokenize; markers: what each shard's
+    completion marker records besides its counts (default: shard_markers)."""
     defaults = {"max_tokens": opts.max_tokens, "temperature": opts.temperature, "top_p": opts.top_p,
-                "top_k": opts.top_k}
+                "top_k": opts.top_k, "model": model_name(spec.checkpoint)}
+    columns = formats.Columns(opts.prompt_column, opts.id_column, opts.prompt_feature, opts.id_feature)
     share = opts.share_model == "true" or (opts.share_model == "auto" and _on_accelerator())
     output_urls = [io.output_url(opts.output, s) for s in shards]
+    todo = list(range(len(shards))) if todo is None else todo
+    last_lines = last_lines or {}
+    if markers is None:
+        markers = shard_markers(shards, {i: last_lines.get(i) for i in todo}, manifest.job_config(opts, spec))
+    counter = CountResults(run_id or uuid.uuid4().hex, opts.progress_interval_s, started or time.time())
 
-    indexed = p | "ListShards" >> beam.Create(list(enumerate(shards)))
+    indexed = p | "ListShards" >> beam.Create([(i, shards[i]) for i in todo])
     parsed = (indexed | "SpreadShards" >> beam.Reshuffle()
-              | "ReadAndTokenize" >> beam.ParDo(ReadAndTokenize(spec, opts.format, defaults)).with_outputs(
-                  ReadAndTokenize.ERRORS, main="requests"))
+              | "ReadAndTokenize" >> beam.ParDo(ReadAndTokenize(
+                  spec, opts.format, defaults, max_record_bytes=opts.max_record_bytes,
+                  last_lines=last_lines, columns=columns)).with_outputs(ReadAndTokenize.ERRORS, main="requests"))
     completions = (parsed.requests
                    | "BatchByTokens" >> beam.ParDo(BatchByTokens(opts.batch_tokens))
                    | "Generate" >> RunInference(EngineHandler(spec, share))
                    | "Detokenize" >> beam.ParDo(Detokenize(spec)))
-    # every shard gets a marker, so an input shard with no records still gets an (empty) output shard
-    markers = indexed | "ShardMarkers" >> beam.Map(lambda s: (s[0], None))
-    keyed = ((completions, parsed[ReadAndTokenize.ERRORS]) | "AllResults" >> beam.Flatten()
+    # every shard gets a None, so an input shard with no records still gets an (empty) output shard
+    empty = indexed | "ShardMarkers" >> beam.Map(lambda s: (s[0], None))
+    # counted on each branch, in the stage that produces the results: the FnApiRunner runs what
+    # follows a Flatten as a later stage, so counting there would see a pass's results all at its end
+    counted = (completions | "CountCompletions" >> beam.ParDo(counter),
+               parsed[ReadAndTokenize.ERRORS] | "CountErrors" >> beam.ParDo(counter))
+    keyed = (counted | "AllResults" >> beam.Flatten()
              | "KeyByShard" >> beam.Map(lambda r: (r.shard, r)))
-    return ((keyed, markers) | "WithMarkers" >> beam.Flatten()
+    return ((keyed, empty) | "WithMarkers" >> beam.Flatten()
             | "GroupByShard" >> beam.GroupByKey()
-            | "WriteShards" >> beam.ParDo(WriteShard(output_urls)))
+            | "WriteShards" >> beam.ParDo(WriteShard(output_urls, markers)))
+
+
+def shard_markers(shards: list[str], last_lines: dict[int, int | None],
+                  config: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """For the shards numbered in last_lines ({index: last line to read, None for all}): what the
+    shard's completion marker records about how it was produced; a rerun compares it with the
+    existing marker (io.shard_status)."""
+    digest = manifest.config_hash(config)
+    return {i: {"input": shards[i], "input_size": io.input_size(shards[i]), "last_line": last,
+                "config_hash": digest, "config": config} for i, last in last_lines.items()}
 
 
 def _on_accelerator() -> bool:
-    import jax
+    """Whether this machine has a TPU or an NVIDIA GPU, judged from its device files: asking JAX
+    would open the accelerator in the launching process, and a TPU opens in one process only."""
+    import glob
 
-    return jax.default_backend() != "cpu"
+    return any(glob.glob(pattern) for pattern in ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*"))
+
+
+def _let_worker_processes_import_project() -> None:
+    """The FnApiRunner's multi_processing workers are fresh interpreters that inherit only the
+    environment: put this project on their PYTHONPATH, whatever directory the job started from."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if root not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([root, *paths])
 
 
 def parse_options(argv: list[str] | None) -> tuple[JobOptions, ModelSpec]:
     opts = PipelineOptions(argv).view_as(JobOptions)
     if opts.view_as(StandardOptions).runner is None:
         opts.view_as(StandardOptions).runner = DEFAULT_RUNNER
+    if opts.view_as(DirectOptions).direct_running_mode == "multi_processing":
+        _let_worker_processes_import_project()
     spec = ModelSpec.parse(opts.model, dtype=opts.dtype, max_len=opts.max_len, max_slots=opts.max_slots)
     if opts.batch_tokens < 1:
         raise ValueError(f"--batch_tokens={opts.batch_tokens}; must be >= 1")
+    for flag, value, least in (("shards_per_pass", opts.shards_per_pass, 0), ("limit", opts.limit, 1),
+                               ("max_record_bytes", opts.max_record_bytes, 1),
+                               ("progress_interval_s", opts.progress_interval_s, 0)):
+        if value is not None and value < least:
+            raise ValueError(f"--{flag}={value}; must be >= {least}")
     return opts, spec
 
 
 def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> dict[str, Any]:
-    """Runs the job to completion; returns a summary read back from the output shards."""
+    """Runs the job over the shards of --input that --output does not hold complete yet, in
+    pipelines of --shards_per_pass shards; writes OUT/_manifest.json and returns it, with a few
+    sample output records under "samples"."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     opts, spec = parse_options(argv)
+    started, start = time.time(), time.perf_counter()
     shards = io.discover_shards(opts.input)
-    start = time.perf_counter()
-    p = test_pipeline or beam.Pipeline(options=opts)
-    build(p, opts, spec, shards)
-    p.run().wait_until_finish()
-    return summarize([io.output_url(opts.output, s) for s in shards], time.perf_counter() - start)
+    outputs = [io.output_url(opts.output, s) for s in shards]
+    if opts.limit:  # read as far as the limit, the way ReadAndTokenize reads
+        columns = formats.Columns(opts.prompt_column, opts.id_column, opts.prompt_feature, opts.id_feature)
+        last_lines = io.limit_plan(shards, opts.limit, lambda url: formats.read_records(
+            url, formats.shard_format(url, opts.format), columns, opts.max_record_bytes))
+    else:
+        last_lines = dict.fromkeys(range(len(shards)))
+    config = manifest.job_config(opts, spec)
+    markers = shard_markers(shards, last_lines, config)
+    todo, skipped = io.plan_shards({i: outputs[i] for i in last_lines}, markers, opts.overwrite)
+    if skipped:
+        log.info("%d of %d shards already complete in %s; skipping them", len(skipped), len(last_lines), opts.output)
+
+    run_id, metrics = uuid.uuid4().hex, {}
+    per_pass = opts.shards_per_pass or max(len(todo), 1)
+    passes = [todo[i:i + per_pass] for i in range(0, len(todo), per_pass)]
+    if test_pipeline is not None and len(passes) > 1:
+        raise ValueError("a test_pipeline runs one pipeline; leave --shards_per_pass at 0")
+    for n, group in enumerate(passes, start=1):
+        p = test_pipeline or beam.Pipeline(options=opts)
+        build(p, opts, spec, shards, group, last_lines, markers, run_id, started)
+        result = p.run()
+        result.wait_until_finish()
+        metrics = progress.merge_metrics(metrics, progress.pipeline_metrics(result))
+        if len(passes) > 1:
+            log.info("pass %d/%d wrote %s", n, len(passes), ", ".join(_name(outputs[i]) for i in group))
+
+    wall_s = time.perf_counter() - start
+    summary = summarize([outputs[i] for i in sorted(last_lines)], wall_s)
+    limit = None if not opts.limit else {
+        "records": opts.limit, "shards": [_name(shards[i]) for i in sorted(last_lines)],
+        "last_line": last_lines[max(last_lines)]}
+    out = manifest.build_manifest(
+        argv=argv, opts=opts, config=config, summary=summary,
+        this_run=manifest.add_up(io.read_marker(outputs[i]) for i in todo),
+        shard_names={"done": [_name(outputs[i]) for i in todo], "skipped": [_name(outputs[i]) for i in skipped]},
+        input_shards=len(shards), limit=limit, metrics=metrics, started=_iso(started), finished=_iso(time.time()),
+        wall_s=wall_s)
+    io.write_json_atomic(opts.output.rstrip("/") + "/" + io.MANIFEST, out)
+    return {**out, "samples": summary["samples"]}
+
+
+def _name(url: str) -> str:
+    return url.rsplit("/", 1)[-1]
+
+
+def _iso(t: float) -> str:
+    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def summarize(output_urls: list[str], wall_s: float) -> dict[str, Any]:
+    """Counts over the given output shards, from their completion markers (whatever the output
+    format), checked against the shards' line counts; duplicate ids and a few sample records read
+    from the shards themselves."""
     import fsspec
 
-    s = collections.Counter()
-    samples, errors_by_type = [], collections.Counter()
+    ids, samples, counts = collections.Counter(), [], []
     for url in output_urls:
+        marker = io.read_marker(url)
+        if marker is None:
+            raise RuntimeError(f"{url} has no completion marker {io.marker_url(url)}; the shard is not complete")
+        lines = 0
         with fsspec.open(url, "r", encoding="utf-8") as f:
             for line in f:
-                rec = json.loads(line)
-                s["records"] += 1
-                if "error" in rec:
-                    errors_by_type[rec["error"]["type"]] += 1
-                    continue
-                s["completions"] += 1
-                s["prompt_tokens"] += rec["prompt_tokens"]
-                s["completion_tokens"] += rec["completion_tokens"]
-                if len(samples) < 3:
-                    samples.append(rec)
-    return {**s, "errors": sum(errors_by_type.values()), "errors_by_type": dict(errors_by_type),
-            "shards": len(output_urls), "wall_s": round(wall_s, 2),
-            "completion_tokens_per_s": round(s["completion_tokens"] / max(wall_s, 1e-9), 1), "samples": samples}
+                view = output_view(json.loads(line))  # the project's shape or OpenAI's
+                lines += 1
+                if view["id"] is not None:  # None: an OpenAI line that was not a request
+                    ids[str(view["id"])] += 1
+                if len(samples) < 3 and view["error_type"] is None:
+                    samples.append(view)
+        if lines != marker["records"]:
+            raise RuntimeError(f"{url} has {lines} lines; its marker says {marker['records']} records")
+        counts.append(marker)
+    s = manifest.add_up(counts)
+    return {**s, "shards": len(output_urls), "wall_s": round(wall_s, 2),
+            "completion_tokens_per_s": round(s["completion_tokens"] / max(wall_s, 1e-9), 1),
+            "duplicate_ids": manifest.duplicate_ids(ids), "samples": samples}
