@@ -122,6 +122,8 @@ def attention(q_btnh: Array, k_bkhs: Array, v_bksh: Array, mask_bts: Array,
     k = k_bkhs.shape[1]
     q = q_btnh.reshape(b, t, k, n // k, h)
     per_key = lambda s: s[:, :, None, None, :]  # noqa: E731  [b, k, s] -> [b, k, 1, 1, s]
+    if b * t == 1:  # one sequence, one token: see _attention_one
+        return _attention_one(q, k_bkhs, v_bksh, mask_bts, k_scale_bks, v_scale_bks).astype(q_btnh.dtype)
     scores = jnp.einsum("btkgh,bkhs->bktgs", q, k_bkhs.astype(q.dtype), preferred_element_type=jnp.float32)
     if k_scale_bks is not None:
         scores = scores * per_key(k_scale_bks)
@@ -134,6 +136,23 @@ def attention(q_btnh: Array, k_bkhs: Array, v_bksh: Array, mask_bts: Array,
     out = jnp.einsum("bktgs,bksh->bktgh", probs.astype(q.dtype), v_bksh.astype(q.dtype),
                      preferred_element_type=jnp.float32)
     return out.transpose(0, 2, 1, 3, 4).reshape(b, t, n, h).astype(q_btnh.dtype)
+
+
+def _attention_one(q_btkgh, k_bkhs, v_bksh, mask_bts, k_scale_bks, v_scale_bks) -> Array:
+    """`attention` for a single row and token, as multiply-and-reduce instead of matmuls: with a
+    batch of one, XLA:CPU copies each layer's cache buffer that a matmul reads after the step's
+    in-place write (measured: 5 of a 12 ms step for a 26M model at max_len 1024)."""
+    h = q_btkgh.shape[-1]
+    q = q_btkgh[:, 0].astype(jnp.float32)  # [b, k, g, h]
+    scores = jnp.sum(q[..., None] * k_bkhs[:, :, None].astype(jnp.float32), axis=-2)  # [b, k, g, s]
+    if k_scale_bks is not None:
+        scores = scores * k_scale_bks[:, :, None, :]
+    scores = jnp.where(mask_bts[:, 0][:, None, None, :], scores * h ** -0.5, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    if v_scale_bks is not None:
+        probs = probs * v_scale_bks[:, :, None, :]
+    out = jnp.sum(probs[..., None] * v_bksh[:, :, None].astype(jnp.float32), axis=-2)  # [b, k, g, h]
+    return out.reshape(1, 1, -1, h)
 
 
 def to_cache_layout(k_btkh: Array, v_btkh: Array) -> tuple[Array, Array]:

@@ -106,7 +106,8 @@ class Engine:
     def __init__(self, cfg: ModelConfig, params: dict[str, jax.Array], mesh: jax.sharding.Mesh,
                  max_slots: int = 32, max_len: int = 2048, decode_steps: int = 8,
                  prefill_tokens: int = 4096, kv_cache_dtype: str | None = None, prefix_cache_entries: int = 0,
-                 prefix_block: int = 64, batching: str = "inflight", tokenizer: Any = None):
+                 prefix_block: int = 64, batching: str = "inflight", order: str = "longest_first",
+                 tokenizer: Any = None):
         if max_len < 2:
             raise ValueError(f"max_len={max_len}; must be >= 2")
         if max_len > cfg.max_position_embeddings:
@@ -114,12 +115,18 @@ class Engine:
                              f"{cfg.max_position_embeddings}")
         if batching not in ("inflight", "static"):
             raise ValueError(f"batching={batching!r}; expected 'inflight' or 'static'")
+        if order not in ("longest_first", "arrival"):
+            raise ValueError(f"order={order!r}; expected 'longest_first' or 'arrival'")
         if max_slots < 1:
             raise ValueError(f"max_slots={max_slots}; must be >= 1")
         self.cfg, self.mesh, self.tokenizer = cfg, mesh, tokenizer
         self.max_slots, self.max_len = max_slots, max_len
         self.decode_steps, self.prefill_tokens = decode_steps, prefill_tokens
         self.batching = batching  # "static": refill only when every slot is free (waves; a baseline)
+        # Which waiting prompt gets the next free slot. "longest_first" (largest max_new_tokens
+        # first) keeps the longest sequences from starting last and running alone at the end;
+        # "arrival" keeps input order. Either way prompts of one length bucket prefill together.
+        self.order = order
         self.buckets = buckets_for(max_len)
         self.dtype = params["final_norm"].dtype  # activations and cache; weights may be int8
         self.compile_counts: collections.Counter[str] = collections.Counter()
@@ -276,9 +283,11 @@ class Engine:
         logprobs: list[list[float]] = [[] for _ in prompts]
         reasons: list[str | None] = [None] * len(prompts)
         hashes = [self.prefix_cache.hashes(p) if self.prefix_cache is not None else [] for p in prompts]
-        waiting = collections.deque(sorted(range(len(prompts)), key=lambda i: self._bucket(len(prompts[i]))))
-        slot_of: list[int] = [-1] * self.max_slots  # slot -> prompt index, -1 when free
         limit = [min(sp.max_new_tokens, self.max_len - len(p)) for sp, p in zip(params, prompts)]
+        rank = (lambda i: -limit[i]) if self.order == "longest_first" else (lambda i: 0)  # noqa: E731
+        waiting = collections.deque(sorted(range(len(prompts)),
+                                           key=lambda i: (rank(i), self._bucket(len(prompts[i])))))
+        slot_of: list[int] = [-1] * self.max_slots  # slot -> prompt index, -1 when free
         in_flight = None  # the last decode dispatch, not read yet
         while waiting or in_flight or any(r >= 0 for r in slot_of):
             free = [s for s, r in enumerate(slot_of) if r < 0]

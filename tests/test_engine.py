@@ -96,11 +96,27 @@ def test_static_waves_give_the_same_outputs_as_inflight():
     prompts = [rng.integers(3, 256, size=n).tolist() for n in (4, 11, 2, 7, 13, 5, 9)]
     params = [greedy(n) if n % 2 else greedy(n, temperature=0.8, seed=n) for n in (1, 9, 3, 14, 6, 2, 11)]
     outs = {}
-    for mode in ("inflight", "static"):
+    for mode, order in (("inflight", "longest_first"), ("inflight", "arrival"), ("static", "arrival")):
         eng = Engine.from_pretrained("tiny-llama", mesh_shape=(1, 1), dtype="float32", max_slots=3, max_len=64,
-                                     decode_steps=2, seed=1, batching=mode)
-        outs[mode] = [o.token_ids for o in eng.generate(prompts, params)]
-    assert outs["inflight"] == outs["static"]
+                                     decode_steps=2, seed=1, batching=mode, order=order)
+        outs[mode, order] = [o.token_ids for o in eng.generate(prompts, params)]
+    assert outs["inflight", "longest_first"] == outs["inflight", "arrival"] == outs["static", "arrival"]
+
+
+def test_longest_first_starts_the_long_sequence_at_once():
+    """Six short sequences and one long one on two slots: started last, the long one runs alone
+    at the end; started first, the short ones share the other slot meanwhile."""
+    prompts = [rng.integers(3, 256, size=5).tolist() for _ in range(7)]
+    params = [greedy(3)] * 6 + [greedy(21)]
+    steps = {}
+    for order in ("arrival", "longest_first"):
+        eng = Engine.from_pretrained("tiny-llama", mesh_shape=(1, 1), dtype="float32", max_slots=2, max_len=64,
+                                     decode_steps=2, seed=1, order=order)
+        decode, calls = eng._decode, []
+        eng._decode = lambda *a, decode=decode, calls=calls: calls.append(1) or decode(*a)
+        eng.generate(prompts, params)
+        steps[order] = len(calls)
+    assert steps["longest_first"] <= 11 < steps["arrival"], steps
 
 
 def test_compiles_once_per_prefill_shape_plus_one_decode():

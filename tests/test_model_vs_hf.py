@@ -41,17 +41,19 @@ def test_greedy_generation_matches_reference(pair):
         assert out.finish_reason == "length"
 
 
-def test_cached_decode_equals_full_forward(pair):
-    """Two slots at different positions decode together; every step equals a full forward."""
+@pytest.mark.parametrize("slots", [2, 1])
+def test_cached_decode_equals_full_forward(pair, slots):
+    """Slots at different positions decode together (or one alone, which takes another
+    attention path); every step equals a full forward."""
     _, engine = pair
     merge = lambda params: nnx.merge(engine.graphdef, params)  # noqa: E731
     prefill = jax.jit(lambda params, tokens, cache: merge(params).prefill(
-        tokens, jnp.zeros((2,), jnp.int32), jnp.arange(2), cache)[1])
+        tokens, jnp.zeros((slots,), jnp.int32), jnp.arange(slots), cache)[1])
     decode = jax.jit(lambda params, last, pos, cache: merge(params).decode_step(last, pos, cache))
 
-    seqs = [list(PROMPTS[0]), list(PROMPTS[2])]
-    cache = KVCache.create(engine.cfg, 2, 64, jnp.float32, engine.mesh)
-    tokens = np.zeros((2, 32), np.int32)
+    seqs = [list(PROMPTS[2]), list(PROMPTS[0])][:slots]
+    cache = KVCache.create(engine.cfg, slots, 64, jnp.float32, engine.mesh)
+    tokens = np.zeros((slots, 32), np.int32)
     for i, s in enumerate(seqs):
         tokens[i, : len(s)] = s
     cache = prefill(engine.params, jnp.asarray(tokens), cache)
