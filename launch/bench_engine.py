@@ -53,22 +53,25 @@ QUICK = dict(vocab=1024, hidden=128, layers=2, heads=4, kv_heads=2, ffw=256, bat
              prompt_len=16, new_tokens=16, runs=3, bandwidth_mb=128, matmul_n=512)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_preset_args(p: argparse.ArgumentParser, full: dict, quick: dict, argv: list[str] | None) -> argparse.Namespace:
+    """Adds --quick and one integer flag per preset key (a list-valued key takes several) to p,
+    parses argv, and fills each flag left unset from the quick or the full preset."""
     p.add_argument("--quick", action="store_true", help="tiny model and workload: a smoke run")
-    for name, value in FULL.items():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, list):
-            p.add_argument(flag, type=int, nargs="+", default=None, help=f"default {value}")
-        else:
-            p.add_argument(flag, type=int, default=None, help=f"default {value}")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="bench_engine.json", help="where the JSON results go")
+    for name, value in full.items():
+        nargs = "+" if isinstance(value, list) else None
+        p.add_argument("--" + name.replace("_", "-"), type=int, nargs=nargs, default=None, help=f"default {value}")
     args = p.parse_args(argv)
-    for name, value in (QUICK if args.quick else FULL).items():
+    for name, value in (quick if args.quick else full).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     return args
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="bench_engine.json", help="where the JSON results go")
+    return parse_preset_args(p, FULL, QUICK, argv)
 
 
 # ---------------------------------------------------------------- the two implementations

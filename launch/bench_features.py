@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from launch.bench_engine import bandwidth_gbs, machine_info, matmul_gflops  # noqa: E402
+from launch.bench_engine import bandwidth_gbs, machine_info, matmul_gflops, parse_preset_args  # noqa: E402
 from model import Engine, SamplingParams  # noqa: E402
 from model.quantize import weight_bytes  # noqa: E402
 
@@ -44,16 +44,9 @@ QUICK = dict(vocab=512, hidden=64, layers=2, heads=4, kv_heads=2, ffw=128, slots
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true")
-    for name, value in FULL.items():
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=None, help=f"default {value}")
     p.add_argument("--out", default="bench_features.json")
     p.add_argument("--plot", default="docs/bench_features.png", help="PNG of the comparisons ('' = none)")
-    args = p.parse_args(argv)
-    for name, value in (QUICK if args.quick else FULL).items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    return args
+    return parse_preset_args(p, FULL, QUICK, argv)
 
 
 # ---------------------------------------------------------------- workloads

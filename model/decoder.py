@@ -11,7 +11,8 @@ v vocabulary, l layers.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+import itertools
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -112,36 +113,48 @@ def rope(x_btnh: Array, positions_bt: Array, inv_freq_h: Array) -> Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_btnh.dtype)
 
 
-def attention(q_btnh: Array, k_bkhs: Array, v_bksh: Array, mask_bts: Array,
-              k_scale_bks: Array | None = None, v_scale_bks: Array | None = None) -> Array:
+def attention(q_btnh: Array, k_bkhs: Array | Sequence[Array], v_bksh: Array | Sequence[Array], mask_bts: Array,
+              k_scale_bks: Sequence[Array] | None = None, v_scale_bks: Sequence[Array] | None = None) -> Array:
     """Grouped-query attention: each kv head serves num_heads // num_kv_heads query heads.
+
     Keys and values come in the cache's layouts (see kv_cache.py), which the two matmuls read
-    without a transpose. With an int8 cache, the key scales multiply the scores and the value
-    scales the weights."""
+    without a transpose: one array each, or lists of chunks along the positions (the cache's
+    split); mask_bts covers the chunks' concatenation. The softmax runs over all chunks at once.
+    With an int8 cache, the key scales multiply the scores and the value scales the weights.
+    """
+    ks, vs = _as_chunks(k_bkhs), _as_chunks(v_bksh)
+    k_scales, v_scales = _as_chunks(k_scale_bks), _as_chunks(v_scale_bks)
     b, t, n, h = q_btnh.shape
-    k = k_bkhs.shape[1]
+    k = ks[0].shape[1]
     q = q_btnh.reshape(b, t, k, n // k, h)
+    if b * t == 1 and len(ks) == 1:  # one sequence, one token, one chunk: see _attention_one
+        pick = lambda xs: xs[0] if xs else None  # noqa: E731
+        return _attention_one(q, ks[0], vs[0], mask_bts, pick(k_scales), pick(v_scales)).astype(q_btnh.dtype)
     per_key = lambda s: s[:, :, None, None, :]  # noqa: E731  [b, k, s] -> [b, k, 1, 1, s]
-    if b * t == 1:  # one sequence, one token: see _attention_one
-        return _attention_one(q, k_bkhs, v_bksh, mask_bts, k_scale_bks, v_scale_bks).astype(q_btnh.dtype)
-    scores = jnp.einsum("btkgh,bkhs->bktgs", q, k_bkhs.astype(q.dtype), preferred_element_type=jnp.float32)
-    if k_scale_bks is not None:
-        scores = scores * per_key(k_scale_bks)
+    scores = []
+    for c, kc in enumerate(ks):
+        sc = jnp.einsum("btkgh,bkhs->bktgs", q, kc.astype(q.dtype), preferred_element_type=jnp.float32)
+        scores.append(sc * per_key(k_scales[c]) if k_scales else sc)
+    scores = jnp.concatenate(scores, axis=-1) if len(scores) > 1 else scores[0]
     scores = jnp.where(mask_bts[:, None, :, None, :], scores * h ** -0.5, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)
-    if v_scale_bks is not None:
-        probs = probs * per_key(v_scale_bks)
-    # [b, k, t, g, h] is the matmul's natural output; asking for [b, t, k, g, h] directly lets
-    # XLA:CPU swap the operands into a form its bfloat16 dot does not implement
-    out = jnp.einsum("bktgs,bksh->bktgh", probs.astype(q.dtype), v_bksh.astype(q.dtype),
-                     preferred_element_type=jnp.float32)
+    probs = _split(jax.nn.softmax(scores, axis=-1), vs)
+    out = 0.0
+    for c, (pc, vc) in enumerate(zip(probs, vs)):
+        if v_scales:
+            pc = pc * per_key(v_scales[c])
+        # [b, k, t, g, h] is the matmul's natural output; asking for [b, t, k, g, h] directly lets
+        # XLA:CPU swap the operands into a form its bfloat16 dot does not implement
+        out = out + jnp.einsum("bktgs,bksh->bktgh", pc.astype(q.dtype), vc.astype(q.dtype),
+                               preferred_element_type=jnp.float32)
     return out.transpose(0, 2, 1, 3, 4).reshape(b, t, n, h).astype(q_btnh.dtype)
 
 
 def _attention_one(q_btkgh, k_bkhs, v_bksh, mask_bts, k_scale_bks, v_scale_bks) -> Array:
-    """`attention` for a single row and token, as multiply-and-reduce instead of matmuls: with a
-    batch of one, XLA:CPU copies each layer's cache buffer that a matmul reads after the step's
-    in-place write (measured: 5 of a 12 ms step for a 26M model at max_len 1024)."""
+    """`attention` for a single row and token over a single chunk, as multiply-and-reduce
+    instead of matmuls: with a batch of one, XLA:CPU copies a cache buffer that a matmul reads
+    after the step's in-place write (measured: 5 of a 12 ms step for a 26M model at max_len
+    1024). Over several chunks the per-chunk reductions cost more than those copies, so
+    `attention` takes the matmul path there."""
     h = q_btkgh.shape[-1]
     q = q_btkgh[:, 0].astype(jnp.float32)  # [b, k, g, h]
     scores = jnp.sum(q[..., None] * k_bkhs[:, :, None].astype(jnp.float32), axis=-2)  # [b, k, g, s]
@@ -153,6 +166,18 @@ def _attention_one(q_btkgh, k_bkhs, v_bksh, mask_bts, k_scale_bks, v_scale_bks) 
         probs = probs * v_scale_bks[:, :, None, :]
     out = jnp.sum(probs[..., None] * v_bksh[:, :, None].astype(jnp.float32), axis=-2)  # [b, k, g, h]
     return out.reshape(1, 1, -1, h)
+
+
+def _as_chunks(x: Array | Sequence[Array] | None) -> list[Array]:
+    return [] if x is None else [x] if isinstance(x, jax.Array) else list(x)
+
+
+def _split(probs: Array, vs: list[Array]) -> list[Array]:
+    """Probabilities over all positions -> one piece per value chunk (along the last axis)."""
+    if len(vs) == 1:
+        return [probs]
+    ends = list(itertools.accumulate(v.shape[2] for v in vs))[:-1]
+    return jnp.split(probs, ends, axis=-1)
 
 
 def to_cache_layout(k_btkh: Array, v_btkh: Array) -> tuple[Array, Array]:
@@ -286,25 +311,29 @@ class Decoder(nnx.Module):
 
         def attend(layer, q, k, v, cache):
             cache = cache.write(layer, slots_b, positions_bt, k, v)
-            rows = [None if x is None else jnp.take(x, slots_b, axis=0, mode="clip") for x in cache.layer(layer)]
+            rows = [None if x is None else [jnp.take(c, slots_b, axis=0, mode="clip") for c in x]
+                    for x in cache.layer(layer)]
             return attention(q, rows[0], rows[1], mask, rows[2], rows[3]), cache
 
         return self._run_layers(self.embed_tokens(tokens_bt), positions_bt, attend, cache)
 
-    def decode_step(self, tokens_b: Array, positions_b: Array, cache: KVCache) -> tuple[Array, KVCache]:
+    def decode_step(self, tokens_b: Array, positions_b: Array, cache: KVCache,
+                    chunks: int | None = None) -> tuple[Array, KVCache]:
         """One token for each of the cache's slots, at its own position.
 
         The new key/value is written at `positions_b`, then each row attends to its cache up to
-        and including that position. Returns (float32 logits [slots, vocab], cache).
+        and including that position. Only the cache's first `chunks` chunks (None: all) are
+        written and read: every position must lie within them. Returns (float32 logits
+        [slots, vocab], cache).
         """
-        b, max_len = cache.max_slots, cache.max_len
+        b, span = cache.max_slots, cache.span(chunks or len(cache.sizes))
         positions_bt = positions_b[:, None]
-        mask = attention_mask(positions_bt, jnp.arange(max_len), self.cfg.sliding_window)
+        mask = attention_mask(positions_bt, jnp.arange(span), self.cfg.sliding_window)
         rows = jnp.arange(b)
 
         def attend(layer, q, k, v, cache):
-            cache = cache.write(layer, rows, positions_bt, k, v)
-            return attention(q, *cache.layer(layer)[:2], mask, *cache.layer(layer)[2:]), cache
+            cache = cache.write(layer, rows, positions_bt, k, v, chunks)
+            return attention(q, *cache.layer(layer, chunks)[:2], mask, *cache.layer(layer, chunks)[2:]), cache
 
         x, cache = self._run_layers(self.embed_tokens(tokens_b[:, None]), positions_bt, attend, cache)
         return self.head(x)[:, 0], cache

@@ -142,7 +142,7 @@ class Engine:
         self._cache_sharding = self.cache.shardings(mesh)
         self.state = self._place_state(SlotState.empty(max_slots, self._n_stop))
         self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1, 2))
-        self._decode = jax.jit(self._decode_fn, donate_argnums=(1, 2), static_argnums=(3,))
+        self._decode = jax.jit(self._decode_fn, donate_argnums=(1, 2), static_argnums=(3, 4))
         self._forward = jax.jit(self._forward_fn)
         self._lock = threading.Lock()  # one generate at a time: the cache and slots are shared state
 
@@ -201,14 +201,16 @@ class Engine:
         cache = jax.lax.with_sharding_constraint(cache, self._cache_sharding)
         return cache, self._place_state(state), token, logprob, code
 
-    def _decode_fn(self, params, cache: KVCache, state: SlotState, steps: int):
+    def _decode_fn(self, params, cache: KVCache, state: SlotState, steps: int, chunks: int):
+        """`steps` tokens for every active slot, attending over the cache's first `chunks` chunks
+        (compiled once per count: the cost of a step follows the live length, not max_len)."""
         self.compile_counts["decode"] += 1
         model = nnx.merge(self.graphdef, params)
 
         def step(carry, _):
             cache, s = carry
             pos = jnp.minimum(s.position, self.max_len - 1)
-            logits, cache = model.decode_step(s.token, pos, cache)
+            logits, cache = model.decode_step(s.token, pos, cache, chunks)
             token = sample(logits, s.temperature, s.top_k, s.top_p, s.seed, s.generated)
             logprob = token_logprobs(logits, token)
             emitted = s.active
@@ -314,7 +316,12 @@ class Engine:
                 continue
             dispatched = None
             if running:
-                self.cache, self.state, *out = self._decode(self.params, self.cache, self.state, self.decode_steps)
+                # every running row's positions during this dispatch, even if the one in flight
+                # (not yet collected) also ran all its steps, lie within these chunks
+                reach = max(len(prompts[i]) + len(outputs[i]) for i in running) + 2 * self.decode_steps
+                chunks = self.cache.chunks_for(min(reach, self.max_len))
+                self.cache, self.state, *out = self._decode(self.params, self.cache, self.state,
+                                                            self.decode_steps, chunks)
                 dispatched = (out, list(slot_of))
             if in_flight:
                 self._collect(*in_flight, slot_of, outputs, logprobs, reasons)
@@ -408,15 +415,18 @@ class Engine:
         return first[: len(batch)], first_lp[: len(batch)], codes[: len(batch)]
 
     def warmup(self) -> None:
-        """Compiles every prefill bucket and the decode step now, so that a job compiles nothing
-        later. Runs them on padding rows only (their writes are dropped): no slot changes."""
+        """Compiles every prefill bucket and the decode step for each count of live cache chunks
+        now, so that a job compiles nothing later. Prefill runs on padding rows only (their
+        writes are dropped), decode only while no slot is active."""
         with self._lock:
             for t in self.buckets:
                 for b in self.prefill_rows(t):
                     self._call_prefill(np.zeros((b, t), np.int32), np.zeros((b,), np.int32), np.ones((b,), np.int32),
                                        np.full((b,), self.max_slots, np.int32), _host_rows(b, self._n_stop))
             if not bool(jnp.any(self.state.active)):
-                self.cache, self.state, *_ = self._decode(self.params, self.cache, self.state, self.decode_steps)
+                for chunks in range(1, len(self.cache.sizes) + 1):
+                    self.cache, self.state, *_ = self._decode(self.params, self.cache, self.state,
+                                                              self.decode_steps, chunks)
 
     def _call_prefill(self, tokens, starts, lengths, slot_ids, rows: dict[str, np.ndarray]):
         rows = SlotState(**{k: jnp.asarray(v) for k, v in rows.items()})

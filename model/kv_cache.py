@@ -1,11 +1,13 @@
-"""The static KV cache: fixed-shape key and value buffers, one pair per layer, shared by
-`max_slots` sequences.
+"""The static KV cache: fixed-shape key and value buffers shared by `max_slots` sequences.
 
 Layouts are chosen for the attention matmuls, so that decode reads each buffer in place: keys
-[slots, kv_heads, head_dim, max_len] (the score matmul contracts head_dim, then runs along
-positions), values [slots, kv_heads, max_len, head_dim]. One array per layer rather than one
-stacked array: slicing a layer out of a stacked buffer inside the step copies it on XLA:CPU,
-which cost a copy of the whole cache per decoded token.
+[slots, kv_heads, head_dim, len] (the score matmul contracts head_dim, then runs along
+positions), values [slots, kv_heads, len, head_dim]. Each layer's buffers are separate arrays:
+slicing a layer out of a stacked buffer inside the step copies it on XLA:CPU.
+
+Each layer's positions are split into up to MAX_CHUNKS chunks, one array each, so that a decode
+step can attend over only the chunks that hold live tokens (the engine compiles one decode per
+count of live chunks) without slicing a buffer, which would copy it.
 
 Optionally int8: each cached key/value vector (one position, one kv head) is stored as int8 with
 its own float32 scale. Attention then applies the key scales to the scores and folds the value
@@ -25,64 +27,103 @@ from model.sharding import named_sharding
 K_AXES = ("slots", "kv_heads", "head_dim", "cache_len")
 V_AXES = ("slots", "kv_heads", "cache_len", "head_dim")
 SCALE_AXES = ("slots", "kv_heads", "cache_len")
+MAX_CHUNKS, MIN_CHUNK = 8, 128
+
+Chunks = list[jax.Array]  # one layer's buffer, split along positions
+
+
+def chunk_sizes(max_len: int) -> list[int]:
+    """How a layer's max_len positions split into chunks: at most MAX_CHUNKS of at least
+    MIN_CHUNK positions (the last one may be shorter)."""
+    n = min(MAX_CHUNKS, max(1, -(-max_len // MIN_CHUNK)))
+    size = -(-max_len // n)
+    return [min(size, max_len - start) for start in range(0, max_len, size)]
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """Per layer: k [slots, kv_heads, head_dim, max_len], v [slots, kv_heads, max_len, head_dim];
-    k_scale, v_scale [slots, kv_heads, max_len] when int8, else None. Which positions of a slot
-    are valid is tracked by the engine's per-slot lengths; stale entries past them are masked."""
+    """k[layer][chunk]: [slots, kv_heads, head_dim, chunk_len]; v[layer][chunk]: [slots,
+    kv_heads, chunk_len, head_dim]; k_scale, v_scale likewise [slots, kv_heads, chunk_len] when
+    int8, else None. Which positions of a slot are valid is tracked by the engine's per-slot
+    lengths; stale entries past them are masked."""
 
-    k: list[jax.Array]
-    v: list[jax.Array]
-    k_scale: list[jax.Array] | None = None
-    v_scale: list[jax.Array] | None = None
+    k: list[Chunks]
+    v: list[Chunks]
+    k_scale: list[Chunks] | None = None
+    v_scale: list[Chunks] | None = None
 
     @property
     def max_slots(self) -> int:
-        return self.v[0].shape[0]
+        return self.v[0][0].shape[0]
+
+    @property
+    def sizes(self) -> list[int]:
+        return [c.shape[2] for c in self.v[0]]
 
     @property
     def max_len(self) -> int:
-        return self.v[0].shape[2]
+        return sum(self.sizes)
 
     @property
     def nbytes(self) -> int:
         return sum(x.nbytes for x in jax.tree.leaves(self))
 
+    def chunks_for(self, length: int) -> int:
+        """How many leading chunks hold positions [0, length)."""
+        end, n = 0, 0
+        for size in self.sizes:
+            if end >= length:
+                break
+            end, n = end + size, n + 1
+        return max(n, 1)
+
+    def span(self, chunks: int) -> int:
+        """Positions held by the first `chunks` chunks."""
+        return sum(self.sizes[:chunks])
+
     @classmethod
     def create(cls, cfg: ModelConfig, max_slots: int, max_len: int, dtype: jnp.dtype,
                mesh: jax.sharding.Mesh, int8: bool = False) -> "KVCache":
-        k_shape = (max_slots, cfg.num_kv_heads, cfg.head_dim, max_len)
-        v_shape = (max_slots, cfg.num_kv_heads, max_len, cfg.head_dim)
+        def zeros(shape_of, dt, axes):
+            def make(size):
+                shape = shape_of(size)
+                return jax.jit(lambda: jnp.zeros(shape, dt), out_shardings=named_sharding(axes, shape, mesh))()
+            return [[make(size) for size in chunk_sizes(max_len)] for _ in range(cfg.num_layers)]
 
-        def zeros(shape, dt, axes):
-            make = jax.jit(lambda: jnp.zeros(shape, dt), out_shardings=named_sharding(axes, shape, mesh))
-            return [make() for _ in range(cfg.num_layers)]
-
+        s, kv, hd = max_slots, cfg.num_kv_heads, cfg.head_dim
+        k_shape, v_shape, scale_shape = (lambda n: (s, kv, hd, n)), (lambda n: (s, kv, n, hd)), (lambda n: (s, kv, n))
         if not int8:
             return cls(zeros(k_shape, dtype, K_AXES), zeros(v_shape, dtype, V_AXES))
         return cls(zeros(k_shape, jnp.int8, K_AXES), zeros(v_shape, jnp.int8, V_AXES),
-                   zeros(v_shape[:-1], jnp.float32, SCALE_AXES), zeros(v_shape[:-1], jnp.float32, SCALE_AXES))
+                   zeros(scale_shape, jnp.float32, SCALE_AXES), zeros(scale_shape, jnp.float32, SCALE_AXES))
 
     def shardings(self, mesh: jax.sharding.Mesh) -> "KVCache":
-        def place(axes):
-            return lambda x: named_sharding(axes, x.shape, mesh)
-        scales = lambda xs: None if xs is None else [place(SCALE_AXES)(x) for x in xs]  # noqa: E731
-        return KVCache([place(K_AXES)(x) for x in self.k], [place(V_AXES)(x) for x in self.v],
-                       scales(self.k_scale), scales(self.v_scale))
+        def place(layers, axes):
+            return None if layers is None else [[named_sharding(axes, c.shape, mesh) for c in chunks]
+                                                for chunks in layers]
+        return KVCache(place(self.k, K_AXES), place(self.v, V_AXES), place(self.k_scale, SCALE_AXES),
+                       place(self.v_scale, SCALE_AXES))
 
     def write(self, layer: int, slots_b: jax.Array, positions_bt: jax.Array, k_btkh: jax.Array,
-              v_btkh: jax.Array) -> "KVCache":
+              v_btkh: jax.Array, chunks: int | None = None) -> "KVCache":
         """Stores row i's keys/values [b, t, kv_heads, head_dim] at slot slots_b[i], positions
-        positions_bt[i] of `layer`; out-of-range slots are dropped (padding rows)."""
-        s, p = slots_b[:, None], positions_bt
+        positions_bt[i] of `layer` (within its first `chunks` chunks; None: all). Out-of-range
+        slots and positions are dropped (padding rows)."""
+        starts = [sum(self.sizes[:c]) for c in range(len(self.sizes))]
+        s = slots_b[:, None]
 
-        def put(buffers, value, vector_dims):  # indexing [s, :, (:,) p] puts (b, t) first
-            index = (s, slice(None), slice(None), p) if vector_dims == "k" else (s, slice(None), p)
-            out = list(buffers)
-            out[layer] = buffers[layer].at[index].set(value.astype(buffers[layer].dtype), mode="drop")
+        def put(layers, value, kind):
+            out = list(layers)
+            new = list(layers[layer])
+            for c, (buf, start) in enumerate(zip(layers[layer][:chunks], starts)):
+                size = buf.shape[-1] if kind == "k" else buf.shape[2]
+                local = positions_bt - start
+                local = jnp.where((local >= 0) & (local < size), local, size)  # outside this chunk: dropped
+                # indexing [s, :, (:,) p] puts the (b, t) dims first, as in `value`
+                index = (s, slice(None), slice(None), local) if kind == "k" else (s, slice(None), local)
+                new[c] = buf.at[index].set(value.astype(buf.dtype), mode="drop")
+            out[layer] = new
             return out
 
         if self.k_scale is None:
@@ -91,10 +132,10 @@ class KVCache:
         return KVCache(put(self.k, kq, "k"), put(self.v, vq, "v"), put(self.k_scale, ks, "scale"),
                        put(self.v_scale, vs, "scale"))
 
-    def layer(self, i: int) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array | None]:
-        """(k, v, k_scale, v_scale) of one layer, in the layouts above."""
-        pick = lambda xs: None if xs is None else xs[i]  # noqa: E731
-        return self.k[i], self.v[i], pick(self.k_scale), pick(self.v_scale)
+    def layer(self, i: int, chunks: int | None = None) -> tuple[Chunks, Chunks, Chunks | None, Chunks | None]:
+        """(k, v, k_scale, v_scale) of one layer: its first `chunks` chunks (None: all)."""
+        pick = lambda layers: None if layers is None else layers[i][:chunks]  # noqa: E731
+        return pick(self.k), pick(self.v), pick(self.k_scale), pick(self.v_scale)
 
 
 def _quantize_vectors(x: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -165,5 +165,8 @@ def decode_completions(tokenizer: Tokenizer, prompts: Sequence[Sequence[int]],
     a leading space (SentencePiece strips it at the start of a text) or split a character."""
     whole = tokenizer.decode_batch([list(p) + list(c) for p, c in zip(prompts, completions)])
     heads = tokenizer.decode_batch(prompts)
-    alone = tokenizer.decode_batch(completions)
-    return [w[len(h):] if w.startswith(h) else a for w, h, a in zip(whole, heads, alone)]
+    out = [w[len(h):] if w.startswith(h) else None for w, h in zip(whole, heads)]
+    misses = [i for i, t in enumerate(out) if t is None]  # rare: the prompt's text changed when continued
+    for i, text in zip(misses, tokenizer.decode_batch([completions[i] for i in misses]) if misses else []):
+        out[i] = text
+    return out

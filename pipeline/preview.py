@@ -9,6 +9,7 @@ or from a shell:  python -m pipeline.preview --model demo "Once upon a time"
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import sys
 from typing import Any, Sequence
@@ -43,7 +44,7 @@ def generate(prompts: str | Sequence[str], model: str = "demo", max_tokens: int 
         for start in range(0, len(prompts), chunk):
             ids = token_ids[start:start + chunk]
             room = [max(1, min(max_tokens, engine.max_len - len(p))) for p in ids]
-            outs = engine.generate(ids, [SamplingParams(**{**sampling.__dict__, "max_new_tokens": r}) for r in room])
+            outs = engine.generate(ids, [dataclasses.replace(sampling, max_new_tokens=r) for r in room])
             texts = decode_completions(engine.tokenizer, ids, [o.token_ids for o in outs])
             for prompt, p_ids, out, text in zip(prompts[start:], ids, outs, texts):
                 reason = out.finish_reason

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from model import Engine, SamplingParams
+from model.kv_cache import chunk_sizes
 
 rng = np.random.default_rng(0)
 PROMPTS = [rng.integers(3, 256, size=n).tolist() for n in (3, 9, 17, 30, 5, 60)]
@@ -217,3 +218,42 @@ def test_logprobs_are_the_full_forward_log_softmax_of_each_chosen_token(engine):
         expected = [logp[len(p) - 1 + i, t] for i, t in enumerate(o.token_ids)]
         np.testing.assert_allclose(o.logprobs, expected, atol=2e-4)
     assert max(outs[1].logprobs) < 0 and np.mean(outs[1].logprobs) < np.mean(outs[0].logprobs)
+
+
+def test_chunk_sizes_cover_max_len_in_at_most_eight_chunks():
+    assert chunk_sizes(64) == [64] and chunk_sizes(300) == [100, 100, 100]
+    assert chunk_sizes(2048) == [256] * 8 and chunk_sizes(1000) == [125] * 8
+    for n in (2, 129, 1023, 4096, 5000):
+        sizes = chunk_sizes(n)
+        assert sum(sizes) == n and len(sizes) <= 8 and min(sizes) > 0
+
+
+def test_decode_over_live_chunks_matches_the_full_forward_across_chunk_boundaries():
+    """A cache of three chunks; decode attends over only the chunks the running rows reach, so
+    a short workload compiles a one-chunk decode and a long one a three-chunk decode. Tokens and
+    their log-probabilities equal the full forward's, across the chunk boundaries."""
+    eng = Engine.from_pretrained("tiny-llama", mesh_shape=(1, 1), dtype="float32", max_slots=3, max_len=384, seed=1)
+    assert eng.cache.sizes == [128, 128, 128]
+    eng.generate([PROMPTS[0]], greedy(10))
+    assert eng.compile_counts["decode"] == 1
+    prompts = [rng.integers(3, 256, size=n).tolist() for n in (120, 5, 250)]
+    params = [greedy(30), greedy(30, temperature=1.0, seed=2), greedy(30)]
+    outs = eng.generate(prompts, params)
+    assert eng.compile_counts["decode"] == 2
+    for p, o in zip(prompts, outs):
+        logits = eng.logits([p + o.token_ids])[0][len(p) - 1:-1].astype(np.float64)
+        top = logits.max(-1, keepdims=True)
+        logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+        np.testing.assert_allclose(o.logprobs, logp[np.arange(30), o.token_ids], atol=2e-4)
+    assert [o.token_ids for i, o in enumerate(outs) if i != 1] == [
+        np.argmax(eng.logits([p + o.token_ids])[0][len(p) - 1:-1], -1).tolist()
+        for i, (p, o) in enumerate(zip(prompts, outs)) if i != 1]
+
+
+def test_warmup_compiles_a_decode_per_live_chunk_count():
+    eng = Engine.from_pretrained("tiny-llama", mesh_shape=(1, 1), dtype="float32", max_slots=2, max_len=256, seed=1)
+    eng.warmup()
+    assert eng.compile_counts["decode"] == len(eng.cache.sizes) == 2
+    before = dict(eng.compile_counts)
+    eng.generate([rng.integers(3, 256, size=n).tolist() for n in (3, 200, 90)], greedy(40))
+    assert dict(eng.compile_counts) == before

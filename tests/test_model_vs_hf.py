@@ -41,10 +41,11 @@ def test_greedy_generation_matches_reference(pair):
         assert out.finish_reason == "length"
 
 
-@pytest.mark.parametrize("slots", [2, 1])
-def test_cached_decode_equals_full_forward(pair, slots):
+@pytest.mark.parametrize("slots,cache_len", [(2, 64), (1, 64), (2, 384), (1, 384)])
+def test_cached_decode_equals_full_forward(pair, slots, cache_len):
     """Slots at different positions decode together (or one alone, which takes another
-    attention path); every step equals a full forward."""
+    attention path), over a cache of one chunk (64) or three (384); every step equals a full
+    forward."""
     _, engine = pair
     merge = lambda params: nnx.merge(engine.graphdef, params)  # noqa: E731
     prefill = jax.jit(lambda params, tokens, cache: merge(params).prefill(
@@ -52,7 +53,7 @@ def test_cached_decode_equals_full_forward(pair, slots):
     decode = jax.jit(lambda params, last, pos, cache: merge(params).decode_step(last, pos, cache))
 
     seqs = [list(PROMPTS[2]), list(PROMPTS[0])][:slots]
-    cache = KVCache.create(engine.cfg, slots, 64, jnp.float32, engine.mesh)
+    cache = KVCache.create(engine.cfg, slots, cache_len, jnp.float32, engine.mesh)
     tokens = np.zeros((slots, 32), np.int32)
     for i, s in enumerate(seqs):
         tokens[i, : len(s)] = s

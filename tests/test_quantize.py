@@ -69,7 +69,7 @@ def test_int8_kv_cache_decode_tracks_the_full_forward(engines):
     seq = prompt + full.generate([prompt], SamplingParams(max_new_tokens=20, ignore_eos=True))[0].token_ids
     ref = full.logits([seq])[0]
     cache = KVCache.create(cfg, 1, 64, jnp.float32, full.mesh, int8=True)
-    assert cache.k[0].dtype == jnp.int8 and cache.k_scale[0].shape == cache.v[0].shape[:-1]
+    assert cache.k[0][0].dtype == jnp.int8 and cache.k_scale[0][0].shape == cache.v[0][0].shape[:-1]
     tokens = np.zeros((1, 32), np.int32)
     tokens[0, : len(prompt)] = prompt
     cache = prefill(full.params, jnp.asarray(tokens), cache)
