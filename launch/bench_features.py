@@ -202,6 +202,10 @@ def bench(args) -> dict:
     bw = max(bandwidth_gbs(1024 if not args.quick else 64).values())
     mm = max(matmul_gflops(2048 if not args.quick else 256).values())
     nbytes = weight_bytes(inflight.params)
+    # a decode step reads every weight but the embedding table, of which it gathers one row per
+    # token (unless the table is also the output head), and multiplies each weight it reads twice
+    table = 0 if inflight.cfg.tie_word_embeddings else inflight.cfg.vocab_size * inflight.cfg.hidden_size * 4
+    nbytes -= table
     params = nbytes / 4
     one = make(slots=1)
     decode_only = [(work["uniform"][0][0][:16], 256 if not args.quick else 32)]
@@ -212,7 +216,7 @@ def bench(args) -> dict:
     s, t, _ = timed(engine_run(inflight, full), args.runs)
     rows.append(row("roofline", f"batch {args.slots} decode", full, s, t))
     bn = tokens_of(full) / s
-    roof = {"bandwidth_gbs": bw, "matmul_gflops": mm, "weight_bytes": nbytes,
+    roof = {"bandwidth_gbs": bw, "matmul_gflops": mm, "weight_bytes_read_per_step": nbytes, "embedding_bytes": table,
             "batch1_roofline_tok_s": bw * 1e9 / nbytes, "batch1_achieved_tok_s": b1,
             "batch1_fraction": b1 / (bw * 1e9 / nbytes),
             "batchN_roofline_tok_s": min(args.slots * bw * 1e9 / nbytes, mm * 1e9 / (2 * params)),
