@@ -68,13 +68,9 @@ class ModelConfig:
         return self.num_layers * layer + v * d * (1 if self.tie_word_embeddings else 2) + d
 
     @classmethod
-    def from_hf_config(cls, hf: dict[str, Any]) -> "ModelConfig":
-        """Builds a config from the dict of a HF `config.json`."""
-        archs = hf.get("architectures") or [_arch_from_model_type(hf.get("model_type"))]
-        arch = archs[0]
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(
-                f"architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    def from_hf_config(cls, hf: dict[str, Any], source: str = "config.json") -> "ModelConfig":
+        """Builds a config from the dict of a HF `config.json`; `source` names that file in errors."""
+        arch = supported_architecture(hf, source)
         for flag in ("attention_bias", "mlp_bias"):
             if hf.get(flag) and arch != "Qwen2ForCausalLM":
                 raise ValueError(f"{arch} with {flag}=true is not supported")
@@ -141,9 +137,20 @@ class ModelConfig:
         return hf
 
 
-def _arch_from_model_type(model_type: str | None) -> str:
-    return {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-            "gemma": "GemmaForCausalLM"}.get(model_type or "", f"model_type={model_type}")
+_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                "gemma": "GemmaForCausalLM"}
+
+
+def supported_architecture(hf: dict[str, Any], source: str = "config.json") -> str:
+    """The architecture a HF config.json names (`architectures`, else `model_type`), if the engine
+    supports it; a ValueError naming the file, both fields and what is supported otherwise."""
+    archs, model_type = hf.get("architectures"), hf.get("model_type")
+    arch = archs[0] if archs else _MODEL_TYPES.get(model_type or "")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        named = f"model_type {model_type!r}" + (f", architecture {arch!r}" if archs else " (no architectures)")
+        raise ValueError(f"{source}: {named} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)} "
+                         f"(model_type {', '.join(_MODEL_TYPES)})")
+    return arch
 
 
 def _activation(name: str) -> str:

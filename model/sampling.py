@@ -26,12 +26,13 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self):
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={self.max_new_tokens!r}; must be an integer >= 1")
+        if not isinstance(self.max_new_tokens, int) or not 1 <= self.max_new_tokens < 2**31:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens!r}; must be an integer in [1, 2**31)")
         if not self.temperature >= 0:  # also rejects NaN
             raise ValueError(f"temperature={self.temperature!r}; must be >= 0")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k!r}; must be an integer >= 0 (0 disables it)")
+        if not isinstance(self.top_k, int) or not 0 <= self.top_k < 2**31:  # int32 on the device
+            raise ValueError(f"top_k={self.top_k!r}; must be an integer in [0, 2**31) (0, or the vocabulary "
+                             "size or more, disables it)")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p!r}; must be in (0, 1]")
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:

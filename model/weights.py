@@ -19,7 +19,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from model.config import ModelConfig
+from model.config import ModelConfig, supported_architecture
 from model.decoder import param_specs
 from model.sharding import named_sharding
 
@@ -167,12 +167,16 @@ class Checkpoint:
 
 
 def read_hf_config(path: str) -> dict[str, Any]:
+    """The dict of a checkpoint's config.json; a ValueError naming the file if the engine does not
+    support its architecture (ModelConfig.from_hf_config sees only the dict)."""
     url = _join(path, "config.json")
     try:
         with fsspec.open(url, "r") as f:
-            return json.load(f)
+            hf = json.load(f)
     except FileNotFoundError:
         raise FileNotFoundError(f"{url} not found: a checkpoint directory needs config.json") from None
+    supported_architecture(hf, url)
+    return hf
 
 
 def expected_keys(cfg: ModelConfig) -> dict[str, list[str]]:

@@ -10,7 +10,8 @@
 Rows and Examples arrive as dicts in the project's record vocabulary ("id", "prompt",
 "messages", "max_tokens", ...), so `records.parse` checks them as it checks a JSONL line. A record
 that cannot be read (or is over --max_record_bytes) becomes a BadRecord at its number: nothing is
-skipped silently.
+skipped silently. A shard that cannot be read past some point (a truncated .gz, a storage error
+after retries) keeps every record read before it and ends with one BadRecord saying where and why.
 """
 
 from __future__ import annotations
@@ -28,6 +29,17 @@ FORMATS = ("auto", "jsonl", "openai", "text", "parquet", "tfrecord")
 # columns / features read under their own names, besides the prompt and id
 OPTIONAL_FIELDS = ("messages", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "logprobs",
                    "include_stop_str_in_output")
+# Fields the job does not implement yet but a user plausibly means (OpenAI's and vLLM's names), with
+# the values that ask for nothing (null always does). Any other value is refused per record with
+# unsupported_parameter rather than silently ignored; fields outside the vocabulary are ignored.
+UNSUPPORTED_FIELDS: dict[str, tuple] = {
+    "n": (1,), "best_of": (1,), "echo": (False,), "suffix": ("",), "stream": (False,),
+    "presence_penalty": (0,), "frequency_penalty": (0,), "repetition_penalty": (1,), "logit_bias": ({},),
+    "tools": ([],), "functions": ([],), "tool_choice": ("none",), "response_format": ({"type": "text"},),
+    "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (), "structured_outputs": (),
+    "top_logprobs": (0,), "prompt_logprobs": (0,), "min_p": (0,), "min_tokens": (0,), "stop_token_ids": ([],),
+    "ignore_eos": (False,), "use_beam_search": (False,), "length_penalty": (1,), "logits_processors": ([],),
+}
 BOOL_FIELDS = ("logprobs", "include_stop_str_in_output")
 LIST_FIELDS = ("stop",)
 PARQUET_BATCH = 1024
@@ -70,14 +82,31 @@ def shard_format(url: str, fmt: str) -> str:
 
 def read_records(url: str, fmt: str, columns: Columns = Columns(),
                  max_bytes: int | None = None) -> Iterator[tuple[int, Any]]:
-    """(record number, raw record) for every record of a shard whose format is `fmt` (not auto)."""
+    """(record number, raw record) for every record of a shard whose format is `fmt` (not auto).
+    Never raises once iterated: a failure partway ends the shard with one BadRecord."""
     if fmt in ("text", "jsonl", "openai"):
-        return _lines(url, max_bytes)
+        return _until_failure(_lines(url, max_bytes), first=1, unit="line")
     if fmt == "parquet":
-        return _parquet_rows(url, columns)
+        return _until_failure(_parquet_rows(url, columns), first=0, unit="row")
     if fmt == "tfrecord":
-        return _tfrecord_examples(url, columns, max_bytes)
+        return _until_failure(_tfrecord_examples(url, columns, max_bytes), first=0, unit="record")
     raise ValueError(f"unknown input format {fmt!r}; expected one of {FORMATS}")
+
+
+def _until_failure(records: Iterator[tuple[int, Any]], first: int, unit: str) -> Iterator[tuple[int, Any]]:
+    """The records of `records` until it raises; then one unreadable_shard BadRecord, numbered
+    after the last record read, that says where reading stopped and why (a truncated or corrupt
+    .gz, a storage error that outlived gcsfs's retries, a file that vanished)."""
+    last = None
+    try:
+        for number, raw in records:
+            last = number
+            yield number, raw
+    except Exception as e:  # noqa: BLE001 (whatever stops a shard, its records so far are kept)
+        where = f"after {unit} {last}" if last is not None else "from its start"
+        yield (first if last is None else last + 1), BadRecord(
+            "unreadable_shard", f"the shard could not be read {where}: {type(e).__name__}: {str(e).strip()}; the records "
+            "before this point were kept")
 
 
 def _lines(url: str, max_bytes: int | None) -> Iterator[tuple[int, bytes | BadRecord]]:
@@ -90,14 +119,16 @@ def _too_large(size: int, max_bytes: int) -> BadRecord:
 
 
 def _first_record_is_openai(url: str, peek: int = 1 << 20) -> bool:
-    """Whether the first non-blank line (read up to `peek` bytes) has "custom_id" and "body"."""
+    """Whether the first non-blank line (read up to `peek` bytes, after a UTF-8 BOM) has
+    "custom_id" and "body". A shard that cannot be read or parsed here is read as jsonl, whose
+    reader then reports the problem at its record."""
     head = b""
-    with fsspec.open(url, "rb", compression="infer") as f:
-        while len(head) < peek and b"\n" not in head.lstrip() and (chunk := f.read(1 << 16)):
-            head += chunk
     try:
-        obj = json.loads(head.lstrip().split(b"\n", 1)[0])
-    except ValueError:
+        with fsspec.open(url, "rb", compression="infer") as f:
+            while len(head) < peek and b"\n" not in head.lstrip() and (chunk := f.read(1 << 16)):
+                head += chunk
+        obj = json.loads(head.removeprefix(io.BOM).lstrip().split(b"\n", 1)[0])
+    except Exception:  # noqa: BLE001 (unreadable, not JSON, nested too deep, an integer too long)
         return False
     return isinstance(obj, dict) and "custom_id" in obj and "body" in obj
 
@@ -106,7 +137,8 @@ def _first_record_is_openai(url: str, peek: int = 1 << 20) -> bool:
 
 
 def _parquet_rows(url: str, columns: Columns) -> Iterator[tuple[int, dict | BadRecord]]:
-    """Rows in file order, a batch of rows in memory at a time."""
+    """Rows in file order, a batch of rows in memory at a time. Row groups are read one by one, so
+    a damaged group costs only its own rows (each an unreadable_record error)."""
     import pyarrow.parquet as pq
 
     with fsspec.open(url, "rb") as f:
@@ -117,25 +149,30 @@ def _parquet_rows(url: str, columns: Columns) -> Iterator[tuple[int, dict | BadR
             return
         names = pf.schema_arrow.names
         rename = {src: dst for src, dst in ((columns.prompt_column, "prompt"), (columns.id_column, "id"),
-                                            *((n, n) for n in OPTIONAL_FIELDS)) if src in names}
+                                            *((n, n) for n in OPTIONAL_FIELDS + tuple(UNSUPPORTED_FIELDS)))
+                  if src in names}
         missing = None
         if "prompt" not in rename.values() and "messages" not in rename.values():
             missing = f"no column {columns.prompt_column!r} (or 'messages'); the columns are {names}"
-        row = 0
-        try:
-            if not rename:
-                for row in range(pf.metadata.num_rows):
-                    yield row, BadRecord("invalid_record", missing)
-                return
-            for batch in pf.iter_batches(batch_size=PARQUET_BATCH, columns=list(rename)):
-                for values in batch.to_pylist():
-                    rec = {rename[k]: v for k, v in values.items()}
-                    yield row, (BadRecord("invalid_record", missing, rec.get("id")) if missing
-                                else _columnar_record(rec, lambda k: f"column {_source(k, rename)!r}"))
-                    row += 1
-        except Exception as e:  # a corrupt row group: the rows not yet read are accounted as errors
-            for r in range(row, pf.metadata.num_rows):
-                yield r, BadRecord("unreadable_record", f"row {r} could not be read: {type(e).__name__}: {e}")
+        if not rename:
+            for row in range(pf.metadata.num_rows):
+                yield row, BadRecord("invalid_record", missing)
+            return
+        start = 0
+        for group in range(pf.num_row_groups):
+            size, row = pf.metadata.row_group(group).num_rows, start
+            try:
+                for batch in pf.iter_batches(batch_size=PARQUET_BATCH, row_groups=[group], columns=list(rename)):
+                    for values in batch.to_pylist():
+                        rec = {rename[k]: v for k, v in values.items()}
+                        yield row, (BadRecord("invalid_record", missing, rec.get("id")) if missing
+                                    else _columnar_record(rec, lambda k: f"column {_source(k, rename)!r}"))
+                        row += 1
+            except Exception as e:  # a corrupt row group: its rows not yet read are errors; the next group is read
+                for r in range(row, start + size):
+                    yield r, BadRecord("unreadable_record", f"row {r} (row group {group}) could not be read: "
+                                       f"{type(e).__name__}: {str(e).strip()}")
+            start += size
 
 
 def _source(key: str, rename: dict[str, str]) -> str:
@@ -213,7 +250,8 @@ def _example_record(data: bytes, columns: Columns) -> dict[str, Any] | BadRecord
     except DecodeError as e:
         return BadRecord("invalid_record", f"not a tf.train.Example: {e}")
     rename = {src: dst for src, dst in ((columns.id_feature, "id"), (columns.prompt_feature, "prompt"),
-                                        *((n, n) for n in OPTIONAL_FIELDS)) if src in features}
+                                        *((n, n) for n in OPTIONAL_FIELDS + tuple(UNSUPPORTED_FIELDS)))
+              if src in features}
     rec: dict[str, Any] = {}
     for src, key in rename.items():
         kind = features[src].WhichOneof("kind")

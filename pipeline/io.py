@@ -2,15 +2,16 @@
 fsspec (local paths and gs://).
 
 A finished output shard `OUT/part-3.jsonl` has a completion marker `OUT/_done/part-3.jsonl.json`,
-written after the shard. The marker records what produced the shard (input URL and size, the
-job's configuration and its hash, the lines covered under --limit) and the shard's counts. A rerun
-skips shards whose output and marker both exist and redoes every other one.
+written after the shard. The marker records what produced the shard (input URL, size and content
+fingerprint, the job's configuration and its hash, the lines covered under --limit) and the
+shard's counts. A rerun skips shards whose output and marker both exist and redoes every other one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import posixpath
@@ -21,24 +22,37 @@ from typing import Any, Callable, Iterator
 
 import fsspec
 
+from pipeline.errors import JobError
+
 MARKER_DIR = "_done"
 MANIFEST = "_manifest.json"
 TEMP_INFIX = ".inprogress-"
 
 
+class NoInput(JobError, FileNotFoundError):
+    """--input matches no files."""
+
+
 def discover_shards(pattern: str) -> list[str]:
-    """Input shard URLs matching a glob, sorted; an error if none match or two share a file name
-    (output shard i is named after input shard i)."""
+    """Input shard URLs matching a glob, sorted; an error if none match or two would write the same
+    output shard (output shard i is named after input shard i: see output_url)."""
     fs, _ = fsspec.core.url_to_fs(pattern)
-    paths = sorted(p for p in fs.glob(pattern) if not fs.isdir(p))
-    if not paths:
-        raise FileNotFoundError(f"--input {pattern!r} matches no files")
-    names = [posixpath.basename(p) for p in paths]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise ValueError(f"--input {pattern!r} matches several shards named {dup[0]!r}; "
-                         "output shards are named after input shards, so names must be unique")
-    return [fs.unstrip_protocol(p) for p in paths]
+    urls = [fs.unstrip_protocol(p) for p in sorted(p for p in fs.glob(pattern) if not fs.isdir(p))]
+    if not urls:
+        raise NoInput("--input matches no files", pattern,
+                      "check the path, and quote the glob so that the shell does not expand it")
+    by_output: dict[str, str] = {}
+    for url in urls:
+        name = posixpath.basename(output_url("", url))
+        if name in by_output:
+            raise JobError(f"input shards {by_output[name]} and {url} would both be written to {name}",
+                           f"--input {pattern}", "an output shard is named after its input shard without the "
+                           "extensions; rename one of them, or run them as two jobs with different --output")
+        by_output[name] = url
+    return urls
+
+
+BOM = b"\xef\xbb\xbf"  # UTF-8's byte order mark, which some editors write at a file's start
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +65,8 @@ class OversizedLine:
 def read_lines(url: str, max_bytes: int | None = None,
                block: int = 1 << 20) -> Iterator[tuple[int, bytes | OversizedLine]]:
     """(1-based line number, raw bytes without the newline) for every non-blank line; with
-    max_bytes, a longer line comes as an OversizedLine and memory stays bounded by max_bytes + block."""
+    max_bytes, a longer line comes as an OversizedLine and memory stays bounded by max_bytes + block.
+    A UTF-8 BOM at the file's start is skipped, as Python's utf-8-sig codec does."""
     with fsspec.open(url, "rb", compression="infer") as f:
         lines = f if max_bytes is None else _bounded_lines(f, max_bytes, block)
         for n, raw in enumerate(lines, start=1):
@@ -59,15 +74,20 @@ def read_lines(url: str, max_bytes: int | None = None,
                 yield n, raw
                 continue
             raw = raw.rstrip(b"\r\n")
+            if n == 1:
+                raw = raw.removeprefix(BOM)
             if raw.strip():
                 yield n, raw
 
 
 def _bounded_lines(f, max_bytes: int, block: int) -> Iterator[bytes | OversizedLine]:
-    """Lines of a binary file, without their newline; a line over max_bytes as OversizedLine."""
+    """Lines of a binary file, without their newline; a line over max_bytes as OversizedLine.
+    Reads with read1 where the file has it: a GzipFile's read(n) that meets a truncated stream
+    raises and drops everything it had decompressed in that call, read1 returns it first."""
+    read = getattr(f, "read1", f.read)
     head = bytearray()  # the current line so far, while it is within max_bytes
     dropped = 0  # once the current line is over max_bytes: its size so far (its bytes are dropped)
-    while chunk := f.read(block):
+    while chunk := read(block):
         start = 0
         while (end := chunk.find(b"\n", start)) >= 0:
             yield _whole_line(head, dropped, chunk[start:end], max_bytes)
@@ -120,7 +140,8 @@ WRITE_ATTEMPTS = 4
 
 def _transient_errors() -> tuple[type[BaseException], ...]:
     """What a retried write may see from a flaky object store: OSError covers requests' errors,
-    timeouts and the 404 of a resumable upload that the server finished but whose answer was lost."""
+    timeouts and the 404 of a resumable upload that the server finished but whose answer was lost.
+    _is_permanent takes out of these the errors that a retry cannot fix."""
     errors: list[type[BaseException]] = [OSError]
     try:
         import aiohttp
@@ -132,17 +153,56 @@ def _transient_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def _is_permanent(e: BaseException, url: str) -> bool:
+    """Whether a failed write of `url` would fail again however often it is redone: permission
+    errors (PermissionError locally; from gcsfs an HttpError 401, or the OSError "Forbidden: ..." it
+    raises for a 403), a path through a file, and a not-found whose bucket or directory is missing.
+
+    A not-found in an existing bucket is not permanent: it is how gcsfs reports the lost answer to
+    the last chunk of a resumable upload (the finished session answers 404 to the retried chunk),
+    and gcsfs raises the same FileNotFoundError for a missing bucket, so only a look at the bucket
+    tells the two apart."""
+    # aiohttp's response errors carry .status (their .code is deprecated), gcsfs's HttpError .code
+    status = e.status if hasattr(e, "status") else getattr(e, "code", None)
+    if isinstance(e, (PermissionError, NotADirectoryError, IsADirectoryError)) or status in (401, 403) \
+            or (isinstance(e, OSError) and str(e).startswith("Forbidden")):
+        return True
+    if isinstance(e, FileNotFoundError) or status == 404:
+        return not _container_exists(url)
+    return False
+
+
+def _container(url: str) -> str:
+    """The bucket (object store) or directory (local) that `url` is written into."""
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs.unstrip_protocol(posixpath.dirname(path) if _is_local(fs) else path.split("/", 1)[0])
+
+
+def _container_exists(url: str) -> bool:
+    """False only when the store says the bucket or directory is not there (fs.exists would say
+    False on any error, a transient one included)."""
+    fs, path = fsspec.core.url_to_fs(_container(url))
+    try:
+        fs.info(path)
+        return True
+    except FileNotFoundError:
+        return False
+    except Exception:  # noqa: BLE001 (the answer is unknown: retrying is the safe side)
+        return True
+
+
 def retry_transient(write: Callable[..., None]) -> Callable[..., None]:
     """Redoes a whole write, with backoff, when it fails on a transient error. gcsfs retries each
     HTTP request (5xx, 408, 429, dropped connections) up to 6 times, but not a request whose effect
-    landed while its answer was lost: rewriting the whole object is idempotent."""
+    landed while its answer was lost: rewriting the whole object is idempotent. Errors that a retry
+    cannot fix (see _is_permanent) are raised at once."""
     @functools.wraps(write)
     def wrapper(url: str, *args, **kwargs) -> None:
         for attempt in range(WRITE_ATTEMPTS):
             try:
                 return write(url, *args, **kwargs)
             except _transient_errors() as e:
-                if attempt == WRITE_ATTEMPTS - 1:
+                if attempt == WRITE_ATTEMPTS - 1 or _is_permanent(e, url):
                     raise
                 delay = 2 ** attempt * (1 + random.random())
                 logging.getLogger(__name__).warning("writing %s failed (%s: %s); retrying in %.1f s",
@@ -168,8 +228,35 @@ def write_atomic(url: str, lines: list[str]) -> None:
         fs.mv(target, path)
 
 
+def _protocols(fs) -> tuple[str, ...]:
+    return tuple(fs.protocol) if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+
+
 def _is_local(fs) -> bool:
-    return "file" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,))
+    return "file" in _protocols(fs)
+
+
+def check_output_writable(output_dir: str) -> None:
+    """Writes and removes a small probe under OUT/_done/, so that an --output the job cannot write
+    fails before the model loads rather than after the whole job has run. Only a write tells: an
+    object store's permissions are not visible as file modes."""
+    fs, path = fsspec.core.url_to_fs(output_dir)
+    where = f"--output {output_dir}"
+    if fs.isfile(path):
+        raise JobError("the output location is an existing file", where,
+                       "pass a directory (it is created if missing)")
+    probe = f"{output_dir.rstrip('/')}/{MARKER_DIR}/.write-probe-{uuid.uuid4().hex[:12]}"
+    try:
+        write_atomic(probe, [])
+    except Exception as e:  # noqa: BLE001 (whatever it is, the job could not write its output)
+        if isinstance(e, FileNotFoundError) and not _container_exists(probe):
+            raise JobError(f"{_container(probe)} does not exist", where, "create it, or pass another --output") from e
+        raise JobError(f"cannot write to --output: {type(e).__name__}: {e}", where,
+                       "pass a location this job may write to, or give it write access") from e
+    try:
+        fs.rm(fsspec.core.url_to_fs(probe)[1])
+    except OSError as e:  # a store may allow creating objects but not deleting them; the job needs only the first
+        logging.getLogger(__name__).warning("could not remove the write probe %s (%s)", probe, e)
 
 
 def marker_url(output_url: str) -> str:
@@ -181,6 +268,27 @@ def marker_url(output_url: str) -> str:
 def input_size(url: str) -> int:
     fs, path = fsspec.core.url_to_fs(url)
     return int(fs.size(path))
+
+
+def input_fingerprint(url: str) -> str:
+    """A fingerprint of a shard's content, which its completion marker records so that a rerun
+    notices an edited input even when its size is unchanged.
+
+    gs://: "crc32c:<base64>" from the object's metadata, without reading the object (GCS keeps a
+    CRC32C of every object, composite ones included, which have no MD5; "md5:<base64>" where an
+    object has no CRC32C). Any other file: "blake2b:<hex>", hashed while read in 1 MiB blocks
+    (about a second per GB, once per run, in the launching process)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    if {"gs", "gcs"} & set(_protocols(fs)):
+        info = fs.info(path)
+        for key, kind in (("crc32c", "crc32c"), ("md5Hash", "md5")):
+            if info.get(key):
+                return f"{kind}:{info[key]}"
+    digest = hashlib.blake2b(digest_size=16)
+    with fs.open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return f"blake2b:{digest.hexdigest()}"
 
 
 def write_marker(output_url: str, marker: dict[str, Any]) -> None:
@@ -197,7 +305,7 @@ def read_marker(output_url: str) -> dict[str, Any] | None:
         return None
 
 
-class ShardMismatch(ValueError):
+class ShardMismatch(JobError, ValueError):
     """An output directory holds a shard that a different input or configuration produced."""
 
 
@@ -205,9 +313,10 @@ def shard_status(output_url: str, expected: dict[str, Any]) -> str:
     """'complete' (output and a matching marker: skip), 'partial' (a temporary file, an output
     without a marker, or a marker for other --limit lines: redo) or 'absent'.
 
-    `expected` holds what this run would write into the marker: input, input_size, config,
-    config_hash, last_line. Raises ShardMismatch when an existing marker names another input or
-    configuration, so that one output directory never mixes two jobs.
+    `expected` holds what this run would write into the marker: input, input_size,
+    input_fingerprint, config, config_hash, last_line. Raises ShardMismatch when an existing marker
+    names another input, other input content or another configuration, so that one output
+    directory never mixes two jobs and never serves output of an input that has changed since.
     """
     fs, path = fsspec.core.url_to_fs(output_url)
     marker = read_marker(output_url)
@@ -221,20 +330,29 @@ def shard_status(output_url: str, expected: dict[str, Any]) -> str:
 
 
 def _check_same_job(output_url: str, marker: dict[str, Any], expected: dict[str, Any]) -> None:
-    where = f"{output_url} (marker {marker_url(output_url)})"
-    if marker.get("input") != expected["input"]:
-        raise ShardMismatch(f"{where} was written from input {marker.get('input')!r}; this run reads "
-                            f"{expected['input']!r}. Use another --output, or pass --overwrite to redo it")
+    where = f"{output_url}, marker {marker_url(output_url)}"
+    redo = ("pass --overwrite to redo every shard, delete the marker to redo only this one, "
+            "or use another --output")
+    source = expected["input"]
+    if marker.get("input") != source:
+        raise ShardMismatch(f"the output shard was written from input {marker.get('input')!r}; this run reads "
+                            f"{source!r}", where, "use another --output, or pass --overwrite to redo it")
     if marker.get("input_size") != expected["input_size"]:
-        raise ShardMismatch(f"{where} was written from {expected['input']} when it had "
-                            f"{marker.get('input_size')} bytes; it has {expected['input_size']} now. "
-                            "Pass --overwrite to redo every shard, or use another --output")
+        raise ShardMismatch(f"input {source} changed since the output shard was written: it "
+                            f"had {marker.get('input_size')} bytes; it has {expected['input_size']} now", where, redo)
+    if "input_fingerprint" not in marker:
+        raise ShardMismatch(f"the output shard's marker records no content fingerprint of input {source} "
+                            "(an older version wrote it), so a change of that input cannot be ruled out", where, redo)
+    if marker["input_fingerprint"] != expected["input_fingerprint"]:
+        raise ShardMismatch(f"the content of input {source} changed since the output shard was written "
+                            f"(fingerprint {marker['input_fingerprint']}, now {expected['input_fingerprint']})",
+                            where, redo)
     if marker.get("config_hash") != expected["config_hash"]:
         diff = config_diff(marker.get("config") or {}, expected["config"])
-        raise ShardMismatch(f"{where} was written with a different configuration "
+        raise ShardMismatch(f"the output shard was written with a different configuration "
                             f"(config hash {marker.get('config_hash')} vs {expected['config_hash']}): "
-                            f"{'; '.join(diff) or 'unknown difference'}. Pass --overwrite to redo every "
-                            "shard with this configuration, or use another --output")
+                            f"{'; '.join(diff) or 'unknown difference'}", where,
+                            "pass --overwrite to redo every shard with this configuration, or use another --output")
 
 
 def config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

@@ -18,6 +18,7 @@ import uuid
 from typing import Any, Iterable
 
 import apache_beam as beam
+import yaml
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
@@ -26,11 +27,12 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from model import ModelConfig, load_tokenizer, read_hf_config, resolve_checkpoint
 from pipeline import formats, io, manifest, progress
+from pipeline.errors import JobError
 from pipeline.handler import NAMESPACE, EngineHandler, ModelSpec
 from pipeline.options import DEFAULT_RUNNER, JobOptions
 from pipeline.progress import CountResults
 from pipeline.records import (Request, Result, chat_template_for, finish_completions, model_name, output_view, parse,
-                              prompt_token_ids)
+                              prompt_token_ids, serialize)
 
 log = logging.getLogger(__name__)
 BUCKETS = [16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
@@ -92,7 +94,9 @@ class ReadAndTokenize(beam.DoFn):
                 continue
             req.token_ids = ids
             room = self.max_len - len(ids)
-            if room < 1:
+            if not ids:  # a tokenizer without BOS can turn a prompt of, say, only a zero-width space into nothing
+                yield beam.pvalue.TaggedOutput(self.ERRORS, req.fail("invalid_prompt", "the prompt has no tokens"))
+            elif room < 1:
                 yield beam.pvalue.TaggedOutput(self.ERRORS, req.fail(
                     "prompt_too_long", f"prompt has {len(ids)} tokens; the model's context is {self.max_len}"))
             elif req.max_tokens > room and req.max_tokens_given:
@@ -162,8 +166,9 @@ class WriteShard(beam.DoFn):
         shard, results = keyed
         results = sorted((r for r in results if r is not None), key=lambda r: r.line)
         url = self.output_urls[shard]
-        io.write_atomic(url, [r.to_json() for r in results])
-        io.write_marker(url, {**self.markers[shard], **manifest.shard_counts(results)})
+        written = [serialize(r) for r in results]  # (line, the result it reports)
+        io.write_atomic(url, [line for line, _ in written])
+        io.write_marker(url, {**self.markers[shard], **manifest.shard_counts(r for _, r in written)})
         self.records_out.inc(len(results))
         self.shards_written.inc()
         yield shard, len(results)
@@ -214,7 +219,8 @@ def shard_markers(shards: list[str], last_lines: dict[int, int | None],
     shard's completion marker records about how it was produced; a rerun compares it with the
     existing marker (io.shard_status)."""
     digest = manifest.config_hash(config)
-    return {i: {"input": shards[i], "input_size": io.input_size(shards[i]), "last_line": last,
+    return {i: {"input": shards[i], "input_size": io.input_size(shards[i]),
+                "input_fingerprint": io.input_fingerprint(shards[i]), "last_line": last,
                 "config_hash": digest, "config": config} for i, last in last_lines.items()}
 
 
@@ -236,19 +242,35 @@ def _let_worker_processes_import_project() -> None:
 
 
 def parse_options(argv: list[str] | None) -> tuple[JobOptions, ModelSpec]:
+    """The job's options and model spec, checked: a bad flag value, a model YAML or checkpoint that
+    is not there, or an architecture the engine does not support is a JobError here, in the
+    launching process, before anything is read or loaded."""
     opts = PipelineOptions(argv).view_as(JobOptions)
     if opts.view_as(StandardOptions).runner is None:
         opts.view_as(StandardOptions).runner = DEFAULT_RUNNER
     if opts.view_as(DirectOptions).direct_running_mode == "multi_processing":
         _let_worker_processes_import_project()
-    spec = ModelSpec.parse(opts.model, dtype=opts.dtype, max_len=opts.max_len, max_slots=opts.max_slots)
-    if opts.batch_tokens < 1:
-        raise ValueError(f"--batch_tokens={opts.batch_tokens}; must be >= 1")
-    for flag, value, least in (("shards_per_pass", opts.shards_per_pass, 0), ("limit", opts.limit, 1),
-                               ("max_record_bytes", opts.max_record_bytes, 1),
+    for flag, value, least in (("batch_tokens", opts.batch_tokens, 1), ("shards_per_pass", opts.shards_per_pass, 0),
+                               ("limit", opts.limit, 1), ("max_record_bytes", opts.max_record_bytes, 1),
                                ("progress_interval_s", opts.progress_interval_s, 0)):
         if value is not None and value < least:
-            raise ValueError(f"--{flag}={value}; must be >= {least}")
+            raise JobError(f"--{flag}={value} is out of range", "command line", f"pass --{flag} >= {least}")
+    where = f"--model {opts.model}"
+    try:
+        spec = ModelSpec.parse(opts.model, dtype=opts.dtype, max_len=opts.max_len, max_slots=opts.max_slots)
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        reason = f"no model YAML at {opts.model}" if isinstance(e, FileNotFoundError) else f"bad model YAML: {e}"
+        raise JobError(reason, where, "pass 'demo', a checkpoint directory (local or gs://), or an existing "
+                       "configs/models/X.yaml with the keys of ModelSpec") from e
+    try:
+        context_length(spec)  # reads config.json: the workers would fail on it later, one by one
+    except FileNotFoundError as e:
+        raise JobError(f"no checkpoint at {spec.checkpoint}: {e}", where, "pass 'demo', a checkpoint directory "
+                       "(local or gs://) with config.json and *.safetensors, or a model YAML naming one") from e
+    except (ValueError, KeyError) as e:
+        reason = f"config.json has no {e}" if isinstance(e, KeyError) else str(e)
+        raise JobError(f"cannot serve checkpoint {spec.checkpoint}: {reason}", where,
+                       "pass a checkpoint of a supported architecture and configuration") from e
     return opts, spec
 
 
@@ -260,6 +282,7 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     opts, spec = parse_options(argv)
     started, start = time.time(), time.perf_counter()
     shards = io.discover_shards(opts.input)
+    io.check_output_writable(opts.output)  # before reading inputs for markers, and before any model loads
     outputs = [io.output_url(opts.output, s) for s in shards]
     if opts.limit:  # read as far as the limit, the way ReadAndTokenize reads
         columns = formats.Columns(opts.prompt_column, opts.id_column, opts.prompt_feature, opts.id_feature)

@@ -26,15 +26,11 @@ import json
 import time
 from typing import Any
 
-from pipeline.formats import BadRecord
-from pipeline.records import Request, Result, error, make_request
+from pipeline.formats import UNSUPPORTED_FIELDS, BadRecord
+from pipeline.records import Request, Result, short_repr, error, loads, make_request, not_utf8
 
 ENDPOINTS = {"/v1/completions": "text_completion", "/v1/chat/completions": "chat.completion"}
-# body fields whose only supported value is the API's default (None: absent or null)
-NEUTRAL = {"n": (1,), "best_of": (1,), "echo": (False,), "suffix": (None,), "stream": (False,),
-           "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logit_bias": ({},),
-           "tools": ([],), "functions": ([],), "response_format": ({"type": "text"},)}
-SERVER_ERRORS = ("generation_failed",)
+SERVER_ERRORS = ("generation_failed", "internal_error")
 
 
 def parse(raw: bytes | BadRecord, shard: int, rid: str, line: int, defaults: dict[str, Any]) -> Request | Result:
@@ -45,16 +41,19 @@ def parse(raw: bytes | BadRecord, shard: int, rid: str, line: int, defaults: dic
     if not isinstance(raw, bytes):
         return not_request("invalid_record", f"not a line of text: {type(raw).__name__}")
     try:
-        obj = json.loads(raw.decode("utf-8"))
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         return not_request("invalid_utf8", f"line is not valid UTF-8 (byte {e.start})")
-    except json.JSONDecodeError as e:
-        return not_request("invalid_json", f"line is not valid JSON: {e.msg} at column {e.colno}")
+    obj, why = loads(text)
+    if why:
+        return not_request("invalid_json", why)
     if not isinstance(obj, dict):
         return not_request("invalid_record", f"request must be a JSON object; got {type(obj).__name__}")
     cid = obj.get("custom_id")
     if not isinstance(cid, str) or not cid:
-        return not_request("invalid_record", f"custom_id must be a non-empty string; got {cid!r}")
+        return not_request("invalid_record", f"custom_id must be a non-empty string; got {short_repr(cid)}")
+    if (bad := not_utf8(cid)) is not None:
+        return not_request("invalid_record", f"custom_id {bad}")
     url, body = obj.get("url"), obj.get("body")
     api = url if isinstance(url, str) else "?"  # an HTTP-shaped answer, whatever the endpoint
     refuse = lambda kind, message: error(cid, shard, line, kind, message, api=api,  # noqa: E731
@@ -69,12 +68,9 @@ def parse(raw: bytes | BadRecord, shard: int, rid: str, line: int, defaults: dic
 
 
 def _request(cid: str, shard: int, line: int, url: str, body: dict, defaults: dict, refuse) -> Request | Result:
-    for key, allowed in NEUTRAL.items():
-        if body.get(key) is not None and body[key] not in allowed:
-            return refuse("unsupported_parameter", f"{key}={body[key]!r} is not supported; "
-                          f"leave it out or use {allowed[0]!r}")
     chat = url == "/v1/chat/completions"
-    fields = {k: body.get(k) for k in ("temperature", "top_p", "top_k", "seed", "stop", "include_stop_str_in_output")}
+    fields = {k: body.get(k) for k in ("temperature", "top_p", "top_k", "seed", "stop", "include_stop_str_in_output",
+                                       *UNSUPPORTED_FIELDS)}
     fields["max_tokens"] = body.get("max_completion_tokens") if chat and body.get(
         "max_completion_tokens") is not None else body.get("max_tokens")
     logprobs = body.get("logprobs")

@@ -12,7 +12,7 @@ DEFAULT_RUNNER = "apache_beam.runners.portability.fn_api_runner.FnApiRunner"
 # Flags that do not change what a shard's output holds: a rerun may change them and still resume.
 # Every other JobOptions flag is part of the configuration hash in each shard's completion marker.
 NOT_IN_CONFIG = frozenset({"input", "output", "overwrite", "shards_per_pass", "limit", "progress_interval_s",
-                           "batch_tokens", "share_model"})
+                           "batch_tokens", "share_model", "verbose"})
 
 
 class JobOptions(PipelineOptions):
@@ -57,3 +57,5 @@ class JobOptions(PipelineOptions):
                             help="a longer input line becomes a record_too_large error, unread")
         parser.add_argument("--progress_interval_s", type=float, default=30.0,
                             help="seconds between progress lines (INFO, logger 'pipeline')")
+        parser.add_argument("--verbose", action="store_true",
+                            help="with a fatal error, print its traceback too (pipeline.run prints one line)")

@@ -23,7 +23,7 @@ from model import GenerationOutput, SamplingParams
 from model.chat_template import (ChatTemplate, ChatTemplateError, check_messages, load_chat_template,
                                   special_token_strings)
 from model.tokenizer import Tokenizer, decode_completions
-from pipeline.formats import BadRecord
+from pipeline.formats import UNSUPPORTED_FIELDS, BadRecord
 
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
 FLAG_FIELDS = ("include_stop_str_in_output", "logprobs")
@@ -121,7 +121,30 @@ def parse(raw: bytes | dict | BadRecord, shard: int, shard_name: str, line: int,
           defaults: dict[str, Any]) -> Request | Result:
     """One input record (a line's bytes, or a Parquet/TFRecord record dict) -> a Request, or an
     error Result naming what is wrong with it. `defaults`: the job's sampling defaults, and
-    "model", the served model's name."""
+    "model", the served model's name. Never raises: whatever a record holds, it ends as a Request
+    or as its own error line."""
+    try:
+        return _parse(raw, shard, shard_name, line, fmt, defaults)
+    except Exception as e:  # noqa: BLE001 (a record that breaks the parser is that record's error)
+        return error(default_id(shard_name, line), shard, line, "internal_error",
+                     f"{type(e).__name__} while reading the record: {e}", api="" if fmt == "openai" else None)
+
+
+def loads(text: str) -> tuple[Any, str | None]:
+    """json.loads, or (None, why not). Besides syntax errors: nesting deeper than Python's
+    recursion limit, and integers over its int-string limit (4,300 digits)."""
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as e:
+        return None, f"line is not valid JSON: {e.msg} at column {e.colno}"
+    except RecursionError:
+        return None, "line is not usable JSON: it is nested too deeply"
+    except ValueError as e:  # e.g. "Exceeds the limit (4300 digits) for integer string conversion"
+        return None, f"line is not usable JSON: {e}"
+
+
+def _parse(raw: bytes | dict | BadRecord, shard: int, shard_name: str, line: int, fmt: str,
+           defaults: dict[str, Any]) -> Request | Result:
     rid = default_id(shard_name, line)
     if fmt == "openai":
         from pipeline import openai_batch
@@ -137,10 +160,9 @@ def parse(raw: bytes | dict | BadRecord, shard: int, shard_name: str, line: int,
         return error(rid, shard, line, "invalid_utf8", f"line is not valid UTF-8 (byte {e.start})")
     if fmt == "text":
         return make_request(rid, shard, line, text.rstrip("\r\n"), None, {}, defaults)
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        return error(rid, shard, line, "invalid_json", f"line is not valid JSON: {e.msg} at column {e.colno}")
+    obj, why = loads(text)
+    if why:
+        return error(rid, shard, line, "invalid_json", why)
     if not isinstance(obj, dict):
         return error(rid, shard, line, "invalid_record", f"record must be a JSON object; got {type(obj).__name__}")
     return parse_object(obj, rid, shard, line, defaults)
@@ -150,7 +172,10 @@ def parse_object(obj: dict[str, Any], rid: str, shard: int, line: int, defaults:
     """A record in the project's vocabulary (a JSONL object, a Parquet row, a TFRecord Example)."""
     if obj.get("id") is not None:
         if not isinstance(obj["id"], (str, int)) or isinstance(obj["id"], bool):
-            return error(rid, shard, line, "invalid_record", f"id must be a string or integer; got {obj['id']!r}")
+            return error(rid, shard, line, "invalid_record",
+                         f"id must be a string or integer; got {short_repr(obj['id'])}")
+        if isinstance(obj["id"], str) and (bad := not_utf8(obj["id"])) is not None:
+            return error(rid, shard, line, "invalid_record", f"id {bad}")
         rid = str(obj["id"])
     has_prompt, has_messages = obj.get("prompt") is not None, obj.get("messages") is not None
     if has_prompt and has_messages:
@@ -167,15 +192,22 @@ def make_request(rid: str, shard: int, line: int, prompt: Any, messages: Any, ob
     records are sharded or batched."""
     model = defaults.get("model", "")
     fail = lambda kind, message: error(rid, shard, line, kind, message, api=api, model=model)  # noqa: E731
+    if (problem := unsupported(obj)) is not None:
+        return fail("unsupported_parameter", problem)
     if messages is not None:
         try:
             messages = check_messages(messages)
         except ChatTemplateError as e:
             return fail(e.kind, str(e))
+        bad = next(((i, b) for i, m in enumerate(messages) if (b := not_utf8(m["role"] + m["content"]))), None)
+        if bad:
+            return fail("invalid_messages", f"messages[{bad[0]}] {bad[1]}")
     elif not isinstance(prompt, str):
         return fail("invalid_prompt", f"prompt must be a string; got {type(prompt).__name__}")
     elif not prompt.strip():
         return fail("invalid_prompt", "prompt is empty")
+    elif (bad := not_utf8(prompt)) is not None:
+        return fail("invalid_prompt", f"prompt {bad}")
     values = {k: obj[k] if obj.get(k) is not None else defaults.get(k) for k in SAMPLING_FIELDS}
     if values["seed"] is None:
         values["seed"] = zlib.crc32(rid.encode("utf-8"))
@@ -185,6 +217,10 @@ def make_request(rid: str, shard: int, line: int, prompt: Any, messages: Any, ob
         return fail("invalid_parameter", problem)
     stop = values["stop"]
     stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    if (bad := next((b for s in stop if (b := not_utf8(s))), None)) is not None:
+        return fail("invalid_parameter", f"stop {bad}")
+    if values["temperature"] < MIN_TEMPERATURE:  # float32 logits / a tiny temperature overflow to inf
+        values["temperature"] = 0.0
     return Request(id=rid, shard=shard, line=line, prompt=None if messages is not None else prompt,
                    messages=messages, max_tokens=int(values["max_tokens"]),
                    max_tokens_given=obj.get("max_tokens") is not None, temperature=float(values["temperature"]),
@@ -193,30 +229,76 @@ def make_request(rid: str, shard: int, line: int, prompt: Any, messages: Any, ob
                    model=model)
 
 
+# What the device holds: max_tokens, top_k and token counts are int32, seeds uint32, and
+# temperature and top_p float32. A temperature below MIN_TEMPERATURE is greedy (as in vLLM): the
+# logits divided by it would overflow float32.
+INT32_MAX = 2**31 - 1
+FLOAT32_MAX = 3.4028234663852886e38
+MIN_TEMPERATURE = 1e-5
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _is_number(v: Any) -> bool:
-    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+    """A finite number that float32 holds (huge Python ints would overflow float())."""
+    if _is_int(v):
+        return abs(v) <= FLOAT32_MAX
+    return isinstance(v, float) and math.isfinite(v) and abs(v) <= FLOAT32_MAX
+
+
+def short_repr(value: Any, limit: int = 80) -> str:
+    """repr(value), cut to `limit` characters: error messages quote values, never whole records.
+    repr escapes what UTF-8 cannot hold (lone surrogates), so the message can always be written."""
+    if _is_int(value) and value.bit_length() > 64:
+        return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
+    text = repr(value) if not isinstance(value, (dict, list)) or len(value) < 20 else f"<{type(value).__name__} " \
+        f"of {len(value)} items>"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def not_utf8(text: str) -> str | None:
+    """Why `text` cannot be written as UTF-8 (a lone surrogate from a JSON escape such as
+    "\\ud800"), or None. Tokenizers and output files need UTF-8."""
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as e:
+        return (f"holds text that cannot be encoded as UTF-8: {text[e.start:e.end]!r} at character {e.start} "
+                "(a lone UTF-16 surrogate)")
+
+
+def unsupported(obj: dict[str, Any]) -> str | None:
+    """The first field the record sets that the job does not implement (formats.UNSUPPORTED_FIELDS),
+    as a message, or None."""
+    for key, neutral in UNSUPPORTED_FIELDS.items():
+        value = obj.get(key)
+        if value is not None and not any(value == n and isinstance(value, bool) == isinstance(n, bool)
+                                         for n in neutral):
+            allowed = " or ".join(json.dumps(n) for n in neutral)
+            return (f"{key}={short_repr(value)} is not supported by this job; leave it out"
+                    + (f" or use {allowed}" if allowed else ""))
+    return None
 
 
 def _check_sampling(v: dict[str, Any]) -> str | None:
     """The first problem with a record's generation parameters, as a message, or None."""
     if not _is_int(v["max_tokens"]) or v["max_tokens"] < 1:
-        return f"max_tokens must be an integer >= 1; got {v['max_tokens']!r}"
+        return f"max_tokens must be an integer >= 1; got {short_repr(v['max_tokens'])}"
     if not _is_number(v["temperature"]) or v["temperature"] < 0:
-        return f"temperature must be a number >= 0; got {v['temperature']!r}"
+        return f"temperature must be a number in [0, {FLOAT32_MAX:.4g}]; got {short_repr(v['temperature'])}"
     if not _is_number(v["top_p"]) or not 0 < v["top_p"] <= 1:
-        return f"top_p must be a number in (0, 1]; got {v['top_p']!r}"
-    if not _is_int(v["top_k"]) or v["top_k"] < 0:
-        return f"top_k must be an integer >= 0; got {v['top_k']!r}"
+        return f"top_p must be a number in (0, 1]; got {short_repr(v['top_p'])}"
+    if not _is_int(v["top_k"]) or not 0 <= v["top_k"] <= INT32_MAX:
+        return f"top_k must be an integer in [0, 2**31) (0, or the vocabulary size or more: off); " \
+               f"got {short_repr(v['top_k'])}"
     if not _is_int(v["seed"]) or not 0 <= v["seed"] < 2**32:
-        return f"seed must be an integer in [0, 2**32); got {v['seed']!r}"
+        return f"seed must be an integer in [0, 2**32); got {short_repr(v['seed'])}"
     stop = v["stop"]
     if stop is not None and not isinstance(stop, str) and not (
             isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
-        return f"stop must be a string or a list of non-empty strings; got {stop!r}"
+        return f"stop must be a string or a list of non-empty strings; got {short_repr(stop)}"
     if stop == "":
         return "stop must not be an empty string"
     return None
@@ -225,7 +307,7 @@ def _check_sampling(v: dict[str, Any]) -> str | None:
 def _check_flags(flags: dict[str, Any]) -> str | None:
     for key, value in flags.items():
         if not isinstance(value, bool):
-            return f"{key} must be true or false; got {value!r}"
+            return f"{key} must be true or false; got {short_repr(value)}"
     return None
 
 
@@ -249,7 +331,26 @@ def prompt_token_ids(tokenizer: Tokenizer, template: ChatTemplate | ChatTemplate
                      requests: Sequence[Request]) -> list[list[int] | Result]:
     """Each request's prompt as token ids, or its error Result. A prompt gets the tokenizer's BOS;
     messages are rendered by the chat template and tokenized as HF's apply_chat_template does:
-    no BOS added (templates write their own) and special-token text ('<s>') read as that token."""
+    no BOS added (templates write their own) and special-token text ('<s>') read as that token.
+    Tokenizes the requests together; if that fails, one at a time, so a record that breaks the
+    tokenizer is that record's error only."""
+    try:
+        return _prompt_token_ids(tokenizer, template, requests)
+    except Exception:  # noqa: BLE001
+        return [_one_prompt_token_ids(tokenizer, template, r) for r in requests]
+
+
+def _one_prompt_token_ids(tokenizer: Tokenizer, template: ChatTemplate | ChatTemplateError,
+                          request: Request) -> list[int] | Result:
+    try:
+        return _prompt_token_ids(tokenizer, template, [request])[0]
+    except Exception as e:  # noqa: BLE001
+        return request.fail("invalid_prompt" if isinstance(e, UnicodeError) else "internal_error",
+                            f"{type(e).__name__} while tokenizing the prompt: {e}")
+
+
+def _prompt_token_ids(tokenizer: Tokenizer, template: ChatTemplate | ChatTemplateError,
+                      requests: Sequence[Request]) -> list[list[int] | Result]:
     rendered: dict[int, str | Result] = {}
     for i, r in enumerate(requests):
         if r.messages is not None:
@@ -260,6 +361,8 @@ def prompt_token_ids(tokenizer: Tokenizer, template: ChatTemplate | ChatTemplate
                 if not rendered[i].strip():
                     raise ChatTemplateError("invalid_prompt", "the chat template rendered the messages as an "
                                             "empty prompt")
+                if (bad := not_utf8(rendered[i])) is not None:
+                    raise ChatTemplateError("chat_template_error", f"the rendered prompt {bad}")
             except ChatTemplateError as e:
                 rendered[i] = r.fail(e.kind, str(e))
     plain = [i for i, r in enumerate(requests) if r.messages is None]
@@ -278,6 +381,24 @@ def prompt_token_ids(tokenizer: Tokenizer, template: ChatTemplate | ChatTemplate
 
 
 def finish_completions(tokenizer: Tokenizer, results: list[Result]) -> list[Result]:
+    """Token ids -> completion text, in place; returns `results`. Finishes the results together;
+    if that fails, one at a time, so a result that breaks detokenizing becomes its own
+    internal_error line. See _finish_completions for what finishing does."""
+    try:
+        return _finish_completions(tokenizer, results)
+    except Exception:  # noqa: BLE001
+        pass
+    out = []
+    for r in results:
+        try:
+            out += _finish_completions(tokenizer, [r])
+        except Exception as e:  # noqa: BLE001
+            out.append(error(r.id, r.shard, r.line, "internal_error",
+                             f"{type(e).__name__} while decoding the completion: {e}", api=r.api, model=r.model))
+    return out
+
+
+def _finish_completions(tokenizer: Tokenizer, results: list[Result]) -> list[Result]:
     """Token ids -> completion text, in place; returns `results`.
 
     Stop strings are matched on the text, so one split across tokens is found. The completion is
@@ -354,6 +475,20 @@ def tokens_through(pieces: Sequence[str], end: int) -> int:
         if total >= end:
             return k + 1
     return len(pieces)
+
+
+def serialize(r: Result) -> tuple[str, Result]:
+    """A Result's output line, and the Result that line reports. Never raises: a result that cannot
+    be written as JSON in UTF-8 becomes an internal_error line with the same id."""
+    try:
+        text = r.to_json()
+        text.encode("utf-8")
+        return text, r
+    except Exception as e:  # noqa: BLE001
+        why = f"{type(e).__name__} while writing the result: {short_repr(str(e), 200)}"
+        rid = r.id if not_utf8(r.id) is None else f"line {r.line}"
+        failed = error(rid, r.shard, r.line, "internal_error", why, api=r.api, model=r.model)
+        return failed.to_json(), failed
 
 
 def output_view(rec: dict[str, Any]) -> dict[str, Any]:

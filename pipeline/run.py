@@ -1,11 +1,18 @@
-"""python -m pipeline.run --input GLOB --output DIR [--model demo|PATH|configs/models/X.yaml] [Beam options]"""
+"""python -m pipeline.run --input GLOB --output DIR [--model demo|PATH|configs/models/X.yaml] [Beam options]
+
+A fatal error prints one line, `error: <what> (<where>): <what to do>`, and exits with 2 when the job
+refused to start (pipeline.errors.JobError) or 1 when it failed while running; --verbose adds the
+traceback.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
+import traceback
 
 from pipeline import io
+from pipeline.errors import error_line
 from pipeline.job import run
 
 
@@ -67,10 +74,20 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("pipeline").setLevel(logging.INFO)  # progress lines, passes, skipped shards
     argv = sys.argv[1:] if argv is None else argv
-    summary = run(argv)
-    glob = argv[argv.index("--input") + 1] if "--input" in argv else next(
-        a.split("=", 1)[1] for a in argv if a.startswith("--input="))
-    print_summary(summary, glob, argv)
+    verbose = "--verbose" in argv  # read here: the options themselves may be what fails
+    # Beam logs the traceback of a failing step before it raises the failure; main reports it once
+    logging.getLogger("apache_beam.runners.common").setLevel(logging.NOTSET if verbose else logging.CRITICAL)
+    try:
+        summary = run(argv)
+        glob = argv[argv.index("--input") + 1] if "--input" in argv else next(
+            a.split("=", 1)[1] for a in argv if a.startswith("--input="))
+        print_summary(summary, glob, argv)
+    except Exception as e:  # noqa: BLE001 (every failure becomes one line and an exit code)
+        if verbose:
+            traceback.print_exc()
+        line, code = error_line(e)
+        print(line, file=sys.stderr)
+        return code
     return 0
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import io, manifest
+from pipeline.errors import JobError
 from pipeline.job import WriteShard, run
 from pipeline.records import Result
 
@@ -83,8 +84,8 @@ def test_killed_job_resumes_without_duplicates_or_loss(tmp_path):
 def expected_marker(tmp_path, config=None, last_line=None) -> dict:
     config = config or {"model": {"checkpoint": "demo"}, "job": {"max_tokens": 4}}
     url = str(tmp_path / "in.jsonl")
-    return {"input": url, "input_size": os.path.getsize(url), "last_line": last_line,
-            "config": config, "config_hash": manifest.config_hash(config)}
+    return {"input": url, "input_size": os.path.getsize(url), "input_fingerprint": io.input_fingerprint(url),
+            "last_line": last_line, "config": config, "config_hash": manifest.config_hash(config)}
 
 
 def test_partial_shards_are_detected_and_cleared(tmp_path):
@@ -175,3 +176,70 @@ def test_resume_on_gs(gcs, tmp_path):
         assert f.read() == part1
     with gcs.open("resume/out/_manifest.json", "r") as f:
         assert json.load(f)["shards_skipped"] == ["part-0.jsonl"]
+
+
+def test_an_input_edited_to_the_same_size_is_refused(tmp_path):
+    """The marker holds a fingerprint of the input's content: an edit that keeps the size is found."""
+    (tmp_path / "in").mkdir()
+    shard = tmp_path / "in" / "a.jsonl"
+    shard.write_text('{"id": "a", "prompt": "The hacker", "max_tokens": 2}\n')
+    (tmp_path / "model.yaml").write_text(MODEL_YAML)
+    argv = ["--input", str(tmp_path / "in" / "*.jsonl"), "--output", str(tmp_path / "out"),
+            "--model", str(tmp_path / "model.yaml")]
+    assert run(argv)["shards_done"] == ["a.jsonl"]
+    marker = io.read_marker(str(tmp_path / "out" / "a.jsonl"))
+    assert marker["input_fingerprint"].startswith("blake2b:")
+    assert run(argv)["shards_skipped"] == ["a.jsonl"]  # unchanged: skipped
+
+    shard.write_text('{"id": "a", "prompt": "The hacker", "max_tokens": 3}\n')
+    with pytest.raises(io.ShardMismatch, match=r"content of input .*a\.jsonl changed.*--overwrite"):
+        run(argv)
+    redone = run([*argv, "--overwrite"])
+    assert redone["shards_done"] == ["a.jsonl"] and redone["completion_tokens"] == 3
+
+
+def test_a_marker_without_a_fingerprint_counts_as_a_change(tmp_path):
+    """A marker written before markers had fingerprints cannot vouch for its input."""
+    (tmp_path / "in.jsonl").write_text('{"prompt": "x"}\n')
+    out = str(tmp_path / "out" / "in.jsonl")
+    Path(out).parent.mkdir()
+    Path(out).write_text('{"id": "a"}\n')
+    want = expected_marker(tmp_path)
+    io.write_marker(out, {**{k: v for k, v in want.items() if k != "input_fingerprint"}, "records": 1})
+    with pytest.raises(io.ShardMismatch, match=r"no content fingerprint of input .*in\.jsonl.*--overwrite"):
+        io.plan_shards({0: out}, {0: want}, overwrite=False)
+
+
+@pytest.mark.parametrize("names", [("c.jsonl", "c.txt"), ("c.jsonl", "c.jsonl.gz"), ("a/c.jsonl", "b/c.jsonl")])
+def test_two_inputs_that_would_write_one_output_are_refused(tmp_path, names):
+    for name in names:
+        (tmp_path / "in" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "in" / name).write_text('{"prompt": "x"}\n')
+    glob = str(tmp_path / "in" / "**")
+    first, second = sorted(names)
+    with pytest.raises(JobError, match=rf"{first} and .*{second} would both be written to c\.jsonl"):
+        io.discover_shards(glob)
+    with pytest.raises(JobError, match="would both be written"):  # the job refuses before it writes anything
+        run(["--input", glob, "--output", str(tmp_path / "out"), "--max_tokens", "2"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_edited_gs_input_is_refused(gcs, tmp_path, monkeypatch):
+    """On gs:// the fingerprint is the object's CRC32C, from its metadata: the object is not read."""
+    gcs.mkdir("edited")
+    with gcs.open("edited/in/a.jsonl", "w") as f:
+        f.write('{"id": "a", "prompt": "The hacker", "max_tokens": 2}\n')
+    (tmp_path / "model.yaml").write_text(MODEL_YAML)
+    argv = ["--input", "gs://edited/in/*.jsonl", "--output", "gs://edited/out", "--model", str(tmp_path / "model.yaml")]
+    assert run(argv)["shards_done"] == ["a.jsonl"]
+    crc = gcs.info("edited/in/a.jsonl")["crc32c"]
+    with monkeypatch.context() as m:
+        m.setattr(type(gcs), "_open", lambda *a, **k: pytest.fail("the fingerprint read the object"))
+        assert io.input_fingerprint("gs://edited/in/a.jsonl") == f"crc32c:{crc}"
+    with gcs.open("edited/out/_done/a.jsonl.json", "r") as f:
+        assert json.load(f)["input_fingerprint"] == f"crc32c:{crc}"
+
+    with gcs.open("edited/in/a.jsonl", "w") as f:
+        f.write('{"id": "a", "prompt": "The hacker", "max_tokens": 3}\n')
+    with pytest.raises(io.ShardMismatch, match=r"content of input gs://edited/in/a\.jsonl changed.*crc32c:"):
+        run(argv)
