@@ -31,8 +31,8 @@ from pipeline.errors import JobError
 from pipeline.handler import NAMESPACE, EngineHandler, ModelSpec
 from pipeline.options import DEFAULT_RUNNER, JobOptions
 from pipeline.progress import CountResults
-from pipeline.records import (Request, Result, chat_template_for, finish_completions, model_name, output_view, parse,
-                              prompt_token_ids, serialize)
+from pipeline.records import (Request, Result, chat_template_for, check_sampling, finish_completions, model_name,
+                              output_view, parse, prompt_token_ids, serialize)
 
 log = logging.getLogger(__name__)
 BUCKETS = [16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
@@ -252,9 +252,15 @@ def parse_options(argv: list[str] | None) -> tuple[JobOptions, ModelSpec]:
         _let_worker_processes_import_project()
     for flag, value, least in (("batch_tokens", opts.batch_tokens, 1), ("shards_per_pass", opts.shards_per_pass, 0),
                                ("limit", opts.limit, 1), ("max_record_bytes", opts.max_record_bytes, 1),
-                               ("progress_interval_s", opts.progress_interval_s, 0)):
+                               ("progress_interval_s", opts.progress_interval_s, 0),
+                               ("max_slots", opts.max_slots, 1), ("max_len", opts.max_len, 2)):
         if value is not None and value < least:
             raise JobError(f"--{flag}={value} is out of range", "command line", f"pass --{flag} >= {least}")
+    # the per-record defaults: checked here once rather than as the same error on every record
+    problem = check_sampling({"max_tokens": opts.max_tokens, "temperature": opts.temperature, "top_p": opts.top_p,
+                              "top_k": opts.top_k, "seed": 0, "stop": None})
+    if problem:
+        raise JobError(f"a default is out of range: {problem}", "command line", "fix the flag of that name")
     where = f"--model {opts.model}"
     try:
         spec = ModelSpec.parse(opts.model, dtype=opts.dtype, max_len=opts.max_len, max_slots=opts.max_slots)

@@ -212,7 +212,7 @@ def make_request(rid: str, shard: int, line: int, prompt: Any, messages: Any, ob
     if values["seed"] is None:
         values["seed"] = zlib.crc32(rid.encode("utf-8"))
     flags = {k: obj[k] if obj.get(k) is not None else False for k in FLAG_FIELDS}
-    problem = _check_sampling(values) or _check_flags(flags)
+    problem = check_sampling(values) or _check_flags(flags)
     if problem:
         return fail("invalid_parameter", problem)
     stop = values["stop"]
@@ -282,7 +282,7 @@ def unsupported(obj: dict[str, Any]) -> str | None:
     return None
 
 
-def _check_sampling(v: dict[str, Any]) -> str | None:
+def check_sampling(v: dict[str, Any]) -> str | None:
     """The first problem with a record's generation parameters, as a message, or None."""
     if not _is_int(v["max_tokens"]) or v["max_tokens"] < 1:
         return f"max_tokens must be an integer >= 1; got {short_repr(v['max_tokens'])}"

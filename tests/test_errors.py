@@ -60,6 +60,8 @@ CASES = {
                  ["error: --input matches no files", "none/*.jsonl", "quote the glob"]),
     "output is a file": (output_is_a_file, 2, ["is an existing file", "taken", "pass a directory"]),
     "bad flag value": (lambda p: ["--batch_tokens", "0"], 2, ["--batch_tokens=0", "pass --batch_tokens >= 1"]),
+    "bad default": (lambda p: ["--top_k", str(10**12)], 2, ["default is out of range", "top_k must be an integer"]),
+    "bad engine size": (lambda p: ["--max_slots", "0"], 2, ["--max_slots=0", "pass --max_slots >= 1"]),
     "unsupported architecture": (unsupported_checkpoint, 2,
                                  ["ckpt/config.json: model_type 'gpt2', architecture 'GPT2LMHeadModel' is not",
                                   "supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"]),
