@@ -1,5 +1,9 @@
 """The inference engine: a sharded Flax NNX decoder with a static KV cache. Knows nothing of Beam."""
 
+from model.platform import quiet_defaults
+
+quiet_defaults()  # before jax is imported below  # noqa: E402
+
 from model.config import PRESETS, ModelConfig
 from model.engine import Engine, GenerationOutput, resolve_checkpoint
 from model.sampling import SamplingParams

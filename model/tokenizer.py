@@ -16,6 +16,8 @@ from typing import Protocol, Sequence
 
 import fsspec
 
+from model.platform import native_stderr_silenced
+
 
 class Tokenizer(Protocol):
     bos_id: int | None
@@ -49,7 +51,8 @@ class SentencePieceTokenizer(_Base):
     def __init__(self, model_proto: bytes):
         import sentencepiece  # light: only to read the special ids and vocabulary size
 
-        sp = sentencepiece.SentencePieceProcessor(model_proto=model_proto)
+        with native_stderr_silenced():
+            sp = sentencepiece.SentencePieceProcessor(model_proto=model_proto)
         self._proto = model_proto
         self.vocab_size = sp.get_piece_size()
         self.bos_id = sp.bos_id() if sp.bos_id() >= 0 else None
@@ -64,10 +67,17 @@ class SentencePieceTokenizer(_Base):
     def _backend(self):
         with self._lock:
             if self._tf is None:
-                import tensorflow as tf
-                import tensorflow_text as tf_text
+                with native_stderr_silenced():
+                    import tensorflow as tf
+                    import tensorflow_text as tf_text
 
-                self._tf = (tf, tf_text.SentencepieceTokenizer(model=self._proto, out_type=tf.int32))
+                    try:  # TensorFlow only tokenizes here: it must not take a GPU (or its memory) from JAX
+                        tf.config.set_visible_devices([], "GPU")
+                    except RuntimeError:  # TensorFlow was initialized before: too late to hide them
+                        pass
+                    sp = tf_text.SentencepieceTokenizer(model=self._proto, out_type=tf.int32)
+                    sp.tokenize(tf.constant([""]))  # loads the model now, while its log line is silenced
+                self._tf = (tf, sp)
         return self._tf
 
     def special_tokens(self) -> dict[str, int]:

@@ -26,6 +26,7 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.windowed_value import WindowedValue
 
 from model import ModelConfig, load_tokenizer, read_hf_config, resolve_checkpoint
+from model.platform import has_gpu, has_tpu
 from pipeline import formats, io, manifest, progress
 from pipeline.errors import JobError
 from pipeline.handler import NAMESPACE, EngineHandler, ModelSpec
@@ -183,7 +184,7 @@ def build(p: beam.Pipeline, opts: JobOptions, spec: ModelSpec, shards: list[str]
     defaults = {"max_tokens": opts.max_tokens, "temperature": opts.temperature, "top_p": opts.top_p,
                 "top_k": opts.top_k, "model": model_name(spec.checkpoint)}
     columns = formats.Columns(opts.prompt_column, opts.id_column, opts.prompt_feature, opts.id_feature)
-    share = opts.share_model == "true" or (opts.share_model == "auto" and _on_accelerator())
+    share = opts.share_model == "true" or (opts.share_model == "auto" and (has_tpu() or has_gpu()))
     output_urls = [io.output_url(opts.output, s) for s in shards]
     todo = list(range(len(shards))) if todo is None else todo
     last_lines = last_lines or {}
@@ -222,14 +223,6 @@ def shard_markers(shards: list[str], last_lines: dict[int, int | None],
     return {i: {"input": shards[i], "input_size": io.input_size(shards[i]),
                 "input_fingerprint": io.input_fingerprint(shards[i]), "last_line": last,
                 "config_hash": digest, "config": config} for i, last in last_lines.items()}
-
-
-def _on_accelerator() -> bool:
-    """Whether this machine has a TPU or an NVIDIA GPU, judged from its device files: asking JAX
-    would open the accelerator in the launching process, and a TPU opens in one process only."""
-    import glob
-
-    return any(glob.glob(pattern) for pattern in ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*"))
 
 
 def _let_worker_processes_import_project() -> None:

@@ -1,0 +1,58 @@
+"""Which accelerators this host has, judged from device files, and quiet start-up defaults.
+
+Asking JAX would open the accelerator, and a TPU opens in one process only; so the launching
+process of a job, and this module, look at /dev instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import sys
+
+TPU_DEVICE_FILES = ("/dev/accel*", "/dev/vfio/[0-9]*")
+GPU_DEVICE_FILES = ("/dev/nvidia[0-9]*",)
+
+
+def has_tpu() -> bool:
+    return any(glob.glob(p) for p in TPU_DEVICE_FILES)
+
+
+def has_gpu() -> bool:
+    return any(glob.glob(p) for p in GPU_DEVICE_FILES)
+
+
+def quiet_defaults() -> None:
+    """Environment defaults, set before jax and tensorflow are imported (an explicit setting wins).
+
+    Workaround, CPU hosts: with libtpu installed (for deviceless TPU compilation) JAX probes for a
+    TPU and logs libtpu's host-discovery errors, and TensorFlow (imported only to tokenize) logs
+    its CUDA probe; none of it means anything on a host without accelerators. So there JAX runs on
+    the CPU alone and TensorFlow logs only fatal errors. With accelerators, TensorFlow still logs
+    errors, not its info and warnings.
+    """
+    accelerated = has_tpu() or has_gpu()
+    if not accelerated:
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if accelerated else "3")
+
+
+@contextlib.contextmanager
+def native_stderr_silenced():
+    """Workaround: TensorFlow 2.21 and sentencepiece print C++ start-up logs (oneDNN, the CUDA
+    stub probe, "precompiled_charsmap is empty") straight to file descriptor 2, before any log
+    level applies. On a host without accelerators, this sends fd 2 to /dev/null for the duration
+    (an import, a model load); Python exceptions still propagate. Elsewhere it does nothing."""
+    if has_tpu() or has_gpu() or os.environ.get("LLM_BATCH_NATIVE_LOGS"):
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)

@@ -1,0 +1,21 @@
+"""A CPU user's job prints no accelerator or TensorFlow start-up noise: only the job's own lines."""
+
+import json
+import os
+import subprocess
+import sys
+
+NOISE = ("TPU", "libtpu", "cuInit", "cuda", "CUDA", "oneDNN", "absl", "apitools", "precompiled_charsmap",
+         "Traceback")
+
+
+def test_a_cpu_job_prints_only_its_own_lines(tmp_path):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"prompt": "In the beginning"}) + "\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "TF_CPP_MIN_LOG_LEVEL", "XLA_FLAGS")}
+    proc = subprocess.run([sys.executable, "-m", "pipeline.run", "--input", str(tmp_path / "a.jsonl"), "--output",
+                           str(tmp_path / "out"), "--model", "demo", "--max_tokens", "2"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    noisy = [line for line in proc.stderr.splitlines() if any(word in line for word in NOISE)]
+    assert not noisy, proc.stderr
+    assert "records" in proc.stdout and "completions" in proc.stdout
