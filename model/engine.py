@@ -5,13 +5,18 @@ Two jitted functions do all device work, each compiled once per shape:
                     of two) -> their KV written into chosen cache slots, their first token
                     sampled, the slots' decode state set;
   decode:           `decode_steps` tokens for every slot at its own position, stop checks on device.
-The KV cache and the per-slot decode state are donated to both. The host loop refills a slot
-as soon as its sequence finishes, while the other slots keep their place in the cache.
+The KV cache and the per-slot decode state are donated to both.
+
+One scheduler loop per engine, on its own thread, drives them: requests submitted from any thread
+(`submit`) wait in one queue, a slot is refilled as soon as its sequence finishes while the other
+slots keep their place in the cache, and each request's future is resolved when it ends.
+`generate` submits and waits. The loop's thread exits when it has nothing to do and starts again
+with the next request, so an idle engine holds no thread.
 """
 
 from __future__ import annotations
 
-import collections
+import concurrent.futures
 import dataclasses
 import logging
 import math
@@ -75,11 +80,14 @@ class SlotState:
     stop_ids: jax.Array  # -1 pads
 
     @classmethod
-    def empty(cls, slots: int, n_stop: int) -> "SlotState":
-        i32 = lambda: jnp.zeros((slots,), jnp.int32)  # noqa: E731
-        return cls(i32(), i32(), jnp.zeros((slots,), bool), i32(), i32(), jnp.zeros((slots,), jnp.float32),
-                   i32(), jnp.ones((slots,), jnp.float32), jnp.zeros((slots,), jnp.uint32),
-                   jnp.full((slots, n_stop), -1, jnp.int32))
+    def host(cls, slots: int, n_stop: int) -> "SlotState":
+        """Inactive rows as numpy arrays, to be filled on the host (prefill rows) or placed on
+        the device as they are (the empty cache's state)."""
+        z = lambda dt: np.zeros((slots,), dt)  # noqa: E731
+        return cls(token=z(np.int32), position=z(np.int32), active=z(bool), generated=z(np.int32),
+                   max_new=np.ones((slots,), np.int32), temperature=z(np.float32), top_k=z(np.int32),
+                   top_p=np.ones((slots,), np.float32), seed=z(np.uint32),
+                   stop_ids=np.full((slots, n_stop), -1, np.int32))
 
 
 def _finish(token: jax.Array, state_like: SlotState, generated: jax.Array, position: jax.Array,
@@ -129,7 +137,6 @@ class Engine:
         self.order = order
         self.buckets = buckets_for(max_len)
         self.dtype = params["final_norm"].dtype  # activations and cache; weights may be int8
-        self.compile_counts: collections.Counter[str] = collections.Counter()
         self.graphdef, self.params = nnx.split(Decoder(cfg, params, mesh))
         if kv_cache_dtype not in (None, "int8"):
             raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r}; expected None (the model dtype) or 'int8'")
@@ -140,11 +147,20 @@ class Engine:
             prefix_block) if prefix_cache_entries else None
         self._n_stop = 8
         self._cache_sharding = self.cache.shardings(mesh)
-        self.state = self._place_state(SlotState.empty(max_slots, self._n_stop))
+        self.state = self._place_state(SlotState.host(max_slots, self._n_stop))
         self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1, 2))
         self._decode = jax.jit(self._decode_fn, donate_argnums=(1, 2), static_argnums=(3, 4))
         self._forward = jax.jit(self._forward_fn)
-        self._lock = threading.Lock()  # one generate at a time: the cache and slots are shared state
+        # The scheduler: `_cond` guards `_incoming` and `_thread`; the rest is the loop's own.
+        # `_device` is held while the cache and slot state are in use (the loop's step, warmup).
+        self._cond, self._device = threading.Condition(), threading.RLock()
+        self._incoming: list[_Sequence] = []
+        self._thread: threading.Thread | None = None
+        self._arrivals = 0
+        self._waiting: list[_Sequence] = []
+        self._slot_of: list[_Sequence | None] = [None] * max_slots
+        self._in_flight: tuple[list[jax.Array], list[_Sequence | None]] | None = None
+        self._prefilling: list[_Sequence] = []
 
     # ------------------------------------------------------------ construction
 
@@ -186,7 +202,6 @@ class Engine:
     def _prefill_fn(self, params, cache: KVCache, state: SlotState, tokens_bt, starts_b, lengths_b, slots_b, rows):
         """tokens_bt: each prompt's tokens from starts_b on (its cached prefix ends there),
         right-padded; lengths_b: whole prompt lengths."""
-        self.compile_counts["prefill"] += 1  # runs once per trace, i.e. per compilation
         model = nnx.merge(self.graphdef, params)
         b = tokens_bt.shape[0]
         x, cache = model.prefill(tokens_bt, starts_b, slots_b, cache)
@@ -204,7 +219,6 @@ class Engine:
     def _decode_fn(self, params, cache: KVCache, state: SlotState, steps: int, chunks: int):
         """`steps` tokens for every active slot, attending over the cache's first `chunks` chunks
         (compiled once per count: the cost of a step follows the live length, not max_len)."""
-        self.compile_counts["decode"] += 1
         model = nnx.merge(self.graphdef, params)
 
         def step(carry, _):
@@ -236,7 +250,6 @@ class Engine:
         return jax.tree.map(place, state)
 
     def _forward_fn(self, params, tokens_bt):
-        self.compile_counts["forward"] += 1
         model = nnx.merge(self.graphdef, params)
         b, t = tokens_bt.shape
         return model.head(model.forward(tokens_bt, jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))))
@@ -261,17 +274,29 @@ class Engine:
             out[i, len(p):] = np.nan
         return out
 
+    @property
+    def compile_counts(self) -> dict[str, int]:
+        """How many variants of each device function have been compiled (or loaded from the
+        persistent cache): JAX's own count of each jitted function's cache entries."""
+        return {"prefill": self._prefill._cache_size(), "decode": self._decode._cache_size(),
+                "forward": self._forward._cache_size()}
+
     def generate(self, prompts: Sequence[Sequence[int]],
                  sampling: SamplingParams | Sequence[SamplingParams] | None = None) -> list[GenerationOutput]:
         """Generates for every prompt (lists of token ids); outputs are in input order.
 
         More prompts than slots run through the slots in turn: a finished sequence frees its slot
-        and the next waiting prompt is prefilled into it while the others keep decoding.
+        and the next waiting prompt is prefilled into it while the others keep decoding. Calls
+        from several threads share the slots.
         """
-        with self._lock:
-            return self._generate(prompts, sampling)
+        return [f.result() for f in self.submit(prompts, sampling)]
 
-    def _generate(self, prompts, sampling) -> list[GenerationOutput]:
+    def submit(self, prompts: Sequence[Sequence[int]],
+               sampling: SamplingParams | Sequence[SamplingParams] | None = None
+               ) -> list[concurrent.futures.Future]:
+        """Queues prompts for the scheduler loop; returns a future per prompt, resolved with its
+        GenerationOutput when it ends (or with the exception that failed it). Bad input raises
+        ValueError here, for the whole call, before anything is queued."""
         prompts = self._check_prompts(prompts, limit=self.max_len - 1)
         if sampling is None:
             sampling = SamplingParams()
@@ -279,72 +304,114 @@ class Engine:
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts; give one or one each")
         stops = [self._stop_ids(sp) for sp in params]
-        self._ensure_stop_width(max(len(s) for s in stops) if stops else 0)
+        seqs = [_Sequence(p, sp, st, min(sp.max_new_tokens, self.max_len - len(p)),
+                          self.prefix_cache.hashes(p) if self.prefix_cache is not None else [])
+                for p, sp, st in zip(prompts, params, stops)]
+        with self._cond:
+            for q in seqs:
+                q.arrival, self._arrivals = self._arrivals, self._arrivals + 1
+            self._incoming += seqs
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve, name="engine-loop", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        return [q.future for q in seqs]
 
-        outputs: list[list[int]] = [[] for _ in prompts]
-        logprobs: list[list[float]] = [[] for _ in prompts]
-        reasons: list[str | None] = [None] * len(prompts)
-        hashes = [self.prefix_cache.hashes(p) if self.prefix_cache is not None else [] for p in prompts]
-        limit = [min(sp.max_new_tokens, self.max_len - len(p)) for sp, p in zip(params, prompts)]
-        rank = (lambda i: -limit[i]) if self.order == "longest_first" else (lambda i: 0)  # noqa: E731
-        waiting = collections.deque(sorted(range(len(prompts)),
-                                           key=lambda i: (rank(i), self._bucket(len(prompts[i])))))
-        slot_of: list[int] = [-1] * self.max_slots  # slot -> prompt index, -1 when free
-        in_flight = None  # the last decode dispatch, not read yet
-        while waiting or in_flight or any(r >= 0 for r in slot_of):
-            free = [s for s, r in enumerate(slot_of) if r < 0]
-            if self.batching == "static" and len(free) < self.max_slots:
-                free = []
-            while free and waiting:
-                batch, cached = self._take_batch(waiting, prompts, hashes, len(free))
-                slots = [free.pop(0) for _ in batch]
-                first, first_lp, codes = self._run_prefill(batch, cached, slots, prompts, params, stops, hashes)
-                for i, s, tok, lp, code in zip(batch, slots, first, first_lp, codes):
-                    outputs[i].append(int(tok))
-                    logprobs[i].append(float(lp))
-                    if code != RUNNING:
-                        reasons[i] = FINISH_REASONS[int(code)]
-                        free.append(s)
-                    else:
-                        slot_of[s] = i
-            running = [i for i in slot_of if i >= 0]
-            # Dispatch the next decode before reading the last one, so host bookkeeping overlaps
-            # device work; unless the last one surely ends every running row (no wasted step).
-            if in_flight and (not running or all(len(outputs[i]) + self.decode_steps >= limit[i] for i in running)):
-                self._collect(*in_flight, slot_of, outputs, logprobs, reasons)
-                in_flight = None
-                continue
-            dispatched = None
-            if running:
-                # every running row's positions during this dispatch, even if the one in flight
-                # (not yet collected) also ran all its steps, lie within these chunks
-                reach = max(len(prompts[i]) + len(outputs[i]) for i in running) + 2 * self.decode_steps
-                chunks = self.cache.chunks_for(min(reach, self.max_len))
-                self.cache, self.state, *out = self._decode(self.params, self.cache, self.state,
-                                                            self.decode_steps, chunks)
-                dispatched = (out, list(slot_of))
-            if in_flight:
-                self._collect(*in_flight, slot_of, outputs, logprobs, reasons)
-            in_flight = dispatched
-        return [GenerationOutput(o, r, len(p), lp) for o, r, p, lp in zip(outputs, reasons, prompts, logprobs)]
+    def _serve(self) -> None:
+        """The scheduler loop: admits new requests, then runs one step, until nothing is left."""
+        while True:
+            with self._cond:
+                if not self._incoming and not self._busy():
+                    self._thread = None  # the next submit starts a new loop
+                    return
+                arrivals, self._incoming = self._incoming, []
+            with self._device:
+                try:
+                    self._admit(arrivals)
+                    self._step()
+                except Exception as e:  # noqa: BLE001 (fail what was on the device, keep serving)
+                    self._fail_running(e)
 
-    # ------------------------------------------------------------ helpers
+    def _busy(self) -> bool:
+        return bool(self._waiting or self._in_flight or any(self._slot_of))
 
-    def _collect(self, out, slot_of_then: list[int], slot_of: list[int], outputs, logprobs, reasons) -> None:
-        """Appends one decode dispatch's tokens to their prompts (as the slots were when it was
-        dispatched) and frees the slots whose sequence ended."""
+    def _admit(self, arrivals: list["_Sequence"]) -> None:
+        """Adds requests to the waiting list, in the order the slots take them: the largest
+        max_new_tokens first (order="longest_first") or arrival order, grouped by length bucket."""
+        if not arrivals:
+            return
+        self._ensure_stop_width(max(len(q.stop_ids) for q in arrivals))
+        rank = (lambda q: -q.limit) if self.order == "longest_first" else (lambda q: 0)  # noqa: E731
+        self._waiting = sorted(self._waiting + arrivals, key=lambda q: (rank(q), self._bucket(len(q.prompt)),
+                                                                       q.arrival))
+
+    def _step(self) -> None:
+        """Fills free slots (prefill), then dispatches the next decode and reads the last one."""
+        free = [s for s, q in enumerate(self._slot_of) if q is None]
+        if self.batching == "static" and len(free) < self.max_slots:
+            free = []
+        while free and self._waiting:
+            batch, cached = self._take_batch(len(free))
+            slots = [free.pop(0) for _ in batch]
+            first, first_lp, codes = self._run_prefill(batch, cached, slots)
+            for q, s, tok, lp, code in zip(batch, slots, first, first_lp, codes):
+                q.tokens.append(int(tok))
+                q.logprobs.append(float(lp))
+                if code != RUNNING:
+                    q.finish(FINISH_REASONS[int(code)])
+                    free.append(s)
+                else:
+                    self._slot_of[s] = q
+        running = [q for q in self._slot_of if q is not None]
+        # Dispatch the next decode before reading the last one, so host bookkeeping overlaps
+        # device work; unless the last one surely ends every running row (no wasted step).
+        if self._in_flight and (not running or all(len(q.tokens) + self.decode_steps >= q.limit for q in running)):
+            self._collect()
+            return
+        dispatched = None
+        if running:
+            chunks = self.decode_chunks(max(len(q.prompt) + len(q.tokens) for q in running))
+            self.cache, self.state, *out = self._decode(self.params, self.cache, self.state, self.decode_steps, chunks)
+            dispatched = (out, list(self._slot_of))
+        if self._in_flight:
+            self._collect()
+        self._in_flight = dispatched
+
+    def decode_chunks(self, longest: int) -> int:
+        """Cache chunks a decode dispatch attends over while the longest running row holds
+        `longest` tokens: every running row's positions during this dispatch, even if the one in
+        flight (not yet collected) also ran all its steps, lie within them."""
+        return self.cache.chunks_for(min(longest + 2 * self.decode_steps, self.max_len))
+
+    def _collect(self) -> None:
+        """Appends the in-flight decode dispatch's tokens to their sequences (as the slots were
+        when it was dispatched), and frees the slots whose sequence ended."""
+        out, slot_of_then = self._in_flight
+        self._in_flight = None
         tokens, lps, emitted, codes = (np.asarray(x) for x in out)
-        for s, i in enumerate(slot_of_then):
-            if i < 0:
+        for s, q in enumerate(slot_of_then):
+            if q is None:
                 continue
             for step in range(self.decode_steps):
                 if emitted[step, s]:
-                    outputs[i].append(int(tokens[step, s]))
-                    logprobs[i].append(float(lps[step, s]))
+                    q.tokens.append(int(tokens[step, s]))
+                    q.logprobs.append(float(lps[step, s]))
                 if codes[step, s] != RUNNING:
-                    reasons[i] = FINISH_REASONS[int(codes[step, s])]
-                    slot_of[s] = -1
+                    q.finish(FINISH_REASONS[int(codes[step, s])])
+                    self._slot_of[s] = None
                     break
+
+    def _fail_running(self, error: Exception) -> None:
+        """A device call failed: every sequence on the device (and those being prefilled) fails
+        with it, and the cache and slot state start afresh (they may have been donated)."""
+        log.exception("engine step failed; failing the %d sequences on the device", sum(map(bool, self._slot_of)))
+        for q in [*self._slot_of, *(self._in_flight[1] if self._in_flight else []), *self._prefilling]:
+            if q is not None and not q.future.done():
+                q.future.set_exception(error)
+        self._slot_of, self._in_flight, self._prefilling = [None] * self.max_slots, None, []
+        self.cache = KVCache.create(self.cfg, self.max_slots, self.max_len, self.dtype, self.mesh,
+                                    int8=self.cache.k_scale is not None)
+        self.state = self._place_state(SlotState.host(self.max_slots, self._n_stop))
 
     def _bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
@@ -359,77 +426,78 @@ class Engine:
         top = self.prefill_batch(bucket)
         return sorted({min(1 << i, top) for i in range(top.bit_length() + 1)})
 
-    def _take_batch(self, waiting: collections.deque, prompts, hashes,
-                    n_free: int) -> tuple[list[int], list[tuple[int | None, int]]]:
-        """Pops up to n_free waiting prompts whose uncached part falls in the same bucket as the
+    def _take_batch(self, n_free: int) -> tuple[list["_Sequence"], list[tuple[int | None, int]]]:
+        """Takes up to n_free waiting sequences whose uncached part falls in the same bucket as the
         first one's; returns them and, for each, (prefix store row or None, where its uncached
-        part starts). Of prompts that miss the prefix cache, one per first block goes at a time:
-        the others then find its prefix cached."""
+        part starts). Of sequences that miss the prefix cache, one per first block goes at a
+        time: the others then find its prefix cached."""
         found = {}
 
-        def start(i: int) -> int:
-            if i not in found:
-                found[i] = self.prefix_cache.lookup(hashes[i]) if self.prefix_cache is not None else (None, 0)
-            return found[i][1]
+        def start(q: _Sequence) -> int:
+            if id(q) not in found:
+                found[id(q)] = self.prefix_cache.lookup(q.hashes) if self.prefix_cache is not None else (None, 0)
+            return found[id(q)][1]
 
-        head = waiting[0]
-        bucket = self._bucket(len(prompts[head]) - start(head))
+        head = self._waiting[0]
+        bucket = self._bucket(len(head.prompt) - start(head))
         limit = min(n_free, self.prefill_batch(bucket))
         batch, missed_heads = [], set()
-        for i in list(waiting):
+        for q in self._waiting:
             if len(batch) == limit:
                 break
-            if self._bucket(len(prompts[i]) - start(i)) != bucket:
+            if self._bucket(len(q.prompt) - start(q)) != bucket:
                 continue
-            if found[i][1] == 0 and hashes[i]:
-                if hashes[i][0] in missed_heads:
+            if found[id(q)][1] == 0 and q.hashes:
+                if q.hashes[0] in missed_heads:
                     continue
-                missed_heads.add(hashes[i][0])
-            batch.append(i)
-        for i in batch:
-            waiting.remove(i)
-        return batch, [found[i] for i in batch]
+                missed_heads.add(q.hashes[0])
+            batch.append(q)
+        taken = set(map(id, batch))
+        self._waiting = [q for q in self._waiting if id(q) not in taken]
+        return batch, [found[id(q)] for q in batch]
 
-    def _run_prefill(self, batch, cached, slots, prompts, params, stops, hashes):
+    def _run_prefill(self, batch: list["_Sequence"], cached, slots):
+        self._prefilling = batch
         starts = [st for _, st in cached]
-        t = self._bucket(max(len(prompts[i]) - st for i, st in zip(batch, starts)))
+        t = self._bucket(max(len(q.prompt) - st for q, st in zip(batch, starts)))
         b = next(r for r in self.prefill_rows(t) if r >= len(batch))
         tokens = np.zeros((b, t), np.int32)
         start_ids, lengths = np.zeros((b,), np.int32), np.ones((b,), np.int32)
         slot_ids = np.full((b,), self.max_slots, np.int32)  # out of range: padding rows are dropped
-        rows = _host_rows(b, self._n_stop)
-        for r, (i, (row, st), s) in enumerate(zip(batch, cached, slots)):
+        rows = SlotState.host(b, self._n_stop)
+        for r, (q, (row, st), s) in enumerate(zip(batch, cached, slots)):
             if row is not None:
                 self.cache = self.prefix_cache.load(self.cache, row, s)
-            tokens[r, : len(prompts[i]) - st] = prompts[i][st:]
-            start_ids[r], lengths[r], slot_ids[r] = st, len(prompts[i]), s
-            sp = params[i]
-            rows["max_new"][r], rows["temperature"][r] = sp.max_new_tokens, sp.temperature
-            rows["top_k"][r], rows["top_p"][r], rows["seed"][r] = sp.top_k, sp.top_p, sp.seed
-            rows["stop_ids"][r, : len(stops[i])] = stops[i]
+            tokens[r, : len(q.prompt) - st] = q.prompt[st:]
+            start_ids[r], lengths[r], slot_ids[r] = st, len(q.prompt), s
+            sp = q.params
+            rows.max_new[r], rows.temperature[r] = sp.max_new_tokens, sp.temperature
+            rows.top_k[r], rows.top_p[r], rows.seed[r] = sp.top_k, sp.top_p, sp.seed
+            rows.stop_ids[r, : len(q.stop_ids)] = q.stop_ids
         first, first_lp, codes = self._call_prefill(tokens, start_ids, lengths, slot_ids, rows)
         if self.prefix_cache is not None:
-            for i, st, s in zip(batch, starts, slots):
-                if st < len(hashes[i]) * self.prefix_cache.block:  # it brings a longer prefix
-                    self.prefix_cache.insert(hashes[i], self.cache, s)
+            for q, st, s in zip(batch, starts, slots):
+                if st < len(q.hashes) * self.prefix_cache.block:  # it brings a longer prefix
+                    self.prefix_cache.insert(q.hashes, self.cache, s)
+        self._prefilling = []
         return first[: len(batch)], first_lp[: len(batch)], codes[: len(batch)]
 
     def warmup(self) -> None:
         """Compiles every prefill bucket and the decode step for each count of live cache chunks
         now, so that a job compiles nothing later. Prefill runs on padding rows only (their
         writes are dropped), decode only while no slot is active."""
-        with self._lock:
+        with self._device:
             for t in self.buckets:
                 for b in self.prefill_rows(t):
                     self._call_prefill(np.zeros((b, t), np.int32), np.zeros((b,), np.int32), np.ones((b,), np.int32),
-                                       np.full((b,), self.max_slots, np.int32), _host_rows(b, self._n_stop))
+                                       np.full((b,), self.max_slots, np.int32), SlotState.host(b, self._n_stop))
             if not bool(jnp.any(self.state.active)):
                 for chunks in range(1, len(self.cache.sizes) + 1):
                     self.cache, self.state, *_ = self._decode(self.params, self.cache, self.state,
                                                               self.decode_steps, chunks)
 
-    def _call_prefill(self, tokens, starts, lengths, slot_ids, rows: dict[str, np.ndarray]):
-        rows = SlotState(**{k: jnp.asarray(v) for k, v in rows.items()})
+    def _call_prefill(self, tokens, starts, lengths, slot_ids, rows: SlotState):
+        rows = jax.tree.map(jnp.asarray, rows)
         self.cache, self.state, first, logprob, codes = self._prefill(
             self.params, self.cache, self.state, jnp.asarray(tokens), jnp.asarray(starts),
             jnp.asarray(lengths), jnp.asarray(slot_ids), rows)
@@ -472,11 +540,22 @@ class Engine:
         return out
 
 
-def _host_rows(b: int, n_stop: int) -> dict[str, np.ndarray]:
-    z = lambda dt: np.zeros((b,), dt)  # noqa: E731
-    return dict(token=z(np.int32), position=z(np.int32), active=z(bool), generated=z(np.int32),
-                max_new=np.ones((b,), np.int32), temperature=z(np.float32), top_k=z(np.int32),
-                top_p=np.ones((b,), np.float32), seed=z(np.uint32), stop_ids=np.full((b, n_stop), -1, np.int32))
+@dataclasses.dataclass(eq=False)
+class _Sequence:
+    """One request from submission to its output: the scheduler's only per-request record."""
+
+    prompt: list[int]
+    params: SamplingParams
+    stop_ids: tuple[int, ...]
+    limit: int  # most tokens it may generate: max_new_tokens, cut to what the cache holds
+    hashes: list[bytes]  # the prompt's prefix-cache block hashes
+    arrival: int = 0
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
+
+    def finish(self, reason: str) -> None:
+        self.future.set_result(GenerationOutput(self.tokens, reason, len(self.prompt), self.logprobs))
 
 
 def enable_compilation_cache(path: str | None = None) -> None:

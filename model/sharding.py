@@ -65,6 +65,8 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh
                                  f"to mesh axis {mesh_axis!r}")
             used[mesh_axis] = axis
         spec.append(mesh_axis if mesh_axis is not None and mesh.shape[mesh_axis] > 1 else None)
+    while spec and spec[-1] is None:  # the form jit gives its outputs: an array placed here and one
+        spec.pop()                    # returned by a jitted function then hit one dispatch-cache entry
     return PartitionSpec(*spec)
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
+import threading
 import os
 import time
 from typing import Any, Iterable, Sequence
@@ -20,6 +22,7 @@ NAMESPACE = "llm_batch"
 # The engine last loaded in this process, by spec: the successive pipelines of one job
 # (--shards_per_pass) on the in-process runner reuse it instead of loading and tracing it again.
 _last_engine: dict["ModelSpec", Engine] = {}
+_loading = threading.Lock()  # several Beam threads may ask for the engine at once: load it once
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,8 +68,8 @@ class ModelSpec:
 
 
 class EngineHandler(ModelHandler[Sequence[Request], Result, Engine]):
-    """Runs pre-batched Requests (token ids filled in) through the engine; never fails a batch
-    for one bad record: if a batch raises, its records are retried one by one."""
+    """Runs pre-batched Requests (token ids filled in) through the engine's loop; never fails a
+    batch for one bad record. Batches from several threads share the engine's slots."""
 
     def __init__(self, spec: ModelSpec, share_across_processes: bool = False):
         super().__init__()
@@ -77,14 +80,15 @@ class EngineHandler(ModelHandler[Sequence[Request], Result, Engine]):
         self._batch_records = Metrics.distribution(NAMESPACE, "batch_records")
 
     def load_model(self) -> Engine:
-        if self.spec in _last_engine:
-            return _last_engine[self.spec]
-        start = time.perf_counter()
-        engine = self.spec.load()
-        log.info("loaded %s in %.1fs", self.spec.checkpoint, time.perf_counter() - start)
-        _last_engine.clear()
-        _last_engine[self.spec] = engine
-        return engine
+        with _loading:
+            if self.spec in _last_engine:
+                return _last_engine[self.spec]
+            start = time.perf_counter()
+            engine = self.spec.load()
+            log.info("loaded %s in %.1fs", self.spec.checkpoint, time.perf_counter() - start)
+            _last_engine.clear()
+            _last_engine[self.spec] = engine
+            return engine
 
     def share_model_across_processes(self) -> bool:
         return self._share
@@ -97,18 +101,32 @@ class EngineHandler(ModelHandler[Sequence[Request], Result, Engine]):
         return [self._generate(list(requests), engine) for requests in batch]
 
     def _generate(self, requests: list[Request], engine: Engine) -> list[Result]:
+        """Submits the batch to the engine's loop, where it joins whatever other threads submitted,
+        and waits for it; a request that fails (at submission or on the device) fails alone."""
         start = time.perf_counter()
         try:
-            outs = engine.generate([r.token_ids for r in requests], [r.sampling() for r in requests])
-        except Exception as e:  # isolate the record that broke the batch
-            if len(requests) == 1:
-                r = requests[0]
-                log.exception("record %s failed", r.id)
-                return [r.fail("generation_failed", f"{type(e).__name__}: {e}")]
-            return [res for r in requests for res in self._generate([r], engine)]
+            futures = engine.submit([r.token_ids for r in requests], [r.sampling() for r in requests])
+        except Exception:  # noqa: BLE001 (one bad request refuses the whole call: submit one by one)
+            futures = [self._submit_one(r, engine) for r in requests]
+        results = []
+        for r, f in zip(requests, futures):
+            try:
+                results.append(r.result(f.result()))
+            except Exception as e:  # noqa: BLE001
+                log.warning("record %s failed: %s: %s", r.id, type(e).__name__, e)
+                results.append(r.fail("generation_failed", f"{type(e).__name__}: {e}"))
         elapsed = time.perf_counter() - start
-        generated = sum(len(o.token_ids) for o in outs)
+        generated = sum(res.completion_tokens for res in results)
         self._latency.update(int(elapsed * 1000))
         self._tokens_per_s.update(int(generated / max(elapsed, 1e-9)))
         self._batch_records.update(len(requests))
-        return [r.result(o) for r, o in zip(requests, outs)]
+        return results
+
+    @staticmethod
+    def _submit_one(r: Request, engine: Engine) -> concurrent.futures.Future:
+        try:
+            return engine.submit([r.token_ids], r.sampling())[0]
+        except Exception as e:  # noqa: BLE001
+            failed = concurrent.futures.Future()
+            failed.set_exception(e)
+            return failed

@@ -257,3 +257,51 @@ def test_warmup_compiles_a_decode_per_live_chunk_count():
     before = dict(eng.compile_counts)
     eng.generate([rng.integers(3, 256, size=n).tolist() for n in (3, 200, 90)], greedy(40))
     assert dict(eng.compile_counts) == before
+
+
+# ------------------------------------------------------------------ the scheduler loop
+
+
+def test_threads_share_the_slots_and_get_what_each_would_alone(engine):
+    import threading
+
+    expected = [o.token_ids for o in engine.generate(PROMPTS, greedy(12))]
+    got, threads = {}, []
+    for i, p in enumerate(PROMPTS):
+        threads.append(threading.Thread(target=lambda i=i, p=p: got.__setitem__(i, engine.generate([p], greedy(12)))))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [got[i][0].token_ids for i in range(len(PROMPTS))] == expected
+
+
+def test_submit_returns_futures_and_bad_input_raises_before_anything_is_queued(engine):
+    futures = engine.submit(PROMPTS[:2], greedy(5))
+    assert [len(f.result(60).token_ids) for f in futures] == [5, 5]
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        engine.submit([PROMPTS[0], []], greedy(5))
+
+
+def test_a_failed_step_fails_its_sequences_only_and_the_loop_keeps_serving(engine, monkeypatch):
+    import time
+
+    expected = engine.generate([PROMPTS[2]], greedy(6))[0].token_ids
+    real = engine._decode
+    calls = []
+
+    def broken_once(*args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("device fell over")
+        return real(*args)
+
+    monkeypatch.setattr(engine, "_decode", broken_once)
+    [doomed] = engine.submit([PROMPTS[0]], greedy(20))
+    with pytest.raises(RuntimeError, match="device fell over"):
+        doomed.result(60)
+    assert engine.generate([PROMPTS[2]], greedy(6))[0].token_ids == expected
+    deadline = time.monotonic() + 10
+    while engine._thread is not None and time.monotonic() < deadline:  # an idle engine holds no thread
+        time.sleep(0.01)
+    assert engine._thread is None
