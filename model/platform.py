@@ -10,6 +10,7 @@ import contextlib
 import glob
 import os
 import sys
+import threading
 
 TPU_DEVICE_FILES = ("/dev/accel*", "/dev/vfio/[0-9]*")
 GPU_DEVICE_FILES = ("/dev/nvidia[0-9]*",)
@@ -38,21 +39,32 @@ def quiet_defaults() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if accelerated else "3")
 
 
+_silenced = {"depth": 0, "saved": -1}
+_silenced_lock = threading.Lock()
+
+
 @contextlib.contextmanager
 def native_stderr_silenced():
     """Workaround: TensorFlow 2.21 and sentencepiece print C++ start-up logs (oneDNN, the CUDA
     stub probe, "precompiled_charsmap is empty") straight to file descriptor 2, before any log
     level applies. On a host without accelerators, this sends fd 2 to /dev/null for the duration
-    (an import, a model load); Python exceptions still propagate. Elsewhere it does nothing."""
+    (an import, a model load); Python exceptions still propagate. Elsewhere it does nothing.
+    Threads may overlap: the first to enter saves fd 2, the last to leave restores it."""
     if has_tpu() or has_gpu() or os.environ.get("LLM_BATCH_NATIVE_LOGS"):
         yield
         return
-    sys.stderr.flush()
-    saved = os.dup(2)
+    with _silenced_lock:
+        if _silenced["depth"] == 0:
+            sys.stderr.flush()
+            _silenced["saved"] = os.dup(2)
+            with open(os.devnull, "wb") as null:
+                os.dup2(null.fileno(), 2)
+        _silenced["depth"] += 1
     try:
-        with open(os.devnull, "wb") as null:
-            os.dup2(null.fileno(), 2)
         yield
     finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+        with _silenced_lock:
+            _silenced["depth"] -= 1
+            if _silenced["depth"] == 0:
+                os.dup2(_silenced["saved"], 2)
+                os.close(_silenced["saved"])

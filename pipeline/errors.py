@@ -44,6 +44,8 @@ def error_line(e: BaseException) -> tuple[str, int]:
     text = str(e)
     found = _EXCEPTION_LINE.findall(text)
     name, message = found[-1] if found else (type(e).__name__, text)
+    while (inner := _EXCEPTION_LINE.match(message)) is not None:  # "RuntimeError: PermissionError: ..."
+        name, message = inner.groups()
     step = _STEP.search(message)
     message = _flat(_STEP.sub("", message))
     if step:

@@ -37,6 +37,7 @@ from pipeline.records import (Request, Result, chat_template_for, check_sampling
 
 log = logging.getLogger(__name__)
 BUCKETS = [16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
+LOCAL_WORKER_THREADS = 4  # the in-process runner's default: bundles feeding the engine at once
 
 
 def context_length(spec: ModelSpec) -> int:
@@ -241,7 +242,13 @@ def parse_options(argv: list[str] | None) -> tuple[JobOptions, ModelSpec]:
     opts = PipelineOptions(argv).view_as(JobOptions)
     if opts.view_as(StandardOptions).runner is None:
         opts.view_as(StandardOptions).runner = DEFAULT_RUNNER
-    if opts.view_as(DirectOptions).direct_running_mode == "multi_processing":
+    direct = opts.view_as(DirectOptions)
+    given = opts.get_all_options(drop_default=True)
+    if opts.view_as(StandardOptions).runner == DEFAULT_RUNNER and "direct_num_workers" not in given:
+        # several bundles at once, each feeding its batches to the one engine's loop: the slots stay
+        # full across Beam batches instead of draining at each batch's tail (launch/bench_pipeline.py)
+        direct.direct_num_workers, direct.direct_running_mode = LOCAL_WORKER_THREADS, "multi_threading"
+    if direct.direct_running_mode == "multi_processing":
         _let_worker_processes_import_project()
     for flag, value, least in (("batch_tokens", opts.batch_tokens, 1), ("shards_per_pass", opts.shards_per_pass, 0),
                                ("limit", opts.limit, 1), ("max_record_bytes", opts.max_record_bytes, 1),

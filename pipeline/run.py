@@ -7,6 +7,8 @@ traceback.
 
 from __future__ import annotations
 
+import contextlib
+import io as io_
 import logging
 import sys
 import traceback
@@ -76,9 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     verbose = "--verbose" in argv  # read here: the options themselves may be what fails
     # Beam logs the traceback of a failing step before it raises the failure; main reports it once
-    logging.getLogger("apache_beam.runners.common").setLevel(logging.NOTSET if verbose else logging.CRITICAL)
+    # (in the step itself, and in the worker thread that ran it)
+    for name in ("apache_beam.runners.common", "apache_beam.runners.worker.sdk_worker"):
+        logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.CRITICAL)
     try:
-        summary = run(argv)
+        # Beam's worker threads print a failing step's traceback straight to sys.stderr; the
+        # failure is reported below as one line (logging keeps its own handle on the real stderr)
+        with contextlib.nullcontext() if verbose else contextlib.redirect_stderr(io_.StringIO()):
+            summary = run(argv)
         glob = argv[argv.index("--input") + 1] if "--input" in argv else next(
             a.split("=", 1)[1] for a in argv if a.startswith("--input="))
         print_summary(summary, glob, argv)

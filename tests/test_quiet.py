@@ -19,3 +19,27 @@ def test_a_cpu_job_prints_only_its_own_lines(tmp_path):
     noisy = [line for line in proc.stderr.splitlines() if any(word in line for word in NOISE)]
     assert not noisy, proc.stderr
     assert "records" in proc.stdout and "completions" in proc.stdout
+
+
+def test_overlapping_silenced_sections_give_stderr_back():
+    import threading
+
+    from model.platform import native_stderr_silenced
+
+    before = os.fstat(2)
+    entered, leave = threading.Barrier(3), threading.Event()
+
+    def hold():
+        with native_stderr_silenced():
+            entered.wait()
+            leave.wait()
+
+    threads = [threading.Thread(target=hold) for _ in range(2)]
+    for t in threads:
+        t.start()
+    entered.wait()
+    leave.set()
+    for t in threads:
+        t.join()
+    after = os.fstat(2)
+    assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)
