@@ -64,6 +64,8 @@ class ModelConfig:
     def num_params(self) -> int:
         d, f, v, hd = self.hidden_size, self.intermediate_size, self.vocab_size, self.head_dim
         attn = d * hd * (2 * self.num_heads + 2 * self.num_kv_heads)
+        if self.qkv_bias:
+            attn += hd * (self.num_heads + 2 * self.num_kv_heads)
         layer = attn + 3 * d * f + 2 * d
         return self.num_layers * layer + v * d * (1 if self.tie_word_embeddings else 2) + d
 
@@ -200,6 +202,43 @@ PRESETS: dict[str, ModelConfig] = {
                              tie_word_embeddings=True, max_position_embeddings=8192,
                              rope_scaling=RopeScaling("llama3", 32.0, 1.0, 4.0, 8192)),
 }
+
+# The shapes of published models: the architecture fields of each one's config.json on the
+# Hugging Face Hub (base models), read through from_hf_config. With random weights they are only
+# for tests; they exist so that launch/aot.py can size and compile a real model with no weights.
+_LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}
+_LLAMA3 = {"architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "rms_norm_eps": 1e-5,
+           "rope_theta": 500000.0, "max_position_embeddings": 131072, "bos_token_id": 128000,
+           "eos_token_id": 128001}
+PUBLISHED: dict[str, dict[str, Any]] = {
+    "llama-3.2-1b": {**_LLAMA3, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+                     "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
+                     "tie_word_embeddings": True, "rope_scaling": {**_LLAMA3_ROPE, "factor": 32.0}},
+    "llama-3.1-8b": {**_LLAMA3, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                     "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+                     "tie_word_embeddings": False, "rope_scaling": {**_LLAMA3_ROPE, "factor": 8.0}},
+    "llama-3.1-70b": {**_LLAMA3, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+                      "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 128,
+                      "tie_word_embeddings": False, "rope_scaling": {**_LLAMA3_ROPE, "factor": 8.0}},
+    # Mistral-7B-v0.1: the version whose config has a sliding window
+    "mistral-7b": {"architectures": ["MistralForCausalLM"], "vocab_size": 32000, "hidden_size": 4096,
+                   "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+                   "num_key_value_heads": 8, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+                   "max_position_embeddings": 32768, "sliding_window": 4096, "tie_word_embeddings": False,
+                   "bos_token_id": 1, "eos_token_id": 2},
+    "qwen2.5-7b": {"architectures": ["Qwen2ForCausalLM"], "vocab_size": 152064, "hidden_size": 3584,
+                   "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+                   "num_key_value_heads": 4, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+                   "max_position_embeddings": 131072, "use_sliding_window": False,
+                   "tie_word_embeddings": False, "bos_token_id": 151643, "eos_token_id": 151643},
+    "gemma-7b": {"architectures": ["GemmaForCausalLM"], "vocab_size": 256000, "hidden_size": 3072,
+                 "intermediate_size": 24576, "num_hidden_layers": 28, "num_attention_heads": 16,
+                 "num_key_value_heads": 16, "head_dim": 256, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+                 "max_position_embeddings": 8192, "hidden_act": "gelu_pytorch_tanh",
+                 "tie_word_embeddings": True, "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0},
+}
+PRESETS.update({name: ModelConfig.from_hf_config(hf) for name, hf in PUBLISHED.items()})
 
 
 def rope_inv_freq(cfg: ModelConfig) -> list[float]:

@@ -71,6 +71,14 @@ def param_shardings(cfg: ModelConfig, mesh: jax.sharding.Mesh) -> dict[str, Any]
     return out
 
 
+def abstract_params(cfg: ModelConfig, dtype: jnp.dtype, mesh: jax.sharding.Mesh) -> dict[str, Any]:
+    """The weights as jax.ShapeDtypeStructs with their NamedShardings, in the params' structure:
+    what init_params or load_params return, with nothing allocated (for compiling ahead of time)."""
+    shardings = param_shardings(cfg, mesh)
+    return {name: jax.tree.map(lambda s, spec=spec: jax.ShapeDtypeStruct(spec.shape, dtype, sharding=s), shardings[name])
+            for name, spec in param_specs(cfg).items()}
+
+
 def init_params(cfg: ModelConfig, key: Array, dtype: jnp.dtype, std: float = 0.02) -> dict[str, Any]:
     """Random weights (normal(0, std) matrices, unit norms). Jit it with out_shardings to place them."""
     out = {}

@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from model.config import PRESETS, ModelConfig
-from model.decoder import Decoder, init_params, param_shardings
+from model.decoder import Decoder, abstract_params, init_params, param_shardings
 from model.kv_cache import KVCache
 from model.prefix_cache import PrefixCache
 from model.quantize import quantize_params
@@ -137,17 +137,22 @@ class Engine:
         self.order = order
         self.buckets = buckets_for(max_len)
         self.dtype = params["final_norm"].dtype  # activations and cache; weights may be int8
+        # Weights given as ShapeDtypeStructs (Engine.abstract) make the cache and slot state
+        # abstract too: the engine then lowers and compiles its functions but cannot run them.
+        self.abstract = all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params))
         self.graphdef, self.params = nnx.split(Decoder(cfg, params, mesh))
         if kv_cache_dtype not in (None, "int8"):
             raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r}; expected None (the model dtype) or 'int8'")
-        self.cache = KVCache.create(cfg, max_slots, max_len, self.dtype, mesh, int8=kv_cache_dtype == "int8")
+        new_cache = KVCache.abstract if self.abstract else KVCache.create
+        self.cache = new_cache(cfg, max_slots, max_len, self.dtype, mesh, int8=kv_cache_dtype == "int8")
         # rows of shared-prefix KV, kept apart from the slots (decode would write into them)
-        self.prefix_cache = PrefixCache(KVCache.create(
+        self.prefix_cache = PrefixCache(new_cache(
             cfg, prefix_cache_entries, max_len, self.dtype, mesh, int8=kv_cache_dtype == "int8"),
             prefix_block) if prefix_cache_entries else None
         self._n_stop = 8
         self._cache_sharding = self.cache.shardings(mesh)
-        self.state = self._place_state(SlotState.host(max_slots, self._n_stop))
+        state = SlotState.host(max_slots, self._n_stop)
+        self.state = self._place_state(jax.tree.map(_abstract, state) if self.abstract else state)
         self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1, 2))
         self._decode = jax.jit(self._decode_fn, donate_argnums=(1, 2), static_argnums=(3, 4))
         self._forward = jax.jit(self._forward_fn)
@@ -172,10 +177,7 @@ class Engine:
         name: "demo" (the bundled checkpoint) or a random-weight shape from PRESETS (seeded).
         max_len=None: min(2048, the model's context). The checkpoint's tokenizer, if any, becomes
         `engine.tokenizer`."""
-        if quantize not in (None, "int8"):
-            raise ValueError(f"quantize={quantize!r}; expected None or 'int8'")
-        if dtype not in ("bfloat16", "float32"):
-            raise ValueError(f"dtype={dtype!r}; expected 'bfloat16' or 'float32'")
+        _check_dtype_and_quantize(dtype, quantize)
         path_or_preset = os.fspath(path_or_preset)
         mesh = make_mesh(mesh_shape)
         jdtype = jnp.dtype(dtype)
@@ -196,6 +198,21 @@ class Engine:
         max_len = max_len or min(2048, cfg.max_position_embeddings)
         enable_compilation_cache()
         return cls(cfg, params, mesh, max_slots=max_slots, max_len=max_len, tokenizer=tokenizer, **engine_kw)
+
+    @classmethod
+    def abstract(cls, cfg: ModelConfig, mesh: jax.sharding.Mesh, dtype: str = "bfloat16",
+                 quantize: str | None = None, **engine_kw: Any) -> "Engine":
+        """An engine whose weights, KV cache and slot state are jax.ShapeDtypeStructs with the
+        shardings the real ones get on `mesh`; nothing is allocated. `mesh` may be built from
+        devices this host does not have, e.g. a TPU slice from
+        jax.experimental.topologies.get_topology_desc. Its own jitted functions then lower and
+        compile for those devices (`lower_prefill`, `lower_decode`); it cannot generate.
+        engine_kw are Engine's (max_slots, max_len, kv_cache_dtype, ...)."""
+        _check_dtype_and_quantize(dtype, quantize)
+        params = abstract_params(cfg, jnp.dtype(dtype), mesh)
+        if quantize == "int8":
+            params = quantize_params(params, cfg, mesh)
+        return cls(cfg, params, mesh, **engine_kw)
 
     # ------------------------------------------------------------ jitted device functions
 
@@ -246,6 +263,8 @@ class Engine:
             sharding = named_sharding(("slots",) + (None,) * (x.ndim - 1), x.shape, self.mesh)
             if isinstance(x, jax.core.Tracer):
                 return jax.lax.with_sharding_constraint(x, sharding)
+            if isinstance(x, jax.ShapeDtypeStruct):
+                return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
             return jax.device_put(x, sharding)
         return jax.tree.map(place, state)
 
@@ -263,6 +282,7 @@ class Engine:
     def logits(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
         """Full causal forward, no cache: float32 [batch, longest prompt, vocab].
         Positions past a prompt's own length are NaN."""
+        self._check_concrete("logits")
         prompts = self._check_prompts(prompts, limit=self.max_len)
         longest = max(len(p) for p in prompts)
         t = self._bucket(longest)
@@ -297,6 +317,7 @@ class Engine:
         """Queues prompts for the scheduler loop; returns a future per prompt, resolved with its
         GenerationOutput when it ends (or with the exception that failed it). Bad input raises
         ValueError here, for the whole call, before anything is queued."""
+        self._check_concrete("generate")
         prompts = self._check_prompts(prompts, limit=self.max_len - 1)
         if sampling is None:
             sampling = SamplingParams()
@@ -413,6 +434,12 @@ class Engine:
                                     int8=self.cache.k_scale is not None)
         self.state = self._place_state(SlotState.host(self.max_slots, self._n_stop))
 
+    def decode_chunks(self, longest: int) -> int:
+        """Cache chunks a decode dispatch attends over while the longest running row holds
+        `longest` tokens: every running row's positions during this dispatch, even if the one in
+        flight (not yet collected) also ran all its steps, lie within them."""
+        return self.cache.chunks_for(min(longest + 2 * self.decode_steps, self.max_len))
+
     def _bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
 
@@ -482,19 +509,45 @@ class Engine:
         self._prefilling = []
         return first[: len(batch)], first_lp[: len(batch)], codes[: len(batch)]
 
+    def prefill_shapes(self) -> list[tuple[int, int]]:
+        """(rows, bucket) of every prefill the engine can run, i.e. compiles in warmup()."""
+        return [(b, t) for t in self.buckets for b in self.prefill_rows(t)]
+
     def warmup(self) -> None:
-        """Compiles every prefill bucket and the decode step for each count of live cache chunks
+        """Compiles every prefill shape and the decode step for each count of live cache chunks
         now, so that a job compiles nothing later. Prefill runs on padding rows only (their
         writes are dropped), decode only while no slot is active."""
+        self._check_concrete("warmup")
         with self._device:
-            for t in self.buckets:
-                for b in self.prefill_rows(t):
-                    self._call_prefill(np.zeros((b, t), np.int32), np.zeros((b,), np.int32), np.ones((b,), np.int32),
-                                       np.full((b,), self.max_slots, np.int32), SlotState.host(b, self._n_stop))
+            for b, t in self.prefill_shapes():
+                self._call_prefill(*self._padding_prefill(b, t))
             if not bool(jnp.any(self.state.active)):
                 for chunks in range(1, len(self.cache.sizes) + 1):
                     self.cache, self.state, *_ = self._decode(self.params, self.cache, self.state,
                                                               self.decode_steps, chunks)
+
+    def lower_prefill(self, rows: int, bucket: int) -> jax.stages.Lowered:
+        """The prefill of `rows` prompts padded to `bucket` tokens, lowered for the engine's mesh
+        (as warmup() would call it); `.compile()` it for cost and memory figures."""
+        shape = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)  # noqa: E731
+        *arrays, rows_host = self._padding_prefill(rows, bucket)
+        row_state = jax.tree.map(shape, rows_host)
+        return self._prefill.lower(self.params, self.cache, self.state, *map(shape, arrays), row_state)
+
+    def lower_decode(self, chunks: int) -> jax.stages.Lowered:
+        """The decode dispatch (`decode_steps` tokens per slot) over the cache's first `chunks`
+        chunks, lowered for the engine's mesh."""
+        return self._decode.lower(self.params, self.cache, self.state, self.decode_steps, chunks)
+
+    def _padding_prefill(self, b: int, t: int) -> tuple[np.ndarray, ...]:
+        """Inputs of a prefill of b padding rows of t tokens, whose writes are all dropped."""
+        return (np.zeros((b, t), np.int32), np.zeros((b,), np.int32), np.ones((b,), np.int32),
+                np.full((b,), self.max_slots, np.int32), SlotState.host(b, self._n_stop))
+
+    def _check_concrete(self, what: str) -> None:
+        if self.abstract:
+            raise RuntimeError(f"{what}() needs weights on devices; this Engine is abstract (Engine.abstract): "
+                               "it only lowers and compiles (lower_prefill, lower_decode)")
 
     def _call_prefill(self, tokens, starts, lengths, slot_ids, rows: SlotState):
         rows = jax.tree.map(jnp.asarray, rows)
@@ -556,6 +609,17 @@ class _Sequence:
 
     def finish(self, reason: str) -> None:
         self.future.set_result(GenerationOutput(self.tokens, reason, len(self.prompt), self.logprobs))
+
+
+def _check_dtype_and_quantize(dtype: str, quantize: str | None) -> None:
+    if quantize not in (None, "int8"):
+        raise ValueError(f"quantize={quantize!r}; expected None or 'int8'")
+    if dtype not in ("bfloat16", "float32"):
+        raise ValueError(f"dtype={dtype!r}; expected 'bfloat16' or 'float32'")
+
+
+def _abstract(x: np.ndarray) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(x.shape, x.dtype)
 
 
 def enable_compilation_cache(path: str | None = None) -> None:

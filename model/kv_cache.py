@@ -83,20 +83,31 @@ class KVCache:
         return sum(self.sizes[:chunks])
 
     @classmethod
-    def create(cls, cfg: ModelConfig, max_slots: int, max_len: int, dtype: jnp.dtype,
-               mesh: jax.sharding.Mesh, int8: bool = False) -> "KVCache":
-        def zeros(shape_of, dt, axes):
-            def make(size):
+    def abstract(cls, cfg: ModelConfig, max_slots: int, max_len: int, dtype: jnp.dtype,
+                 mesh: jax.sharding.Mesh, int8: bool = False) -> "KVCache":
+        """The cache's one declaration: a KVCache of jax.ShapeDtypeStructs, each with its
+        NamedSharding on `mesh`. Nothing is allocated, so `mesh` may hold devices this host does
+        not have (a TPU topology, for compiling ahead of time)."""
+        def structs(shape_of, dt, axes):
+            def struct(size):
                 shape = shape_of(size)
-                return jax.jit(lambda: jnp.zeros(shape, dt), out_shardings=named_sharding(axes, shape, mesh))()
-            return [[make(size) for size in chunk_sizes(max_len)] for _ in range(cfg.num_layers)]
+                return jax.ShapeDtypeStruct(shape, dt, sharding=named_sharding(axes, shape, mesh))
+            return [[struct(size) for size in chunk_sizes(max_len)] for _ in range(cfg.num_layers)]
 
         s, kv, hd = max_slots, cfg.num_kv_heads, cfg.head_dim
         k_shape, v_shape, scale_shape = (lambda n: (s, kv, hd, n)), (lambda n: (s, kv, n, hd)), (lambda n: (s, kv, n))
         if not int8:
-            return cls(zeros(k_shape, dtype, K_AXES), zeros(v_shape, dtype, V_AXES))
-        return cls(zeros(k_shape, jnp.int8, K_AXES), zeros(v_shape, jnp.int8, V_AXES),
-                   zeros(scale_shape, jnp.float32, SCALE_AXES), zeros(scale_shape, jnp.float32, SCALE_AXES))
+            return cls(structs(k_shape, dtype, K_AXES), structs(v_shape, dtype, V_AXES))
+        return cls(structs(k_shape, jnp.int8, K_AXES), structs(v_shape, jnp.int8, V_AXES),
+                   structs(scale_shape, jnp.float32, SCALE_AXES), structs(scale_shape, jnp.float32, SCALE_AXES))
+
+    @classmethod
+    def create(cls, cfg: ModelConfig, max_slots: int, max_len: int, dtype: jnp.dtype,
+               mesh: jax.sharding.Mesh, int8: bool = False) -> "KVCache":
+        """A zeroed cache as `abstract` declares it, each buffer created in its sharding."""
+        def zeros(struct: jax.ShapeDtypeStruct) -> jax.Array:
+            return jax.jit(lambda: jnp.zeros(struct.shape, struct.dtype), out_shardings=struct.sharding)()
+        return jax.tree.map(zeros, cls.abstract(cfg, max_slots, max_len, dtype, mesh, int8))
 
     def shardings(self, mesh: jax.sharding.Mesh) -> "KVCache":
         def place(layers, axes):

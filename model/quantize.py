@@ -56,7 +56,8 @@ def quantize(w: jax.Array, contracted: tuple[int, ...]) -> QArray:
 
 def quantize_params(params: dict, cfg, mesh: jax.sharding.Mesh) -> dict:
     """int8 copies of the matmul weights, placed like the originals; norms and biases stay as they are.
-    One weight at a time, so peak memory is the model plus one weight."""
+    One weight at a time, so peak memory is the model plus one weight. Abstract weights
+    (jax.ShapeDtypeStructs, see decoder.abstract_params) give abstract int8 weights."""
     from model.decoder import param_specs  # the decoder imports QArray from here
 
     specs = param_specs(cfg)
@@ -69,8 +70,13 @@ def quantize_params(params: dict, cfg, mesh: jax.sharding.Mesh) -> dict:
         axes = tuple(spec.axes.index(a) for a in CONTRACTED[name])
         shardings = QArray(named_sharding(spec.axes, spec.shape, mesh), _scale_sharding(spec, axes, mesh))
         convert = jax.jit(lambda w, axes=axes: quantize(w, axes), out_shardings=shardings)
-        out[name] = [convert(v) for v in value] if spec.per_layer else convert(value)
+        out[name] = [_apply(convert, v) for v in value] if spec.per_layer else _apply(convert, value)
     return out
+
+
+def _apply(convert, w):
+    # eval_shape of a jitted function keeps its out_shardings on the result
+    return jax.eval_shape(convert, w) if isinstance(w, jax.ShapeDtypeStruct) else convert(w)
 
 
 def _scale_sharding(spec, contracted: tuple[int, ...], mesh):

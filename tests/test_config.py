@@ -54,3 +54,25 @@ def test_presets_have_their_advertised_size_without_allocating():
     shapes = jax.eval_shape(lambda k: init_params(cfg, k, jnp.bfloat16), jax.random.key(0))
     assert sum(s.size for s in jax.tree.leaves(shapes)) == cfg.num_params
     assert set(shapes) == set(param_specs(cfg))
+
+
+# Parameter counts as the model cards publish them.
+PUBLISHED_SIZES = {"llama-3.2-1b": 1.24e9, "llama-3.1-8b": 8.03e9, "llama-3.1-70b": 70.6e9,
+                   "mistral-7b": 7.24e9, "qwen2.5-7b": 7.61e9, "gemma-7b": 8.54e9}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_SIZES))
+def test_published_model_presets_have_the_published_size_without_allocating(name):
+    cfg = PRESETS[name]
+    assert cfg.num_params == pytest.approx(PUBLISHED_SIZES[name], rel=0.01)
+    shapes = jax.eval_shape(lambda k: init_params(cfg, k, jnp.bfloat16), jax.random.key(0))
+    assert sum(s.size for s in jax.tree.leaves(shapes)) == cfg.num_params
+
+
+def test_published_model_presets_keep_each_architecture_s_differences():
+    assert PRESETS["mistral-7b"].sliding_window == 4096
+    assert PRESETS["qwen2.5-7b"].qkv_bias and PRESETS["qwen2.5-7b"].sliding_window is None
+    gemma = PRESETS["gemma-7b"]
+    assert (gemma.norm_weight_offset, gemma.scale_embeddings, gemma.activation, gemma.head_dim) == (1.0, True, "gelu_tanh", 256)
+    assert PRESETS["llama-3.1-8b"].rope_scaling == RopeScaling("llama3", 8.0, 1.0, 4.0, 8192)
+    assert PRESETS["llama-3.2-1b"].tie_word_embeddings and not PRESETS["llama-3.1-70b"].tie_word_embeddings

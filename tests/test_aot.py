@@ -1,0 +1,89 @@
+"""Ahead-of-time TPU compilation of the engine's own functions (launch/aot.py), on a host without
+a TPU; and Engine.abstract, whose weights, cache and state are placed exactly like a real engine's."""
+
+import importlib.util
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from model import Engine
+from model.config import PRESETS
+from model.sharding import make_mesh
+
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="libtpu is not installed (requirements-dev.txt): no deviceless TPU compiler")
+ISSUE_KEYS = {"fits", "hbm_bytes_per_chip", "peak_bytes_per_chip", "warmup", "decode", "prefill"}
+DECODE_KEYS = {"live_fraction", "bytes_accessed_per_chip", "ideal_bytes_per_chip", "compile_s"}
+PREFILL_KEYS = {"tokens", "flops_per_chip", "ideal_flops_per_chip", "bytes_accessed_per_chip", "compile_s"}
+
+
+def _placement(tree):
+    return jax.tree.map(lambda x: (x.shape, jnp.dtype(x.dtype), x.sharding), tree)
+
+
+@pytest.mark.parametrize("quantize,kv", [(None, None), ("int8", "int8")])
+def test_abstract_engine_places_weights_cache_and_state_like_the_real_one(quantize, kv):
+    mesh_shape = (2, 4)
+    real = Engine.from_pretrained("tiny-llama", mesh_shape=mesh_shape, dtype="bfloat16", max_slots=4, max_len=256,
+                                  quantize=quantize, kv_cache_dtype=kv)
+    abstract = Engine.abstract(PRESETS["tiny-llama"], make_mesh(mesh_shape), dtype="bfloat16", quantize=quantize,
+                               max_slots=4, max_len=256, kv_cache_dtype=kv)
+    for part in ("params", "cache", "state"):
+        assert _placement(getattr(abstract, part)) == _placement(getattr(real, part)), part
+    assert not real.abstract and abstract.abstract
+    with pytest.raises(RuntimeError, match="abstract"):
+        abstract.generate([[1, 2, 3]])
+
+
+def _aot(*argv):
+    from launch import aot
+    logs = []
+    result = aot.run(aot.parse_args(["--model", "tiny-llama", "--topology", "v5e:2x2", *argv]),
+                     log=lambda *a, **k: logs.append(" ".join(map(str, a))))
+    return result, "\n".join(logs)
+
+
+@needs_libtpu
+def test_tiny_model_compiles_for_a_v5e_slice_with_tensor_parallel_mesh():
+    result, report = _aot("--mesh", "1,4", "--max_slots", "8", "--max_len", "256", "--live_fraction", "0.25",
+                          "--prefill_batch", "2", "--prefill_len", "64")
+    assert ISSUE_KEYS <= set(result) and result["fits"] is True and result["errors"] == []
+    assert result["hbm_bytes_per_chip"] == 16 * 2 ** 30 and 0 < result["peak_bytes_per_chip"] < 2 ** 30
+    assert [d["live_fraction"] for d in result["decode"]] == [0.25, 1.0]
+    for d in result["decode"]:
+        assert DECODE_KEYS <= set(d) and d["bytes_accessed_per_chip"] > 0 and d["ideal_bytes_per_chip"] > 0
+    # 256 positions in two chunks: a quarter live (+ the engine's in-flight margin) reads one
+    assert [(d["chunks"], d["positions_read"]) for d in result["decode"]] == [(1, 128), (2, 256)]
+    prefill = result["prefill"]
+    assert PREFILL_KEYS <= set(prefill) and prefill["tokens"] == 128
+    assert prefill["flops_per_chip"] > prefill["ideal_flops_per_chip"] > 0
+    assert result["warmup"] == {"functions": 22, "compile_s": None}
+    assert "compiler estimates" in report and "fits: yes" in report
+
+
+@needs_libtpu
+def test_data_and_model_parallel_mesh_shards_the_cache_and_warms_up_every_function():
+    result, _ = _aot("--mesh", "2,2", "--max_slots", "2", "--max_len", "64", "--prefill_batch", "2",
+                     "--prefill_len", "32", "--warmup")
+    cfg = PRESETS["tiny-llama"]
+    whole_cache = 2 * 2 * 64 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2  # slots, len, k+v, bf16
+    assert result["resident_bytes_per_chip"]["kv_cache"] == whole_cache // 4  # slots over data, kv heads over model
+    assert result["fits"] is True and result["decode"][-1]["live_fraction"] == 1.0
+    # 3 buckets x rows {1, 2} + one decode (64 positions are one chunk)
+    assert result["warmup"]["functions"] == 7 and result["warmup"]["compile_s"] > 0
+
+
+@needs_libtpu
+def test_a_configuration_too_big_for_the_chip_is_refused_with_its_numbers(tmp_path, capsys):
+    from launch import aot
+    out = tmp_path / "aot.json"
+    code = aot.main(["--model", "tiny-llama", "--topology", "v5e:2x2", "--mesh", "1,4", "--max_slots", "10000000",
+                     "--max_len", "2048", "--json", str(out)])
+    assert code == 1
+    result = json.loads(out.read_text())
+    assert result["fits"] is False and result["peak_bytes_per_chip"] > result["hbm_bytes_per_chip"]
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: tiny-llama does not fit 10000000 slots x 2048 on v5e:2x2")
+    assert "KV cache 4882.81 GiB" in err and "16.00 GiB HBM of a v5e chip" in err
