@@ -36,7 +36,7 @@ from model.prefix_cache import PrefixCache
 from model.quantize import quantize_params
 from model.sampling import SamplingParams, sample, token_logprobs
 from model.sharding import make_mesh, named_sharding
-from model.tokenizer import load_tokenizer
+from model.tokenizer import decode_completions, load_tokenizer
 from model.weights import load_params, read_hf_config
 
 log = logging.getLogger(__name__)
@@ -325,6 +325,8 @@ class Engine:
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts; give one or one each")
         stops = [self._stop_ids(sp) for sp in params]
+        if self.tokenizer is None and any(sp.stop for sp in params):
+            raise ValueError("stop strings need the checkpoint's tokenizer; this engine has none (a preset)")
         seqs = [_Sequence(p, sp, st, min(sp.max_new_tokens, self.max_len - len(p)),
                           self.prefix_cache.hashes(p) if self.prefix_cache is not None else [])
                 for p, sp, st in zip(prompts, params, stops)]
@@ -383,6 +385,7 @@ class Engine:
                     free.append(s)
                 else:
                     self._slot_of[s] = q
+            free += self._end_at_stop_strings(batch)
         running = [q for q in self._slot_of if q is not None]
         # Dispatch the next decode before reading the last one, so host bookkeeping overlaps
         # device work; unless the last one surely ends every running row (no wasted step).
@@ -411,7 +414,7 @@ class Engine:
         self._in_flight = None
         tokens, lps, emitted, codes = (np.asarray(x) for x in out)
         for s, q in enumerate(slot_of_then):
-            if q is None:
+            if q is None or q.future.done():  # done: ended at a stop string since this was dispatched
                 continue
             for step in range(self.decode_steps):
                 if emitted[step, s]:
@@ -421,6 +424,27 @@ class Engine:
                     q.finish(FINISH_REASONS[int(codes[step, s])])
                     self._slot_of[s] = None
                     break
+        self._end_at_stop_strings([q for q in slot_of_then if q is not None])
+
+    def _end_at_stop_strings(self, seqs: list["_Sequence"]) -> list[int]:
+        """Ends the running sequences whose completion text holds one of their stop strings, so
+        their slots take new work at once instead of generating tokens the job would cut off.
+        The text is decoded as the job decodes it (decode_completions), once per dispatch for
+        the sequences that have stop strings. Returns the slots freed. A sequence keeps the
+        tokens of the dispatch it was in, beyond the stop string: the caller cuts the text."""
+        live = [q for q in seqs if q.params.stop and not q.future.done()]
+        if not live:
+            return []
+        texts = decode_completions(self.tokenizer, [q.prompt for q in live], [q.tokens for q in live])
+        freed = []
+        for q, text in zip(live, texts):
+            if any(stop in text for stop in q.params.stop):
+                q.finish("stop")
+                slot = next((s for s, r in enumerate(self._slot_of) if r is q), None)
+                if slot is not None:
+                    self._slot_of[slot] = None
+                    freed.append(slot)
+        return freed
 
     def _fail_running(self, error: Exception) -> None:
         """A device call failed: every sequence on the device (and those being prefilled) fails

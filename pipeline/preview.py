@@ -9,6 +9,7 @@ or from a shell:  python -m pipeline.preview --model demo "Once upon a time"
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import functools
 import sys
@@ -36,24 +37,24 @@ def generate(prompts: str | Sequence[str], model: str = "demo", max_tokens: int 
     if engine.tokenizer is None:
         raise ValueError(f"model {model!r} has no tokenizer; preview needs text in and out")
     sampling = SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                              seed=seed)
+                              seed=seed, stop=tuple(stop))
     token_ids = engine.tokenizer.encode_batch(prompts)
-    records = []
-    chunk = 2 * engine.max_slots
+    room = [max(1, min(max_tokens, engine.max_len - len(p))) for p in token_ids]
+    # every prompt goes to the engine's loop at once; the bar moves as each one finishes
+    futures = engine.submit(token_ids, [dataclasses.replace(sampling, max_new_tokens=r) for r in room])
     with tqdm(total=len(prompts), disable=not progress, desc="generate", unit="prompt") as bar:
-        for start in range(0, len(prompts), chunk):
-            ids = token_ids[start:start + chunk]
-            room = [max(1, min(max_tokens, engine.max_len - len(p))) for p in ids]
-            outs = engine.generate(ids, [dataclasses.replace(sampling, max_new_tokens=r) for r in room])
-            texts = decode_completions(engine.tokenizer, ids, [o.token_ids for o in outs])
-            for prompt, p_ids, out, text in zip(prompts[start:], ids, outs, texts):
-                reason = out.finish_reason
-                cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
-                if cut >= 0:
-                    text, reason = text[:cut], "stop"
-                records.append({"prompt": prompt, "completion": text, "prompt_tokens": len(p_ids),
-                                "completion_tokens": len(out.token_ids), "finish_reason": reason})
-            bar.update(len(ids))
+        for _ in concurrent.futures.as_completed(futures):
+            bar.update(1)
+    outs = [f.result() for f in futures]
+    texts = decode_completions(engine.tokenizer, token_ids, [o.token_ids for o in outs])
+    records = []
+    for prompt, p_ids, out, text in zip(prompts, token_ids, outs, texts):
+        reason = out.finish_reason
+        cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+        if cut >= 0:
+            text, reason = text[:cut], "stop"
+        records.append({"prompt": prompt, "completion": text, "prompt_tokens": len(p_ids),
+                        "completion_tokens": len(out.token_ids), "finish_reason": reason})
     if as_dataframe:
         import pandas as pd
 

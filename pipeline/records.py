@@ -51,7 +51,7 @@ class Request:
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(max_new_tokens=self.max_tokens, temperature=self.temperature, top_k=self.top_k,
-                              top_p=self.top_p, seed=self.seed)
+                              top_p=self.top_p, seed=self.seed, stop=self.stop)
 
     def result(self, out: GenerationOutput) -> Result:
         """The engine's output for this request, to be finished by `finish_completions`."""

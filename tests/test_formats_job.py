@@ -164,3 +164,23 @@ def test_seeded_sampling_is_the_same_whatever_the_sharding_and_batching(tmp_path
     [oa] = read_out(tmp_path / "out1" / "oa.jsonl")
     assert oa["response"]["status_code"] == 400
     assert oa["response"]["body"]["error"]["code"] == "chat_template_missing"
+
+
+def test_a_stop_string_ends_generation_early_and_the_job_output_is_unchanged(tmp_path, chat_checkpoint, engine):
+    """The engine ends a sequence at the dispatch whose text completes a stop string, instead of
+    running to max_tokens; the job's cut text is the same as when the stop was found afterwards."""
+    ids = engine.tokenizer.encode_batch(PROMPTS[:2])
+    full, _ = greedy(engine, ids, n=48)
+    stop, k = split_stop(engine, ids[1], full[1].token_ids[:16])
+    early = engine.generate(ids, [SamplingParams(max_new_tokens=48), SamplingParams(max_new_tokens=48, stop=(stop,))])
+    assert early[0].token_ids == full[0].token_ids  # a row without stop strings runs on
+    got = early[1].token_ids
+    assert early[1].finish_reason == "stop" and got == full[1].token_ids[:len(got)]
+    assert k < len(got) < len(full[1].token_ids)  # at most one dispatch past the stop, then freed
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_text(json.dumps({"id": "s", "prompt": PROMPTS[1], "stop": [stop],
+                                                         "max_tokens": 48}) + "\n")
+    job(tmp_path, chat_checkpoint, "--max_tokens", "48")
+    [rec] = read_out(tmp_path / "out" / "a.jsonl")
+    text = decode_completions(engine.tokenizer, [ids[1]], [full[1].token_ids])[0]
+    assert rec["completion"] == text[:text.index(stop)] and rec["finish_reason"] == "stop"
