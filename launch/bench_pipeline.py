@@ -9,6 +9,9 @@ job's rate is completion tokens over its whole wall time, Beam and writing inclu
 
     python -m launch.bench_pipeline                       # demo model, 256 records, 3 runs each
     python -m launch.bench_pipeline --batch_tokens 4096   # Beam batches smaller than the slots
+
+It also times the engine alone on the same records with and without a stop string (`--stop`,
+default "."), which the engine's loop checks once per dispatch and ends the sequence on.
 """
 
 from __future__ import annotations
@@ -41,9 +44,9 @@ def records(n: int, min_tokens: int, max_tokens: int, seed: int = 0) -> list[dic
     return out
 
 
-def engine_alone(engine, recs: list[dict], ignore_eos: bool) -> tuple[float, int]:
+def engine_alone(engine, recs: list[dict], ignore_eos: bool, stop: tuple[str, ...] = ()) -> tuple[float, int]:
     ids = engine.tokenizer.encode_batch([r["prompt"] for r in recs])
-    params = [SamplingParams(max_new_tokens=r["max_tokens"], ignore_eos=ignore_eos) for r in recs]
+    params = [SamplingParams(max_new_tokens=r["max_tokens"], ignore_eos=ignore_eos, stop=stop) for r in recs]
     start = time.perf_counter()
     outs = engine.generate(ids, params)
     return time.perf_counter() - start, sum(len(o.token_ids) for o in outs)
@@ -72,6 +75,7 @@ def main(argv=None) -> dict:
     p.add_argument("--workers", type=int, default=0,
                    help="Beam worker threads feeding the one engine (0: the job's default)")
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--stop", default=".", help="stop string for the engine-alone comparison ('' = skip it)")
     p.add_argument("--out", default="bench_pipeline.json")
     args = p.parse_args(argv)
     recs = records(args.records, args.min_tokens, args.max_tokens)
@@ -89,17 +93,24 @@ def main(argv=None) -> dict:
         for _ in range(args.runs):
             rows["engine"].append(engine_alone(engine, recs, ignore_eos=False))
             rows["job"].append(job(recs, tmp, args.shards, extra))
+    stops = {}
+    if args.stop:
+        for name, stop in (("no stop string", ()), (f"stop {args.stop!r}", (args.stop,))):
+            runs = [engine_alone(engine, recs, ignore_eos=False, stop=stop) for _ in range(args.runs)]
+            stops[name] = {"s": round(statistics.median(s for s, _ in runs), 3), "tokens": runs[-1][1]}
     rate = {k: statistics.median(tokens / secs for secs, tokens in v) for k, v in rows.items()}
     result = {"records": args.records, "batch_tokens": args.batch_tokens, "workers": args.workers,
               "max_slots": spec.max_slots, "runs": {k: [{"s": round(s, 3), "tokens": t} for s, t in v]
                                                     for k, v in rows.items()},
               "tokens_per_s": {k: round(v, 1) for k, v in rate.items()},
-              "job_over_engine": round(rate["job"] / rate["engine"], 3)}
+              "job_over_engine": round(rate["job"] / rate["engine"], 3), "engine_stop_strings": stops}
     print(f"{'':8}{'tokens/s (median of ' + str(args.runs) + ')':>28}")
     for k in ("engine", "job"):
         print(f"{k:8}{rate[k]:>28.1f}")
     print(f"job / engine: {result['job_over_engine']:.3f}   (batch_tokens {args.batch_tokens}, "
           f"{args.records} records, {spec.max_slots} slots)")
+    for name, r in stops.items():
+        print(f"engine alone, {name}: {r['s']:.2f} s (median of {args.runs}), {r['tokens']} tokens generated")
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     return result
