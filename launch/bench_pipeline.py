@@ -100,7 +100,7 @@ def main(argv=None) -> dict:
             stops[name] = {"s": round(statistics.median(s for s, _ in runs), 3), "tokens": runs[-1][1]}
     rate = {k: statistics.median(tokens / secs for secs, tokens in v) for k, v in rows.items()}
     result = {"records": args.records, "batch_tokens": args.batch_tokens, "workers": args.workers,
-              "max_slots": spec.max_slots, "runs": {k: [{"s": round(s, 3), "tokens": t} for s, t in v]
+              "max_slots": spec.engine.max_slots, "runs": {k: [{"s": round(s, 3), "tokens": t} for s, t in v]
                                                     for k, v in rows.items()},
               "tokens_per_s": {k: round(v, 1) for k, v in rate.items()},
               "job_over_engine": round(rate["job"] / rate["engine"], 3), "engine_stop_strings": stops}
@@ -108,7 +108,7 @@ def main(argv=None) -> dict:
     for k in ("engine", "job"):
         print(f"{k:8}{rate[k]:>28.1f}")
     print(f"job / engine: {result['job_over_engine']:.3f}   (batch_tokens {args.batch_tokens}, "
-          f"{args.records} records, {spec.max_slots} slots)")
+          f"{args.records} records, {spec.engine.max_slots} slots)")
     for name, r in stops.items():
         print(f"engine alone, {name}: {r['s']:.2f} s (median of {args.runs}), {r['tokens']} tokens generated")
     with open(args.out, "w") as f:

@@ -194,6 +194,64 @@ def llama_preset(vocab: int, hidden: int, layers: int, heads: int, kv_heads: int
 
 
 # Random-initialized shapes, for benchmarks and tests. Real checkpoints load from a path.
+DEFAULT_MAX_LEN = 2048  # tokens a sequence may hold when neither the caller nor the YAML says
+MIN_BUCKET = 16
+
+
+def buckets_for(max_len: int) -> list[int]:
+    """Prompt-length buckets: powers of two from MIN_BUCKET, then max_len itself."""
+    out, b = [], MIN_BUCKET
+    while b < max_len:
+        out.append(b)
+        b *= 2
+    return out + [max_len]
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """How an engine serves a model: its cache slots and their length, and its scheduler. The one
+    place for these defaults: `Engine` takes it, the job's ModelSpec embeds it, and the job's
+    batching reads its buckets and token budget from it."""
+
+    max_slots: int = 32
+    max_len: int | None = None  # None: min(DEFAULT_MAX_LEN, the model's max_position_embeddings)
+    decode_steps: int = 8  # decode steps per dispatch
+    prefill_tokens: int = 4096  # most prompt tokens in one prefill call
+    kv_cache_dtype: str | None = None  # "int8": int8 KV cache
+    prefix_cache_entries: int = 0  # > 0 for labeling runs: a shared instruction is prefilled once
+    prefix_block: int = 64
+    batching: str = "inflight"  # "static": refill only when every slot is free (a baseline)
+    order: str = "longest_first"  # or "arrival": which waiting prompt takes a free slot
+
+    def __post_init__(self):
+        for name, value, least in (("max_slots", self.max_slots, 1), ("decode_steps", self.decode_steps, 1),
+                                   ("prefill_tokens", self.prefill_tokens, 1), ("prefix_block", self.prefix_block, 1),
+                                   ("prefix_cache_entries", self.prefix_cache_entries, 0)):
+            if not isinstance(value, int) or value < least:
+                raise ValueError(f"{name}={value!r}; must be an integer >= {least}")
+        if self.max_len is not None and (not isinstance(self.max_len, int) or self.max_len < 2):
+            raise ValueError(f"max_len={self.max_len!r}; must be an integer >= 2")
+        for name, value, allowed in (("kv_cache_dtype", self.kv_cache_dtype, (None, "int8")),
+                                     ("batching", self.batching, ("inflight", "static")),
+                                     ("order", self.order, ("longest_first", "arrival"))):
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r}; expected one of {allowed}")
+
+    def context_length(self, model: ModelConfig) -> int:
+        """Tokens a sequence may hold (prompt + completion): max_len, resolved for `model`."""
+        if self.max_len is None:
+            return min(DEFAULT_MAX_LEN, model.max_position_embeddings)
+        if self.max_len > model.max_position_embeddings:
+            raise ValueError(f"max_len={self.max_len} exceeds the model's max_position_embeddings="
+                             f"{model.max_position_embeddings}")
+        return self.max_len
+
+    def batch_tokens(self, model: ModelConfig) -> int:
+        """A Beam batch's default token budget (prompt + max_tokens, summed): two full loads of
+        the slots, so a batch keeps every slot busy while the next one is formed."""
+        return 2 * self.max_slots * self.context_length(model)
+
+
 PRESETS: dict[str, ModelConfig] = {
     "tiny-llama": llama_preset(vocab=256, hidden=64, layers=2, heads=4, kv_heads=2, ffw=128),
     "llama-100m": llama_preset(vocab=32000, hidden=768, layers=8, heads=12, kv_heads=4, ffw=2048,

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from model.config import PRESETS, ModelConfig
+from model.config import PRESETS, EngineConfig, ModelConfig, buckets_for
 from model.decoder import Decoder, abstract_params, init_params, param_shardings
 from model.kv_cache import KVCache
 from model.prefix_cache import PrefixCache
@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 
 RUNNING, STOPPED, LENGTH = 0, 1, 2
 FINISH_REASONS = {STOPPED: "stop", LENGTH: "length"}
-MIN_BUCKET = 16
 # Checkpoints that ship with the project, by name.
 CHECKPOINTS = {"demo": os.path.join(os.path.dirname(__file__), "assets", "demo")}
 
@@ -99,59 +98,33 @@ def _finish(token: jax.Array, state_like: SlotState, generated: jax.Array, posit
     return jnp.where(stopped, STOPPED, jnp.where(length, LENGTH, RUNNING)).astype(jnp.int32)
 
 
-def buckets_for(max_len: int) -> list[int]:
-    """Prompt-length buckets: powers of two from MIN_BUCKET, then max_len itself."""
-    out, b = [], MIN_BUCKET
-    while b < max_len:
-        out.append(b)
-        b *= 2
-    return out + [max_len]
-
-
 class Engine:
     """A decoder with a static KV cache of `max_slots` sequences of up to `max_len` tokens."""
 
     def __init__(self, cfg: ModelConfig, params: dict[str, jax.Array], mesh: jax.sharding.Mesh,
-                 max_slots: int = 32, max_len: int = 2048, decode_steps: int = 8,
-                 prefill_tokens: int = 4096, kv_cache_dtype: str | None = None, prefix_cache_entries: int = 0,
-                 prefix_block: int = 64, batching: str = "inflight", order: str = "longest_first",
-                 tokenizer: Any = None):
-        if max_len < 2:
-            raise ValueError(f"max_len={max_len}; must be >= 2")
-        if max_len > cfg.max_position_embeddings:
-            raise ValueError(f"max_len={max_len} exceeds the model's max_position_embeddings="
-                             f"{cfg.max_position_embeddings}")
-        if batching not in ("inflight", "static"):
-            raise ValueError(f"batching={batching!r}; expected 'inflight' or 'static'")
-        if order not in ("longest_first", "arrival"):
-            raise ValueError(f"order={order!r}; expected 'longest_first' or 'arrival'")
-        if max_slots < 1:
-            raise ValueError(f"max_slots={max_slots}; must be >= 1")
-        self.cfg, self.mesh, self.tokenizer = cfg, mesh, tokenizer
-        self.max_slots, self.max_len = max_slots, max_len
-        self.decode_steps, self.prefill_tokens = decode_steps, prefill_tokens
-        self.batching = batching  # "static": refill only when every slot is free (waves; a baseline)
-        # Which waiting prompt gets the next free slot. "longest_first" (largest max_new_tokens
-        # first) keeps the longest sequences from starting last and running alone at the end;
-        # "arrival" keeps input order. Either way prompts of one length bucket prefill together.
-        self.order = order
-        self.buckets = buckets_for(max_len)
+                 config: EngineConfig | None = None, tokenizer: Any = None, **overrides: Any):
+        """config: how to serve (slots, max_len, scheduler; EngineConfig's defaults if None);
+        overrides: EngineConfig fields to change, e.g. max_slots=8."""
+        config = dataclasses.replace(config or EngineConfig(), **overrides)
+        self.config, self.cfg, self.mesh, self.tokenizer = config, cfg, mesh, tokenizer
+        self.max_slots, self.max_len = config.max_slots, config.context_length(cfg)
+        self.decode_steps, self.prefill_tokens = config.decode_steps, config.prefill_tokens
+        self.batching, self.order = config.batching, config.order
+        self.buckets = buckets_for(self.max_len)
         self.dtype = params["final_norm"].dtype  # activations and cache; weights may be int8
         # Weights given as ShapeDtypeStructs (Engine.abstract) make the cache and slot state
         # abstract too: the engine then lowers and compiles its functions but cannot run them.
         self.abstract = all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params))
         self.graphdef, self.params = nnx.split(Decoder(cfg, params, mesh))
-        if kv_cache_dtype not in (None, "int8"):
-            raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r}; expected None (the model dtype) or 'int8'")
         new_cache = KVCache.abstract if self.abstract else KVCache.create
-        self.cache = new_cache(cfg, max_slots, max_len, self.dtype, mesh, int8=kv_cache_dtype == "int8")
+        int8 = config.kv_cache_dtype == "int8"
+        self.cache = new_cache(cfg, self.max_slots, self.max_len, self.dtype, mesh, int8=int8)
         # rows of shared-prefix KV, kept apart from the slots (decode would write into them)
-        self.prefix_cache = PrefixCache(new_cache(
-            cfg, prefix_cache_entries, max_len, self.dtype, mesh, int8=kv_cache_dtype == "int8"),
-            prefix_block) if prefix_cache_entries else None
+        self.prefix_cache = PrefixCache(new_cache(cfg, config.prefix_cache_entries, self.max_len, self.dtype, mesh,
+                                                  int8=int8), config.prefix_block) if config.prefix_cache_entries else None
         self._n_stop = 8
         self._cache_sharding = self.cache.shardings(mesh)
-        state = SlotState.host(max_slots, self._n_stop)
+        state = SlotState.host(self.max_slots, self._n_stop)
         self.state = self._place_state(jax.tree.map(_abstract, state) if self.abstract else state)
         self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1, 2))
         self._decode = jax.jit(self._decode_fn, donate_argnums=(1, 2), static_argnums=(3, 4))
@@ -163,7 +136,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._arrivals = 0
         self._waiting: list[_Sequence] = []
-        self._slot_of: list[_Sequence | None] = [None] * max_slots
+        self._slot_of: list[_Sequence | None] = [None] * self.max_slots
         self._in_flight: tuple[list[jax.Array], list[_Sequence | None]] | None = None
         self._prefilling: list[_Sequence] = []
 
@@ -171,13 +144,17 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, path_or_preset: str, mesh_shape: Sequence[int] | None = None,
-                        dtype: str = "bfloat16", max_slots: int = 32, max_len: int | None = None,
-                        quantize: str | None = None, seed: int = 0, **engine_kw: Any) -> "Engine":
+                        dtype: str = "bfloat16", max_slots: int | None = None, max_len: int | None = None,
+                        quantize: str | None = None, seed: int = 0, config: EngineConfig | None = None,
+                        **engine_kw: Any) -> "Engine":
         """Loads a checkpoint directory (local or gs://, config.json + *.safetensors) or a preset
         name: "demo" (the bundled checkpoint) or a random-weight shape from PRESETS (seeded).
-        max_len=None: min(2048, the model's context). The checkpoint's tokenizer, if any, becomes
-        `engine.tokenizer`."""
+        How it serves: `config` (EngineConfig's defaults if None: 32 slots, max_len min(2048, the
+        model's context)), with max_slots, max_len and engine_kw (EngineConfig's fields) on top.
+        The checkpoint's tokenizer, if any, becomes `engine.tokenizer`."""
         _check_dtype_and_quantize(dtype, quantize)
+        given = {k: v for k, v in (("max_slots", max_slots), ("max_len", max_len)) if v is not None}
+        config = dataclasses.replace(config or EngineConfig(), **given, **engine_kw)
         path_or_preset = os.fspath(path_or_preset)
         mesh = make_mesh(mesh_shape)
         jdtype = jnp.dtype(dtype)
@@ -195,9 +172,8 @@ class Engine:
                              f"presets: {sorted(PRESETS) + sorted(CHECKPOINTS)}")
         if quantize == "int8":
             params = quantize_params(params, cfg, mesh)
-        max_len = max_len or min(2048, cfg.max_position_embeddings)
         enable_compilation_cache()
-        return cls(cfg, params, mesh, max_slots=max_slots, max_len=max_len, tokenizer=tokenizer, **engine_kw)
+        return cls(cfg, params, mesh, config, tokenizer=tokenizer)
 
     @classmethod
     def abstract(cls, cfg: ModelConfig, mesh: jax.sharding.Mesh, dtype: str = "bfloat16",

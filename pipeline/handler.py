@@ -5,8 +5,8 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import logging
-import threading
 import os
+import threading
 import time
 from typing import Any, Iterable, Sequence
 
@@ -14,7 +14,8 @@ import yaml
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler
 
-from model import Engine
+from model import PRESETS, Engine, EngineConfig
+from model.engine import CHECKPOINTS
 from pipeline.records import Request, Result
 
 log = logging.getLogger(__name__)
@@ -27,44 +28,44 @@ _loading = threading.Lock()  # several Beam threads may ask for the engine at on
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """Which checkpoint to serve and how; parsed once from --model (a name, a path, or YAML)."""
+    """Which checkpoint to serve and how; parsed once from --model (a name, a path, or YAML). A
+    YAML is flat: ModelSpec's own keys and EngineConfig's (max_slots, max_len, decode_steps, ...)."""
 
     checkpoint: str = "demo"
     dtype: str = "bfloat16"
-    max_slots: int = 32
-    max_len: int | None = None
     mesh_shape: tuple[int, int] | None = None
-    decode_steps: int = 8
     quantize: str | None = None  # "int8": int8 weights
-    kv_cache_dtype: str | None = None  # "int8": int8 KV cache
-    prefix_cache_entries: int = 0  # > 0 for labeling runs: a shared instruction is prefilled once
-    prefix_block: int = 64
+    engine: EngineConfig = EngineConfig()
 
     @classmethod
     def parse(cls, model: str, **overrides: Any) -> "ModelSpec":
+        """overrides: values that win over the YAML's (None: not given), of either kind of key."""
+        own = {f.name for f in dataclasses.fields(cls)} - {"engine"}
+        served = {f.name for f in dataclasses.fields(EngineConfig)}
+        fields: dict[str, Any] = {"checkpoint": model}
         if model.endswith((".yaml", ".yml")):
             with open(model) as f:
                 fields = yaml.safe_load(f) or {}
-            unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
+            unknown = set(fields) - own - served
             if unknown:
-                raise ValueError(f"{model}: unknown keys {sorted(unknown)}; "
-                                 f"expected {[f.name for f in dataclasses.fields(cls)]}")
-            if fields.get("mesh_shape") is not None:
-                fields["mesh_shape"] = tuple(fields["mesh_shape"])
+                raise ValueError(f"{model}: unknown keys {sorted(unknown)}; expected {sorted(own | served)}")
             ckpt = fields.get("checkpoint", "demo")
-            if not ("://" in ckpt or os.path.isabs(ckpt) or ckpt == "demo" or os.path.isdir(ckpt)):
-                fields["checkpoint"] = os.path.normpath(os.path.join(os.path.dirname(model), "..", "..", ckpt))
-            spec = cls(**fields)
-        else:
-            spec = cls(checkpoint=model)
-        return dataclasses.replace(spec, **{k: v for k, v in overrides.items() if v is not None})
+            if not ("://" in ckpt or os.path.isabs(ckpt) or ckpt in CHECKPOINTS or ckpt in PRESETS):
+                fields["checkpoint"] = os.path.normpath(os.path.join(os.path.dirname(model), ckpt))
+        fields.update({k: v for k, v in overrides.items() if v is not None})
+        if fields.get("mesh_shape") is not None:
+            fields["mesh_shape"] = tuple(fields["mesh_shape"])
+        engine = EngineConfig(**{k: v for k, v in fields.items() if k in served})
+        return cls(**{k: v for k, v in fields.items() if k in own}, engine=engine)
 
     def load(self) -> Engine:
         return Engine.from_pretrained(self.checkpoint, mesh_shape=self.mesh_shape, dtype=self.dtype,
-                                      max_slots=self.max_slots, max_len=self.max_len, quantize=self.quantize,
-                                      decode_steps=self.decode_steps, kv_cache_dtype=self.kv_cache_dtype,
-                                      prefix_cache_entries=self.prefix_cache_entries,
-                                      prefix_block=self.prefix_block)
+                                      quantize=self.quantize, config=self.engine)
+
+    def flat(self) -> dict[str, Any]:
+        """The spec as a YAML would hold it: its own keys and the engine's, side by side."""
+        own = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "engine"}
+        return {**own, **dataclasses.asdict(self.engine)}
 
 
 class EngineHandler(ModelHandler[Sequence[Request], Result, Engine]):

@@ -26,6 +26,7 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.windowed_value import WindowedValue
 
 from model import ModelConfig, load_tokenizer, read_hf_config, resolve_checkpoint
+from model.config import buckets_for
 from model.platform import has_gpu, has_tpu
 from pipeline import formats, io, manifest, progress
 from pipeline.errors import JobError
@@ -36,14 +37,17 @@ from pipeline.records import (Request, Result, chat_template_for, check_sampling
                               output_view, parse, prompt_token_ids, serialize)
 
 log = logging.getLogger(__name__)
-BUCKETS = [16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
 LOCAL_WORKER_THREADS = 4  # the in-process runner's default: bundles feeding the engine at once
 
 
+def model_config(spec: ModelSpec) -> ModelConfig:
+    """The architecture of the spec's checkpoint, from its config.json."""
+    return ModelConfig.from_hf_config(read_hf_config(resolve_checkpoint(spec.checkpoint)))
+
+
 def context_length(spec: ModelSpec) -> int:
-    """Tokens a sequence may hold: the engine's max_len (the same default as Engine.from_pretrained)."""
-    cfg = ModelConfig.from_hf_config(read_hf_config(resolve_checkpoint(spec.checkpoint)))
-    return spec.max_len or min(2048, cfg.max_position_embeddings)
+    """Tokens a sequence may hold: the engine's own resolved max_len (EngineConfig.context_length)."""
+    return spec.engine.context_length(model_config(spec))
 
 
 class ReadAndTokenize(beam.DoFn):
@@ -119,15 +123,16 @@ class BatchByTokens(beam.DoFn):
     both at once; this small DoFn does both within a bundle.
     """
 
-    def __init__(self, budget: int):
-        self.budget = budget
+    def __init__(self, budget: int, buckets: list[int]):
+        """budget: tokens per batch; buckets: the engine's prompt-length buckets."""
+        self.budget, self.buckets = budget, buckets
 
     def start_bundle(self):
         self._open: dict[int, list[Request]] = collections.defaultdict(list)
         self._size: dict[int, int] = collections.defaultdict(int)
 
     def process(self, req: Request):
-        bucket = bisect.bisect_left(BUCKETS, len(req.token_ids))
+        bucket = bisect.bisect_left(self.buckets, len(req.token_ids))
         self._open[bucket].append(req)
         self._size[bucket] += len(req.token_ids) + req.max_tokens
         if self._size[bucket] >= self.budget:
@@ -187,6 +192,8 @@ def build(p: beam.Pipeline, opts: JobOptions, spec: ModelSpec, shards: list[str]
     columns = formats.Columns(opts.prompt_column, opts.id_column, opts.prompt_feature, opts.id_feature)
     share = opts.share_model == "true" or (opts.share_model == "auto" and (has_tpu() or has_gpu()))
     output_urls = [io.output_url(opts.output, s) for s in shards]
+    arch, served = model_config(spec), spec.engine
+    budget = opts.batch_tokens or served.batch_tokens(arch)  # Beam batches sized and bucketed as the engine runs them
     todo = list(range(len(shards))) if todo is None else todo
     last_lines = last_lines or {}
     if markers is None:
@@ -199,7 +206,7 @@ def build(p: beam.Pipeline, opts: JobOptions, spec: ModelSpec, shards: list[str]
                   spec, opts.format, defaults, max_record_bytes=opts.max_record_bytes,
                   last_lines=last_lines, columns=columns)).with_outputs(ReadAndTokenize.ERRORS, main="requests"))
     completions = (parsed.requests
-                   | "BatchByTokens" >> beam.ParDo(BatchByTokens(opts.batch_tokens))
+                   | "BatchByTokens" >> beam.ParDo(BatchByTokens(budget, buckets_for(served.context_length(arch))))
                    | "Generate" >> RunInference(EngineHandler(spec, share))
                    | "Detokenize" >> beam.ParDo(Detokenize(spec)))
     # every shard gets a None, so an input shard with no records still gets an (empty) output shard

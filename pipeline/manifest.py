@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import dataclasses
 import hashlib
 import json
 import platform
@@ -31,7 +30,7 @@ def job_config(opts: JobOptions, spec: ModelSpec) -> dict[str, Any]:
     JobOptions._add_argparse_args(parser)
     flags = {a.dest for a in parser._actions} - {"help"} - NOT_IN_CONFIG - {"model", "dtype", "max_len", "max_slots"}
     values = opts.get_all_options()
-    config = {"model": dataclasses.asdict(spec), "job": {k: values.get(k) for k in sorted(flags)}}
+    config = {"model": spec.flat(), "job": {k: values.get(k) for k in sorted(flags)}}
     return json.loads(json.dumps(config))  # tuples -> lists, as a marker read back has them
 
 

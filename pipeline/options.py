@@ -37,8 +37,9 @@ class JobOptions(PipelineOptions):
         parser.add_argument("--temperature", type=float, default=0.0, help="default temperature (0 = greedy)")
         parser.add_argument("--top_p", type=float, default=1.0, help="default top_p")
         parser.add_argument("--top_k", type=int, default=0, help="default top_k (0 = off)")
-        parser.add_argument("--batch_tokens", type=int, default=16384,
-                            help="token budget of one engine call (prompt + max_tokens, summed)")
+        parser.add_argument("--batch_tokens", type=int, default=None,
+                            help="token budget of one Beam batch (prompt + max_tokens, summed); default: "
+                                 "2 x max_slots x max_len, two full loads of the engine's slots")
         parser.add_argument("--max_slots", type=int, default=None, help="override the model config's max_slots")
         parser.add_argument("--max_len", type=int, default=None, help="override the model config's max_len")
         parser.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],

@@ -76,3 +76,20 @@ def test_published_model_presets_keep_each_architecture_s_differences():
     assert (gemma.norm_weight_offset, gemma.scale_embeddings, gemma.activation, gemma.head_dim) == (1.0, True, "gelu_tanh", 256)
     assert PRESETS["llama-3.1-8b"].rope_scaling == RopeScaling("llama3", 8.0, 1.0, 4.0, 8192)
     assert PRESETS["llama-3.2-1b"].tie_word_embeddings and not PRESETS["llama-3.1-70b"].tie_word_embeddings
+
+
+def test_engine_config_is_the_one_source_of_serving_defaults():
+    from model import EngineConfig
+    from model.config import buckets_for
+
+    cfg = PRESETS["tiny-llama"]
+    assert EngineConfig().context_length(cfg) == min(2048, cfg.max_position_embeddings)
+    assert EngineConfig(max_len=96).context_length(cfg) == 96
+    assert EngineConfig(max_slots=4, max_len=64).batch_tokens(cfg) == 2 * 4 * 64
+    assert buckets_for(96) == [16, 32, 64, 96]
+    with pytest.raises(ValueError, match="max_len=100000 exceeds"):
+        EngineConfig(max_len=100_000).context_length(cfg)
+    for bad, match in (({"max_slots": 0}, "max_slots=0"), ({"order": "random"}, "order='random'"),
+                       ({"kv_cache_dtype": "int4"}, "kv_cache_dtype='int4'"), ({"max_len": 1}, "max_len=1")):
+        with pytest.raises(ValueError, match=match):
+            EngineConfig(**bad)

@@ -136,3 +136,20 @@ def test_preview_returns_records(capsys):
     assert all(r["completion_tokens"] == 8 or r["finish_reason"] == "stop" for r in records)
     assert preview.main(["--max_tokens", "5", "The hacker"]) == 0
     assert "The hacker" in capsys.readouterr().out
+
+
+def test_model_yaml_is_flat_and_resolves_its_checkpoint_next_to_itself(tmp_path):
+    from model import EngineConfig
+    from pipeline.handler import ModelSpec
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "m.yaml").write_text("checkpoint: ckpts/mine\ndtype: float32\nmax_slots: 8\n"
+                                                 "decode_steps: 4\nmesh_shape: [1, 2]\n")
+    spec = ModelSpec.parse(str(tmp_path / "models" / "m.yaml"), max_len=64, max_slots=None)
+    assert spec.checkpoint == str(tmp_path / "models" / "ckpts" / "mine")
+    assert spec.engine == EngineConfig(max_slots=8, max_len=64, decode_steps=4) and spec.mesh_shape == (1, 2)
+    assert spec.flat()["max_slots"] == 8 and spec.flat()["checkpoint"] == spec.checkpoint
+    assert ModelSpec.parse("configs/models/demo.yaml").checkpoint == "demo"
+    (tmp_path / "models" / "bad.yaml").write_text("checkpoint: demo\nslots: 8\n")
+    with pytest.raises(ValueError, match=r"unknown keys \['slots'\]"):
+        ModelSpec.parse(str(tmp_path / "models" / "bad.yaml"))
