@@ -310,6 +310,7 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
         log.info("%d of %d shards already complete in %s; skipping them", len(skipped), len(last_lines), opts.output)
 
     run_id, metrics = uuid.uuid4().hex, {}
+    planned = time.perf_counter()
     per_pass = opts.shards_per_pass or max(len(todo), 1)
     passes = [todo[i:i + per_pass] for i in range(0, len(todo), per_pass)]
     if test_pipeline is not None and len(passes) > 1:
@@ -323,7 +324,8 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
         if len(passes) > 1:
             log.info("pass %d/%d wrote %s", n, len(passes), ", ".join(_name(outputs[i]) for i in group))
 
-    wall_s = time.perf_counter() - start
+    ran = time.perf_counter()
+    wall_s = ran - start
     summary = summarize([outputs[i] for i in sorted(last_lines)], wall_s)
     limit = None if not opts.limit else {
         "records": opts.limit, "shards": [_name(shards[i]) for i in sorted(last_lines)],
@@ -335,6 +337,15 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
         input_shards=len(shards), limit=limit, metrics=metrics, started=_iso(started), finished=_iso(time.time()),
         wall_s=wall_s)
     io.write_json_atomic(opts.output.rstrip("/") + "/" + io.MANIFEST, out)
+    from pipeline import report  # here, not at the top: only `run` uses it
+
+    phases = {"setup": planned - start, "pipelines": ran - planned, "summary": time.perf_counter() - ran}
+    try:
+        report.write_report(opts.output.rstrip("/") + "/" + report.REPORT, out, {
+            **{k: summary[k] for k in ("prompt_lengths", "completion_lengths", "error_examples")},
+            "phases_s": phases, "passes": len(passes), "timeline": progress.timeline(run_id)})
+    except Exception as e:  # noqa: BLE001 (the report is a view of the manifest; the job's output is complete)
+        log.warning("could not write the run report: %s: %s", type(e).__name__, e)
     return {**out, "samples": summary["samples"]}
 
 
@@ -348,11 +359,14 @@ def _iso(t: float) -> str:
 
 def summarize(output_urls: list[str], wall_s: float) -> dict[str, Any]:
     """Counts over the given output shards, from their completion markers (whatever the output
-    format), checked against the shards' line counts; duplicate ids and a few sample records read
-    from the shards themselves."""
+    format), checked against the shards' line counts; duplicate ids, a few sample records, and for
+    the run report the completions' prompt and completion lengths ({tokens: completions}) and up
+    to 3 examples per error type, read from the shards themselves in the same pass."""
     import fsspec
 
     ids, samples, counts = collections.Counter(), [], []
+    prompt_lengths, completion_lengths = collections.Counter(), collections.Counter()
+    error_examples: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
     for url in output_urls:
         marker = io.read_marker(url)
         if marker is None:
@@ -364,12 +378,19 @@ def summarize(output_urls: list[str], wall_s: float) -> dict[str, Any]:
                 lines += 1
                 if view["id"] is not None:  # None: an OpenAI line that was not a request
                     ids[str(view["id"])] += 1
-                if len(samples) < 3 and view["error_type"] is None:
-                    samples.append(view)
+                if view["error_type"] is None:
+                    prompt_lengths[view["prompt_tokens"]] += 1
+                    completion_lengths[view["completion_tokens"]] += 1
+                    if len(samples) < 3:
+                        samples.append(view)
+                elif len(error_examples[view["error_type"]]) < 3:
+                    error_examples[view["error_type"]].append({"id": view["id"], "message": view["error_message"]})
         if lines != marker["records"]:
             raise RuntimeError(f"{url} has {lines} lines; its marker says {marker['records']} records")
         counts.append(marker)
     s = manifest.add_up(counts)
     return {**s, "shards": len(output_urls), "wall_s": round(wall_s, 2),
             "completion_tokens_per_s": round(s["completion_tokens"] / max(wall_s, 1e-9), 1),
-            "duplicate_ids": manifest.duplicate_ids(ids), "samples": samples}
+            "duplicate_ids": manifest.duplicate_ids(ids), "samples": samples,
+            "prompt_lengths": prompt_lengths, "completion_lengths": completion_lengths,
+            "error_examples": dict(error_examples)}

@@ -147,14 +147,16 @@ def _logprobs(r: Result, chat: bool) -> dict[str, Any]:
 
 def output_view(rec: dict[str, Any]) -> dict[str, Any]:
     """See records.output_view."""
-    view = {"id": rec.get("custom_id"), "error_type": None, "completion": None, "prompt_tokens": 0,
-            "completion_tokens": 0}
+    view = {"id": rec.get("custom_id"), "error_type": None, "error_message": None, "completion": None,
+            "prompt_tokens": 0, "completion_tokens": 0}
     response = rec.get("response") or {}
     body = response.get("body") or {}
     if rec.get("error"):
-        view["error_type"] = rec["error"].get("code")
+        view["error_type"], view["error_message"] = rec["error"].get("code"), rec["error"].get("message")
     elif response.get("status_code") != 200:
-        view["error_type"] = (body.get("error") or {}).get("code") or f"http_{response.get('status_code')}"
+        err = body.get("error") or {}
+        view["error_type"] = err.get("code") or f"http_{response.get('status_code')}"
+        view["error_message"] = err.get("message")
     else:
         choice = body["choices"][0]
         view["completion"] = choice["message"]["content"] if "message" in choice else choice["text"]

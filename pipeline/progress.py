@@ -26,7 +26,8 @@ class Progress:
     """Records finished by this process since the job started; logs one line per interval.
 
     One per (job run, process), shared by the threads and the successive pipelines (passes) of the
-    run, so the counts of a run with --shards_per_pass add up across passes.
+    run, so the counts of a run with --shards_per_pass add up across passes. Also keeps, per whole
+    second since the start, the records finished and their completion tokens (for the run report).
     """
 
     _runs: dict[str, "Progress"] = {}
@@ -36,6 +37,7 @@ class Progress:
         self.interval_s, self.started = interval_s, started
         self.last_log = time.time()
         self.records = self.completions = self.errors = self.completion_tokens = 0
+        self.per_second: dict[int, list[int]] = {}  # second since start -> [records, completion tokens]
         self.lock = threading.Lock()
 
     @classmethod
@@ -46,6 +48,7 @@ class Progress:
             return cls._runs[run_id]
 
     def add(self, result: Result) -> None:
+        now = time.time()
         with self.lock:
             self.records += 1
             if result.error is None:
@@ -53,7 +56,9 @@ class Progress:
                 self.completion_tokens += result.completion_tokens
             else:
                 self.errors += 1
-            now = time.time()
+            second = self.per_second.setdefault(max(int(now - self.started), 0), [0, 0])
+            second[0] += 1
+            second[1] += result.completion_tokens if result.error is None else 0
             due = now - self.last_log >= self.interval_s
             if due:
                 self.last_log = now
@@ -66,6 +71,17 @@ class Progress:
         return (f"progress: {self.records:,} records done ({self.completions:,} completions, "
                 f"{self.errors:,} errors), {self.completion_tokens:,} completion tokens, "
                 f"{self.completion_tokens / elapsed:,.1f} tokens/s, {elapsed:,.0f} s")
+
+
+def timeline(run_id: str) -> list[tuple[int, int, int]] | None:
+    """[(second since the job started, records finished in it, their completion tokens)] as this
+    process counted them, in time order; None where this process counted none of the run (the
+    records were counted in worker processes: another runner, or multi_processing)."""
+    found = Progress._runs.get(run_id)
+    if found is None:
+        return None
+    with found.lock:
+        return [(t, n, tokens) for t, (n, tokens) in sorted(found.per_second.items())]
 
 
 class CountResults(beam.DoFn):

@@ -492,12 +492,14 @@ def serialize(r: Result) -> tuple[str, Result]:
 
 
 def output_view(rec: dict[str, Any]) -> dict[str, Any]:
-    """An output line of either shape (the project's or OpenAI's) -> {"id", "error_type" (None for
-    a completion), "completion", "prompt_tokens", "completion_tokens"}, for summaries."""
+    """An output line of either shape (the project's or OpenAI's) -> {"id", "error_type" and
+    "error_message" (None for a completion), "completion", "prompt_tokens", "completion_tokens"},
+    for summaries."""
     if "custom_id" in rec:
         from pipeline import openai_batch
 
         return openai_batch.output_view(rec)
     err = rec.get("error")
-    return {"id": rec.get("id"), "error_type": err["type"] if err else None, "completion": rec.get("completion"),
+    return {"id": rec.get("id"), "error_type": err["type"] if err else None,
+            "error_message": err.get("message") if err else None, "completion": rec.get("completion"),
             "prompt_tokens": rec.get("prompt_tokens", 0), "completion_tokens": rec.get("completion_tokens", 0)}

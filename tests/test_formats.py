@@ -269,8 +269,8 @@ def test_openai_output_shapes_for_completions_and_chat(demo_tokenizer):
     content = body["choices"][0]["logprobs"]["content"]
     assert [c["token"] for c in content] == lp["tokens"] and content[1]["logprob"] == -1.0
     assert content[0]["bytes"] == list(content[0]["token"].encode()) and content[0]["top_logprobs"] == []
-    assert output_view(b) == {"id": "c2", "error_type": None, "completion": " wrote a kludge", "prompt_tokens": 3,
-                              "completion_tokens": len(ids)}
+    assert output_view(b) == {"id": "c2", "error_type": None, "error_message": None, "completion": " wrote a kludge",
+                              "prompt_tokens": 3, "completion_tokens": len(ids)}
 
 
 def test_openai_generation_failure_is_a_500():
@@ -278,6 +278,7 @@ def test_openai_generation_failure_is_a_500():
     out = json.loads(r.to_json())
     assert out["response"]["status_code"] == 500 and out["response"]["body"]["error"]["type"] == "server_error"
     assert output_view(out)["error_type"] == "generation_failed"
+    assert output_view(out)["error_message"] == "RuntimeError: boom"
 
 
 # ------------------------------------------------------------------ stop strings and logprobs

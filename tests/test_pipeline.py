@@ -114,7 +114,8 @@ def test_gs_input_and_output(gcs, tmp_path):
                    "--max_tokens", "8"])
     assert summary["records"] == 6 and summary["errors"] == 0
     assert sorted(gcs.ls("jobs/out", detail=False)) == ["jobs/out/_done", "jobs/out/_manifest.json",
-                                                        "jobs/out/part-0.jsonl", "jobs/out/part-1.jsonl"]
+                                                        "jobs/out/_report.html", "jobs/out/part-0.jsonl",
+                                                        "jobs/out/part-1.jsonl"]
     with gcs.open("jobs/out/part-1.jsonl", "r") as f:
         assert [json.loads(line)["id"] for line in f] == ["g1-0", "g1-1", "g1-2"]
 
