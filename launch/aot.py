@@ -47,7 +47,7 @@ import numpy as np  # noqa: E402
 
 from model.config import PRESETS, ModelConfig  # noqa: E402
 from model.engine import Engine, resolve_checkpoint  # noqa: E402
-from model.sharding import make_mesh  # noqa: E402
+from model.sharding import bytes_per_device, make_mesh  # noqa: E402
 
 GiB = 2 ** 30
 ESTIMATES = ("TPU compiler estimates (libtpu, deviceless): memory_analysis() and cost_analysis() of the "
@@ -100,20 +100,12 @@ def model_config(name_or_path: str) -> ModelConfig:
 
 # ---------------------------------------------------------------- sizes from the abstract engine
 
-def bytes_per_chip(tree: Any) -> int:
-    """Bytes one chip holds of a tree of sharded ShapeDtypeStructs (the largest shard each)."""
-    total = 0
-    for x in jax.tree.leaves(tree):
-        total += math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
-    return total
-
-
 def decode_weight_bytes(engine: Engine) -> int:
     """Weight bytes per chip a decode step reads: all of them, except that an untied embedding
     table is only gathered from (one row per slot)."""
-    total = bytes_per_chip(engine.params)
+    total = bytes_per_device(engine.params)
     if not engine.cfg.tie_word_embeddings:
-        total -= bytes_per_chip(engine.params["embed"])
+        total -= bytes_per_device(engine.params["embed"])
     return total
 
 
@@ -204,15 +196,16 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
     mesh = make_mesh(args.mesh or (1, len(devices)), devices)
     engine = Engine.abstract(cfg, mesh, dtype=args.dtype, quantize=args.quantize, max_slots=args.max_slots,
                              max_len=args.max_len, kv_cache_dtype=args.kv_cache_dtype,
-                             decode_steps=args.decode_steps)
+                             decode_steps=args.decode_steps, hbm_bytes=chip.hbm_bytes,
+                             hbm_utilization=args.hbm_utilization)
     bucket = args.prefill_len or min(2048, args.max_len)
     if bucket not in engine.buckets:
         raise SystemExit(f"--prefill_len {bucket} is not one of the engine's prompt buckets {engine.buckets}")
     warmup_shapes = [("prefill", b, t) for b, t in engine.prefill_shapes()] + [
         ("decode", n) for n in range(1, len(engine.cache.sizes) + 1)]
     warmup = {"functions": len(warmup_shapes), "compile_s": None}
-    weights = bytes_per_chip(engine.params)
-    cache, state = bytes_per_chip(engine.cache), bytes_per_chip(engine.state)
+    weights = bytes_per_device(engine.params)
+    cache, state = bytes_per_device(engine.cache), bytes_per_device(engine.state)
     resident = weights + cache + state
     step_weights = decode_weight_bytes(engine)
     result: dict[str, Any] = {
@@ -221,7 +214,7 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
         "model": args.model, "params": cfg.num_params, "dtype": args.dtype, "quantize": args.quantize,
         "kv_cache_dtype": args.kv_cache_dtype, "topology": args.topology, "chip": chip_name,
         "mesh": {"data": mesh.shape["data"], "model": mesh.shape["model"]},
-        "max_slots": args.max_slots, "max_len": args.max_len, "decode_steps": engine.decode_steps,
+        "max_slots": engine.max_slots, "max_slots_asked": args.max_slots, "max_len": args.max_len, "decode_steps": engine.decode_steps,
         "hbm_bytes_per_chip": chip.hbm_bytes, "hbm_bytes_per_s": chip.hbm_bytes_per_s,
         "peak_bf16_flops_per_chip": chip.peak_bf16_flops,
         "resident_bytes_per_chip": {"weights": weights, "kv_cache": cache, "slot_state": state, "total": resident},
@@ -255,7 +248,7 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
                          peak_bytes=c.peak_bytes)
         decode.append(entry)
 
-    rows = min(args.prefill_batch, args.max_slots)
+    rows = min(args.prefill_batch, engine.max_slots)
     c = compiler.prefill(rows, bucket)
     ideal_flops = prefill_ideal_flops(cfg, rows, bucket) / mesh.size
     prefill = {"rows": rows, "bucket": bucket, "tokens": rows * bucket, "compile_s": round(c.compile_s, 2),
@@ -357,7 +350,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", required=True, help="a preset name or a checkpoint directory (only config.json is read)")
     p.add_argument("--topology", default="v5e:2x4", help="TPU slice, e.g. v5e:2x4, v6e:2x4 (whole hosts)")
     p.add_argument("--mesh", default=None, help="data,model (default: every chip on model)")
-    p.add_argument("--max_slots", type=int, default=32)
+    p.add_argument("--max_slots", type=lambda v: v if v == "auto" else int(v), default=32,
+                   help="cache slots, or 'auto': as many as fit --hbm_utilization of the chip's HBM after the weights")
+    p.add_argument("--hbm_utilization", type=float, default=0.9,
+                   help="with --max_slots auto: the share of HBM that weights and KV cache may take")
     p.add_argument("--max_len", type=int, default=2048)
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--quantize", default=None, choices=("int8",))
@@ -379,7 +375,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    result = run(args)
+    try:
+        result = run(args)
+    except ValueError as e:  # e.g. max_slots auto with no room for one slot: the numbers are in the message
+        print(f"error: {args.model} on {args.topology}: {e}", file=sys.stderr)
+        return 1
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -196,6 +196,7 @@ def llama_preset(vocab: int, hidden: int, layers: int, heads: int, kv_heads: int
 # Random-initialized shapes, for benchmarks and tests. Real checkpoints load from a path.
 DEFAULT_MAX_LEN = 2048  # tokens a sequence may hold when neither the caller nor the YAML says
 MIN_BUCKET = 16
+AUTO_SLOTS_GUESS = 64  # max_slots "auto" is known only once the engine is on its devices
 
 
 def buckets_for(max_len: int) -> list[int]:
@@ -213,7 +214,7 @@ class EngineConfig:
     place for these defaults: `Engine` takes it, the job's ModelSpec embeds it, and the job's
     batching reads its buckets and token budget from it."""
 
-    max_slots: int = 32
+    max_slots: int | str = 32  # "auto": as many as fit hbm_utilization of device memory after the weights
     max_len: int | None = None  # None: min(DEFAULT_MAX_LEN, the model's max_position_embeddings)
     decode_steps: int = 8  # decode steps per dispatch
     prefill_tokens: int = 4096  # most prompt tokens in one prefill call
@@ -222,9 +223,14 @@ class EngineConfig:
     prefix_block: int = 64
     batching: str = "inflight"  # "static": refill only when every slot is free (a baseline)
     order: str = "longest_first"  # or "arrival": which waiting prompt takes a free slot
+    hbm_utilization: float = 0.9  # with max_slots "auto": the share of device memory weights and cache may take
 
     def __post_init__(self):
-        for name, value, least in (("max_slots", self.max_slots, 1), ("decode_steps", self.decode_steps, 1),
+        if self.max_slots != "auto" and (not isinstance(self.max_slots, int) or self.max_slots < 1):
+            raise ValueError(f"max_slots={self.max_slots!r}; must be an integer >= 1 or 'auto'")
+        if not isinstance(self.hbm_utilization, (int, float)) or not 0 < self.hbm_utilization <= 1:
+            raise ValueError(f"hbm_utilization={self.hbm_utilization!r}; must be a number in (0, 1]")
+        for name, value, least in (("decode_steps", self.decode_steps, 1),
                                    ("prefill_tokens", self.prefill_tokens, 1), ("prefix_block", self.prefix_block, 1),
                                    ("prefix_cache_entries", self.prefix_cache_entries, 0)):
             if not isinstance(value, int) or value < least:
@@ -249,7 +255,8 @@ class EngineConfig:
     def batch_tokens(self, model: ModelConfig) -> int:
         """A Beam batch's default token budget (prompt + max_tokens, summed): two full loads of
         the slots, so a batch keeps every slot busy while the next one is formed."""
-        return 2 * self.max_slots * self.context_length(model)
+        slots = self.max_slots if isinstance(self.max_slots, int) else AUTO_SLOTS_GUESS
+        return 2 * slots * self.context_length(model)
 
 
 PRESETS: dict[str, ModelConfig] = {

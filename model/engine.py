@@ -35,7 +35,7 @@ from model.kv_cache import KVCache
 from model.prefix_cache import PrefixCache
 from model.quantize import quantize_params
 from model.sampling import SamplingParams, sample, token_logprobs
-from model.sharding import make_mesh, named_sharding
+from model.sharding import bytes_per_device, make_mesh, named_sharding
 from model.tokenizer import decode_completions, load_tokenizer
 from model.weights import load_params, read_hf_config
 
@@ -102,10 +102,15 @@ class Engine:
     """A decoder with a static KV cache of `max_slots` sequences of up to `max_len` tokens."""
 
     def __init__(self, cfg: ModelConfig, params: dict[str, jax.Array], mesh: jax.sharding.Mesh,
-                 config: EngineConfig | None = None, tokenizer: Any = None, **overrides: Any):
+                 config: EngineConfig | None = None, tokenizer: Any = None, hbm_bytes: int | None = None,
+                 **overrides: Any):
         """config: how to serve (slots, max_len, scheduler; EngineConfig's defaults if None);
-        overrides: EngineConfig fields to change, e.g. max_slots=8."""
+        overrides: EngineConfig fields to change, e.g. max_slots=8. hbm_bytes: memory per device
+        for max_slots "auto" (default: what the devices report)."""
         config = dataclasses.replace(config or EngineConfig(), **overrides)
+        if config.max_slots == "auto":
+            hbm = hbm_bytes or device_memory(mesh)
+            config = dataclasses.replace(config, max_slots=slots_that_fit(cfg, config, params, mesh, hbm))
         self.config, self.cfg, self.mesh, self.tokenizer = config, cfg, mesh, tokenizer
         self.max_slots, self.max_len = config.max_slots, config.context_length(cfg)
         self.decode_steps, self.prefill_tokens = config.decode_steps, config.prefill_tokens
@@ -177,18 +182,19 @@ class Engine:
 
     @classmethod
     def abstract(cls, cfg: ModelConfig, mesh: jax.sharding.Mesh, dtype: str = "bfloat16",
-                 quantize: str | None = None, **engine_kw: Any) -> "Engine":
+                 quantize: str | None = None, hbm_bytes: int | None = None, **engine_kw: Any) -> "Engine":
         """An engine whose weights, KV cache and slot state are jax.ShapeDtypeStructs with the
         shardings the real ones get on `mesh`; nothing is allocated. `mesh` may be built from
         devices this host does not have, e.g. a TPU slice from
         jax.experimental.topologies.get_topology_desc. Its own jitted functions then lower and
         compile for those devices (`lower_prefill`, `lower_decode`); it cannot generate.
-        engine_kw are Engine's (max_slots, max_len, kv_cache_dtype, ...)."""
+        engine_kw are Engine's (max_slots, max_len, kv_cache_dtype, ...); hbm_bytes: the memory of
+        one of those devices, for max_slots "auto"."""
         _check_dtype_and_quantize(dtype, quantize)
         params = abstract_params(cfg, jnp.dtype(dtype), mesh)
         if quantize == "int8":
             params = quantize_params(params, cfg, mesh)
-        return cls(cfg, params, mesh, **engine_kw)
+        return cls(cfg, params, mesh, hbm_bytes=hbm_bytes, **engine_kw)
 
     # ------------------------------------------------------------ jitted device functions
 
@@ -620,6 +626,38 @@ def _check_dtype_and_quantize(dtype: str, quantize: str | None) -> None:
 
 def _abstract(x: np.ndarray) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(x.shape, x.dtype)
+
+
+def device_memory(mesh: jax.sharding.Mesh) -> int:
+    """Bytes of memory one device of the mesh has, as the device reports it."""
+    device = mesh.devices.flat[0]
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if not stats or not stats.get("bytes_limit"):
+        raise ValueError(f"max_slots='auto' needs the devices' memory size, and {device.platform} devices do not "
+                         "report one: give max_slots as a number")
+    return int(stats["bytes_limit"])
+
+
+def slots_that_fit(cfg: ModelConfig, config: EngineConfig, params: dict, mesh: jax.sharding.Mesh,
+                   hbm_bytes: int) -> int:
+    """How many cache slots fit in config.hbm_utilization of each device's hbm_bytes after the
+    weights (and the prefix cache's rows), as whole rows of the mesh's 'data' axis (slots are split
+    over it). Activations and compile temporaries live in the share left over."""
+    dtype = params["final_norm"].dtype
+    max_len, int8 = config.context_length(cfg), config.kv_cache_dtype == "int8"
+    group = mesh.shape["data"]
+    per_group = bytes_per_device(KVCache.abstract(cfg, group, max_len, dtype, mesh, int8=int8))
+    prefix = bytes_per_device(KVCache.abstract(cfg, config.prefix_cache_entries, max_len, dtype, mesh, int8=int8)) \
+        if config.prefix_cache_entries else 0
+    weights = bytes_per_device(params)
+    room = config.hbm_utilization * hbm_bytes - weights - prefix
+    if room < per_group:
+        gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
+        raise ValueError(f"no room for a cache slot: weights {gib(weights)} + prefix cache {gib(prefix)} per device "
+                         f"leave {gib(max(room, 0))} of hbm_utilization {config.hbm_utilization} x {gib(hbm_bytes)}, "
+                         f"and {group} slot(s) of max_len {max_len} take {gib(per_group)}; use more devices on "
+                         "'model', int8 weights or KV cache, a shorter max_len, or a higher hbm_utilization")
+    return int(room // per_group) * group
 
 
 def enable_compilation_cache(path: str | None = None) -> None:

@@ -79,3 +79,10 @@ def constrain(x: jax.Array, axes: Sequence[str | None], mesh: Mesh | None) -> ja
     if mesh is None or mesh.size == 1:
         return x
     return jax.lax.with_sharding_constraint(x, named_sharding(axes, x.shape, mesh))
+
+
+def bytes_per_device(tree) -> int:
+    """Bytes one device holds of a tree of sharded arrays or ShapeDtypeStructs (the largest shard
+    of each)."""
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+               for x in jax.tree.leaves(tree))

@@ -305,3 +305,22 @@ def test_a_failed_step_fails_its_sequences_only_and_the_loop_keeps_serving(engin
     while engine._thread is not None and time.monotonic() < deadline:  # an idle engine holds no thread
         time.sleep(0.01)
     assert engine._thread is None
+
+
+def test_max_slots_auto_fills_the_memory_left_after_the_weights():
+    from model.config import PRESETS
+    from model.sharding import bytes_per_device, make_mesh
+
+    cfg, mesh, hbm = PRESETS["tiny-llama"], make_mesh((2, 4)), 8 * 2**20
+    eng = Engine.abstract(cfg, mesh, dtype="float32", max_slots="auto", max_len=128, hbm_bytes=hbm)
+    weights, cache = bytes_per_device(eng.params), bytes_per_device(eng.cache)
+    per_pair = cache / (eng.max_slots // 2)  # slots are split over 'data' (2): a pair costs each device one
+    assert eng.max_slots % 2 == 0 and eng.max_slots > 2
+    assert weights + cache <= 0.9 * hbm < weights + cache + per_pair
+    half = Engine.abstract(cfg, mesh, dtype="float32", max_slots="auto", max_len=128, hbm_bytes=hbm,
+                           hbm_utilization=0.45)
+    assert half.max_slots < eng.max_slots
+    with pytest.raises(ValueError, match="no room for a cache slot"):
+        Engine.abstract(cfg, mesh, dtype="float32", max_slots="auto", max_len=128, hbm_bytes=weights)
+    with pytest.raises(ValueError, match="cpu devices do not report one"):
+        Engine.from_pretrained("tiny-llama", mesh_shape=(1, 1), dtype="float32", max_slots="auto", max_len=64)
