@@ -46,14 +46,20 @@ class _Base:
 
 
 class SentencePieceTokenizer(_Base):
-    """A SentencePiece model run by tensorflow-text (ids equal the sentencepiece library's)."""
+    """A SentencePiece model run by tensorflow-text (ids equal the sentencepiece library's), or
+    with backend="sentencepiece" by the sentencepiece library itself: the same ids and text,
+    without importing TensorFlow (seconds), for notebook previews. The Beam job uses tensorflow-text."""
 
-    def __init__(self, model_proto: bytes):
-        import sentencepiece  # light: only to read the special ids and vocabulary size
+    BACKENDS = ("tensorflow", "sentencepiece")
 
+    def __init__(self, model_proto: bytes, backend: str = "tensorflow"):
+        import sentencepiece  # light: reads the special ids and vocabulary size; the backend="sentencepiece" runner
+
+        if backend not in self.BACKENDS:
+            raise ValueError(f"backend={backend!r}; expected one of {self.BACKENDS}")
         with native_stderr_silenced():
             sp = sentencepiece.SentencePieceProcessor(model_proto=model_proto)
-        self._proto = model_proto
+        self._proto, self._sp, self.backend = model_proto, sp, backend
         self.vocab_size = sp.get_piece_size()
         self.bos_id = sp.bos_id() if sp.bos_id() >= 0 else None
         self.eos_id = sp.eos_id() if sp.eos_id() >= 0 else None
@@ -92,8 +98,11 @@ class SentencePieceTokenizer(_Base):
             return self._encode_parsing_special(texts, add_bos)
         if not texts:
             return []
-        tf, sp = self._backend()
-        ids = sp.tokenize(tf.constant(list(texts), dtype=tf.string)).to_list()
+        if self.backend == "sentencepiece":
+            ids = self._sp.encode(list(texts))
+        else:
+            tf, sp = self._backend()
+            ids = sp.tokenize(tf.constant(list(texts), dtype=tf.string)).to_list()
         bos = [self.bos_id] if add_bos and self.bos_id is not None else []
         return [bos + row for row in ids]
 
@@ -108,10 +117,13 @@ class SentencePieceTokenizer(_Base):
     def decode_batch(self, ids: Sequence[Sequence[int]]) -> list[str]:
         if not ids:
             return []
-        tf, sp = self._backend()
         special = {self.bos_id, self.eos_id, self.pad_id}
         rows = [[int(t) for t in row if t not in special] for row in ids]
-        out = sp.detokenize(tf.ragged.constant(rows, dtype=tf.int32, row_splits_dtype=tf.int64)).numpy()
+        if self.backend == "sentencepiece":
+            out = self._sp.decode(rows, out_type=bytes)
+        else:
+            tf, sp = self._backend()
+            out = sp.detokenize(tf.ragged.constant(rows, dtype=tf.int32, row_splits_dtype=tf.int64)).numpy()
         return [s.decode("utf-8", errors="replace") for s in out]
 
 
@@ -145,15 +157,16 @@ def _read(url: str, mode: str = "rb"):
         return f.read()
 
 
-def load_tokenizer(path: str) -> Tokenizer | None:
-    """The tokenizer in a checkpoint directory (tokenizer.json preferred), or None if it has none."""
+def load_tokenizer(path: str, sentencepiece_backend: str = "tensorflow") -> Tokenizer | None:
+    """The tokenizer in a checkpoint directory (tokenizer.json preferred), or None if it has none.
+    sentencepiece_backend: what runs a tokenizer.model (see SentencePieceTokenizer)."""
     fs, root = fsspec.core.url_to_fs(path)
     join = lambda name: path.rstrip("/") + "/" + name  # noqa: E731
     if fs.exists(root.rstrip("/") + "/tokenizer.json"):
         special = _special_ids(path, fs, root)
         return HFTokenizer(_read(join("tokenizer.json"), "r"), special)
     if fs.exists(root.rstrip("/") + "/tokenizer.model"):
-        return SentencePieceTokenizer(_read(join("tokenizer.model")))
+        return SentencePieceTokenizer(_read(join("tokenizer.model")), sentencepiece_backend)
     return None
 
 

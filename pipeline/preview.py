@@ -12,18 +12,25 @@ import argparse
 import concurrent.futures
 import dataclasses
 import functools
+import os
 import sys
 from typing import Any, Sequence
 
 from tqdm.auto import tqdm
 
-from model import Engine, SamplingParams
+from model import Engine, SamplingParams, load_tokenizer, resolve_checkpoint
 from model.tokenizer import decode_completions
 
 
 @functools.lru_cache(maxsize=2)
 def _engine(model: str, dtype: str, max_len: int | None, max_slots: int) -> Engine:
-    return Engine.from_pretrained(model, mesh_shape=None, dtype=dtype, max_len=max_len, max_slots=max_slots)
+    engine = Engine.from_pretrained(model, mesh_shape=None, dtype=dtype, max_len=max_len, max_slots=max_slots)
+    path = resolve_checkpoint(model)
+    if os.path.isdir(path) or "://" in path:
+        # the sentencepiece library runs a tokenizer.model with tensorflow-text's ids and text, and
+        # spares a preview the seconds TensorFlow takes to import (tests/test_tokenizer.py)
+        engine.tokenizer = load_tokenizer(path, sentencepiece_backend="sentencepiece")
+    return engine
 
 
 def generate(prompts: str | Sequence[str], model: str = "demo", max_tokens: int = 64, temperature: float = 0.0,

@@ -43,3 +43,15 @@ def test_overlapping_silenced_sections_give_stderr_back():
         t.join()
     after = os.fstat(2)
     assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)
+
+
+def test_a_preview_never_imports_tensorflow():
+    """The preview tokenizes with the sentencepiece library (same ids as tensorflow-text), so its
+    first answer does not wait seconds for TensorFlow to import."""
+    script = ("import sys\nfrom pipeline.preview import generate\n"
+              "[r] = generate(['Once upon a time'], max_tokens=4, progress=False)\n"
+              "assert r['completion_tokens'] == 4, r\nprint('tensorflow' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"

@@ -3,6 +3,7 @@
 import io
 import json
 
+import numpy as np
 import pytest
 import sentencepiece
 import tokenizers
@@ -86,3 +87,18 @@ def test_completion_text_keeps_its_leading_space(sp_model):
     prompt, completion = tok.encode("The hacker"), tok.encode(" wrote a kludge.", add_bos=False)
     assert tok.decode(completion) == "wrote a kludge."  # decoding alone loses the space
     assert decode_completions(tok, [prompt], [completion]) == [" wrote a kludge."]
+
+
+def test_the_sentencepiece_backend_gives_the_ids_and_text_of_tensorflow_text(sp_model):
+    """The preview runs SentencePiece models without TensorFlow: ids and decoded text (random ids
+    included, so byte-fallback pieces that end inside a character) must equal tensorflow-text's."""
+    tf_tok, sp_tok = SentencePieceTokenizer(sp_model), SentencePieceTokenizer(sp_model, backend="sentencepiece")
+    texts = TEXTS + CORPUS + ["<s> a </s> b", "  two  spaces  "]
+    assert sp_tok.encode_batch(texts) == tf_tok.encode_batch(texts)
+    assert sp_tok.encode_batch(texts, add_bos=False, parse_special=True) == tf_tok.encode_batch(
+        texts, add_bos=False, parse_special=True)
+    rng = np.random.default_rng(0)
+    rows = tf_tok.encode_batch(texts) + [rng.integers(0, 400, size=int(n)).tolist() for n in rng.integers(0, 12, 200)]
+    assert sp_tok.decode_batch(rows) == tf_tok.decode_batch(rows)
+    with pytest.raises(ValueError, match="backend='torch'"):
+        SentencePieceTokenizer(sp_model, backend="torch")
