@@ -2,6 +2,7 @@
 
     from pipeline.preview import generate
     generate(["Once upon a time", "The hacker"], max_tokens=40, temperature=0.8)
+    for record in stream(prompts, max_tokens=40): ...   # each record as soon as it finishes
 
 or from a shell:  python -m pipeline.preview --model demo "Once upon a time"
 """
@@ -14,7 +15,7 @@ import dataclasses
 import functools
 import os
 import sys
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from tqdm.auto import tqdm
 
@@ -38,7 +39,28 @@ def generate(prompts: str | Sequence[str], model: str = "demo", max_tokens: int 
              dtype: str = "float32", max_len: int | None = None, max_slots: int = 16, progress: bool = True,
              as_dataframe: bool = False) -> list[dict[str, Any]] | Any:
     """Completions for `prompts`, one record per prompt, in order. The engine is cached between
-    calls. `stop` strings cut the completion where they first appear (they are not included)."""
+    calls. `stop` strings cut the completion where they first appear (they are not included).
+    The progress bar moves as each prompt finishes."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    records: list[dict[str, Any]] = [{}] * len(prompts)
+    with tqdm(total=len(prompts), disable=not progress, desc="generate", unit="prompt") as bar:
+        for rec in stream(prompts, model, max_tokens, temperature, top_p, top_k, seed, stop, dtype, max_len,
+                          max_slots):
+            records[rec.pop("index")] = rec
+            bar.update(1)
+    if as_dataframe:
+        import pandas as pd
+
+        return pd.DataFrame.from_records(records)
+    return records
+
+
+def stream(prompts: str | Sequence[str], model: str = "demo", max_tokens: int = 64, temperature: float = 0.0,
+           top_p: float = 1.0, top_k: int = 0, seed: int = 0, stop: Sequence[str] = (),
+           dtype: str = "float32", max_len: int | None = None, max_slots: int = 16) -> Iterator[dict[str, Any]]:
+    """Yields each prompt's record as soon as it finishes, in finishing order; `record["index"]`
+    is the prompt's position in `prompts`. Every prompt is in the engine's loop at once, so the
+    short answers come first. Arguments as for `generate`."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     engine = _engine(model, dtype, max_len, max_slots)
     if engine.tokenizer is None:
@@ -47,26 +69,17 @@ def generate(prompts: str | Sequence[str], model: str = "demo", max_tokens: int 
                               seed=seed, stop=tuple(stop))
     token_ids = engine.tokenizer.encode_batch(prompts)
     room = [max(1, min(max_tokens, engine.max_len - len(p))) for p in token_ids]
-    # every prompt goes to the engine's loop at once; the bar moves as each one finishes
     futures = engine.submit(token_ids, [dataclasses.replace(sampling, max_new_tokens=r) for r in room])
-    with tqdm(total=len(prompts), disable=not progress, desc="generate", unit="prompt") as bar:
-        for _ in concurrent.futures.as_completed(futures):
-            bar.update(1)
-    outs = [f.result() for f in futures]
-    texts = decode_completions(engine.tokenizer, token_ids, [o.token_ids for o in outs])
-    records = []
-    for prompt, p_ids, out, text in zip(prompts, token_ids, outs, texts):
+    index = {f: i for i, f in enumerate(futures)}
+    for f in concurrent.futures.as_completed(futures):
+        i, out = index[f], f.result()
+        [text] = decode_completions(engine.tokenizer, [token_ids[i]], [out.token_ids])
         reason = out.finish_reason
-        cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+        cut = min((c for c in (text.find(s) for s in stop) if c >= 0), default=-1)
         if cut >= 0:
             text, reason = text[:cut], "stop"
-        records.append({"prompt": prompt, "completion": text, "prompt_tokens": len(p_ids),
-                        "completion_tokens": len(out.token_ids), "finish_reason": reason})
-    if as_dataframe:
-        import pandas as pd
-
-        return pd.DataFrame.from_records(records)
-    return records
+        yield {"index": i, "prompt": prompts[i], "completion": text, "prompt_tokens": len(token_ids[i]),
+               "completion_tokens": len(out.token_ids), "finish_reason": reason}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -139,6 +139,14 @@ def test_preview_returns_records(capsys):
     assert "The hacker" in capsys.readouterr().out
 
 
+def test_stream_yields_every_record_once_as_generate_has_it():
+    prompts = ["The hacker", "In the beginning", "A kludge is"]
+    got = list(preview.stream(prompts, max_tokens=8, stop=(",",)))
+    assert sorted(r.pop("index") for r in got) == [0, 1, 2]
+    expected = preview.generate(prompts, max_tokens=8, stop=(",",), progress=False)
+    assert sorted(got, key=lambda r: prompts.index(r["prompt"])) == expected
+
+
 def test_model_yaml_is_flat_and_resolves_its_checkpoint_next_to_itself(tmp_path):
     from model import EngineConfig
     from pipeline.handler import ModelSpec
