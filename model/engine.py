@@ -334,8 +334,8 @@ class Engine:
                 try:
                     self._admit(arrivals)
                     self._step()
-                except Exception as e:  # noqa: BLE001 (fail what was on the device, keep serving)
-                    self._fail_running(e)
+                except Exception as e:  # noqa: BLE001 (fail what the engine held, keep serving)
+                    self._fail_all(e, arrivals)
 
     def _busy(self) -> bool:
         return bool(self._waiting or self._in_flight or any(self._slot_of))
@@ -357,8 +357,10 @@ class Engine:
             free = []
         while free and self._waiting:
             batch, cached = self._take_batch(len(free))
+            self._prefilling = batch
             slots = [free.pop(0) for _ in batch]
             first, first_lp, codes = self._run_prefill(batch, cached, slots)
+            self._prefilling = []
             for q, s, tok, lp, code in zip(batch, slots, first, first_lp, codes):
                 q.tokens.append(int(tok))
                 q.logprobs.append(float(lp))
@@ -428,14 +430,18 @@ class Engine:
                     freed.append(slot)
         return freed
 
-    def _fail_running(self, error: Exception) -> None:
-        """A device call failed: every sequence on the device (and those being prefilled) fails
-        with it, and the cache and slot state start afresh (they may have been donated)."""
-        log.exception("engine step failed; failing the %d sequences on the device", sum(map(bool, self._slot_of)))
-        for q in [*self._slot_of, *(self._in_flight[1] if self._in_flight else []), *self._prefilling]:
+    def _fail_all(self, error: Exception, arrivals: list["_Sequence"]) -> None:
+        """A step failed: every sequence the engine holds (running, being prefilled, waiting, just
+        arrived) fails with it, so no caller waits forever and the loop cannot fail on the same
+        state again; the cache and slot state start afresh (they may have been donated). Callers
+        resubmit what they want retried (EngineHandler retries each failed request alone)."""
+        held = [*self._slot_of, *(self._in_flight[1] if self._in_flight else []), *self._prefilling,
+                *self._waiting, *arrivals]
+        log.exception("engine step failed; failing the %d sequences it held", sum(q is not None for q in held))
+        for q in held:
             if q is not None and not q.future.done():
                 q.future.set_exception(error)
-        self._slot_of, self._in_flight, self._prefilling = [None] * self.max_slots, None, []
+        self._slot_of, self._in_flight, self._prefilling, self._waiting = [None] * self.max_slots, None, [], []
         self.cache = KVCache.create(self.cfg, self.max_slots, self.max_len, self.dtype, self.mesh,
                                     int8=self.cache.k_scale is not None)
         self.state = self._place_state(SlotState.host(self.max_slots, self._n_stop))
@@ -490,7 +496,6 @@ class Engine:
         return batch, [found[id(q)] for q in batch]
 
     def _run_prefill(self, batch: list["_Sequence"], cached, slots):
-        self._prefilling = batch
         starts = [st for _, st in cached]
         t = self._bucket(max(len(q.prompt) - st for q, st in zip(batch, starts)))
         b = next(r for r in self.prefill_rows(t) if r >= len(batch))
@@ -512,7 +517,6 @@ class Engine:
             for q, st, s in zip(batch, starts, slots):
                 if st < len(q.hashes) * self.prefix_cache.block:  # it brings a longer prefix
                     self.prefix_cache.insert(q.hashes, self.cache, s)
-        self._prefilling = []
         return first[: len(batch)], first_lp[: len(batch)], codes[: len(batch)]
 
     def prefill_shapes(self) -> list[tuple[int, int]]:

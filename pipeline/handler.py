@@ -103,7 +103,8 @@ class EngineHandler(ModelHandler[Sequence[Request], Result, Engine]):
 
     def _generate(self, requests: list[Request], engine: Engine) -> list[Result]:
         """Submits the batch to the engine's loop, where it joins whatever other threads submitted,
-        and waits for it; a request that fails (at submission or on the device) fails alone."""
+        and waits for it. A request refused at submission or failed on the device is retried alone,
+        so one bad request fails only itself."""
         start = time.perf_counter()
         try:
             futures = engine.submit([r.token_ids for r in requests], [r.sampling() for r in requests])
@@ -112,10 +113,15 @@ class EngineHandler(ModelHandler[Sequence[Request], Result, Engine]):
         results = []
         for r, f in zip(requests, futures):
             try:
-                results.append(r.result(f.result()))
-            except Exception as e:  # noqa: BLE001
-                log.warning("record %s failed: %s: %s", r.id, type(e).__name__, e)
-                results.append(r.fail("generation_failed", f"{type(e).__name__}: {e}"))
+                out = f.result()
+            except Exception:  # noqa: BLE001 (a failed step fails all it held: retry this one alone)
+                try:
+                    out = self._submit_one(r, engine).result()
+                except Exception as e:  # noqa: BLE001
+                    log.warning("record %s failed: %s: %s", r.id, type(e).__name__, e)
+                    results.append(r.fail("generation_failed", f"{type(e).__name__}: {e}"))
+                    continue
+            results.append(r.result(out))
         elapsed = time.perf_counter() - start
         generated = sum(res.completion_tokens for res in results)
         self._latency.update(int(elapsed * 1000))

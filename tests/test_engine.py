@@ -324,3 +324,31 @@ def test_max_slots_auto_fills_the_memory_left_after_the_weights():
         Engine.abstract(cfg, mesh, dtype="float32", max_slots="auto", max_len=128, hbm_bytes=weights)
     with pytest.raises(ValueError, match="cpu devices do not report one"):
         Engine.from_pretrained("tiny-llama", mesh_shape=(1, 1), dtype="float32", max_slots="auto", max_len=64)
+
+
+def test_the_handler_retries_each_request_of_a_failed_step_alone():
+    """A failed device step fails every sequence it held; the job's handler resubmits each alone,
+    so only the request that breaks the engine ends as generation_failed."""
+    import concurrent.futures
+
+    from model import GenerationOutput
+    from pipeline.handler import EngineHandler, ModelSpec
+    from pipeline.records import Request
+
+    class Breaks:  # any step holding token 666 fails, and takes its batch mates down with it
+        def submit(self, prompts, params):
+            out = []
+            for p in prompts:
+                f = concurrent.futures.Future()
+                if any(666 in q for q in prompts):
+                    f.set_exception(RuntimeError("step failed"))
+                else:
+                    f.set_result(GenerationOutput([7, 8], "length", len(p)))
+                out.append(f)
+            return out
+
+    reqs = [Request(id=str(i), shard=0, line=i, prompt="p", max_tokens=2, max_tokens_given=False, temperature=0.0,
+                    top_p=1.0, top_k=0, seed=0, token_ids=ids) for i, ids in enumerate([[1, 5], [1, 666], [1, 9]])]
+    results = EngineHandler(ModelSpec())._generate(reqs, Breaks())
+    assert [r.error_type for r in results] == [None, "generation_failed", None]
+    assert results[0].token_ids == [7, 8] and "step failed" in results[1].error
