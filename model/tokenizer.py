@@ -157,6 +157,15 @@ def _read(url: str, mode: str = "rb"):
         return f.read()
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # what load_tokenizer reads, in its order of preference
+
+
+def has_tokenizer(path: str) -> bool:
+    """Whether a checkpoint directory holds a tokenizer load_tokenizer can read (no file is read)."""
+    fs, root = fsspec.core.url_to_fs(path)
+    return any(fs.exists(root.rstrip("/") + "/" + name) for name in TOKENIZER_FILES)
+
+
 def load_tokenizer(path: str, sentencepiece_backend: str = "tensorflow") -> Tokenizer | None:
     """The tokenizer in a checkpoint directory (tokenizer.json preferred), or None if it has none.
     sentencepiece_backend: what runs a tokenizer.model (see SentencePieceTokenizer)."""

@@ -28,6 +28,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from model import ModelConfig, load_tokenizer, read_hf_config, resolve_checkpoint
 from model.config import buckets_for
 from model.platform import has_gpu, has_tpu
+from model.tokenizer import TOKENIZER_FILES, has_tokenizer
 from pipeline import formats, io, manifest, progress
 from pipeline.errors import JobError
 from pipeline.handler import NAMESPACE, EngineHandler, ModelSpec
@@ -284,6 +285,9 @@ def parse_options(argv: list[str] | None) -> tuple[JobOptions, ModelSpec]:
         reason = f"config.json has no {e}" if isinstance(e, KeyError) else str(e)
         raise JobError(f"cannot serve checkpoint {spec.checkpoint}: {reason}", where,
                        "pass a checkpoint of a supported architecture and configuration") from e
+    if not has_tokenizer(resolve_checkpoint(spec.checkpoint)):  # else every worker fails on it in setup
+        raise JobError(f"checkpoint {spec.checkpoint} has no tokenizer ({' or '.join(TOKENIZER_FILES)})", where,
+                       "the job reads and writes text: put the model's tokenizer file in the checkpoint directory")
     return opts, spec
 
 

@@ -38,6 +38,12 @@ def unsupported_checkpoint(tmp_path: Path) -> list[str]:
     return ["--model", str(tmp_path / "ckpt")]
 
 
+def checkpoint_without_tokenizer(tmp_path: Path) -> list[str]:
+    (tmp_path / "notok").mkdir()
+    (tmp_path / "notok" / "config.json").write_text((ROOT / "model" / "assets" / "demo" / "config.json").read_text())
+    return ["--model", str(tmp_path / "notok")]
+
+
 def output_is_a_file(tmp_path: Path) -> list[str]:
     (tmp_path / "taken").write_text("")
     return ["--output", str(tmp_path / "taken")]
@@ -66,6 +72,8 @@ CASES = {
                                  ["ckpt/config.json: model_type 'gpt2', architecture 'GPT2LMHeadModel' is not",
                                   "supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"]),
     "no model YAML": (lambda p: ["--model", str(p / "nope.yaml")], 2, ["no model YAML at", "nope.yaml"]),
+    "no tokenizer": (checkpoint_without_tokenizer, 2, ["has no tokenizer (tokenizer.json or tokenizer.model)",
+                                                       "notok", "put the model's tokenizer file"]),
     "no checkpoint": (lambda p: ["--model", str(p / "nockpt")], 2,
                       ["no checkpoint at", "nockpt/config.json not found", "pass 'demo'"]),
     "another job's output": (marker_of_another_config, 2,
