@@ -446,12 +446,6 @@ class Engine:
                                     int8=self.cache.k_scale is not None)
         self.state = self._place_state(SlotState.host(self.max_slots, self._n_stop))
 
-    def decode_chunks(self, longest: int) -> int:
-        """Cache chunks a decode dispatch attends over while the longest running row holds
-        `longest` tokens: every running row's positions during this dispatch, even if the one in
-        flight (not yet collected) also ran all its steps, lie within them."""
-        return self.cache.chunks_for(min(longest + 2 * self.decode_steps, self.max_len))
-
     def _bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
 
@@ -539,10 +533,9 @@ class Engine:
     def lower_prefill(self, rows: int, bucket: int) -> jax.stages.Lowered:
         """The prefill of `rows` prompts padded to `bucket` tokens, lowered for the engine's mesh
         (as warmup() would call it); `.compile()` it for cost and memory figures."""
-        shape = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)  # noqa: E731
         *arrays, rows_host = self._padding_prefill(rows, bucket)
-        row_state = jax.tree.map(shape, rows_host)
-        return self._prefill.lower(self.params, self.cache, self.state, *map(shape, arrays), row_state)
+        return self._prefill.lower(self.params, self.cache, self.state, *map(_abstract, arrays),
+                                   jax.tree.map(_abstract, rows_host))
 
     def lower_decode(self, chunks: int) -> jax.stages.Lowered:
         """The decode dispatch (`decode_steps` tokens per slot) over the cache's first `chunks`

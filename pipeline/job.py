@@ -9,6 +9,7 @@ from __future__ import annotations
 import bisect
 import collections
 import datetime
+import functools
 import json
 import logging
 import os
@@ -41,8 +42,10 @@ log = logging.getLogger(__name__)
 LOCAL_WORKER_THREADS = 4  # the in-process runner's default: bundles feeding the engine at once
 
 
+@functools.lru_cache(maxsize=4)
 def model_config(spec: ModelSpec) -> ModelConfig:
-    """The architecture of the spec's checkpoint, from its config.json."""
+    """The architecture of the spec's checkpoint, from its config.json (read once per process:
+    option checks, each pass's build and each worker's setup all ask)."""
     return ModelConfig.from_hf_config(read_hf_config(resolve_checkpoint(spec.checkpoint)))
 
 
