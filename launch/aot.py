@@ -10,9 +10,13 @@ engine's code as it is.
 
 Per chip (the SPMD program is one chip's):
   - bytes: arguments, outputs, temporaries and the peak of each function, against the chip's HBM;
-  - decode, per step: bytes accessed against the ideal (the weights a step reads + the live KV);
-    today's engine compiles one decode per count of live KV chunks, so each --live_fraction maps
-    to the chunk count the engine would use for that live length;
+  - decode, per step: bytes accessed against the ideal (the weights a step reads + the live KV).
+    On the TPU path decode compiles once and its attention kernel reads each slot's live blocks:
+    its cache bytes are counted from the blocks it fetches for each --live_fraction (cost
+    analysis cannot see inside a kernel), the rest from cost analysis. Cost analysis counts a
+    loop's body once, so the layer loop's cost comes from 1- and 2-layer copies of the model
+    compiled unrolled. (--hot_path cpu compiles the CPU path instead: one decode per count of
+    live KV chunks);
   - prefill: flops against the ideal (matmuls + causal attention) and the compute roofline;
   - compile seconds of each function and, with --warmup, of everything Engine.warmup() compiles.
 
@@ -45,6 +49,7 @@ from typing import Any, Sequence  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from model import ragged_attention as ragged  # noqa: E402
 from model.config import PRESETS, ModelConfig  # noqa: E402
 from model.engine import Engine, resolve_checkpoint  # noqa: E402
 from model.sharding import bytes_per_device, make_mesh  # noqa: E402
@@ -121,6 +126,46 @@ def prefill_ideal_flops(cfg: ModelConfig, rows: int, length: int) -> float:
     return rows * (2 * layer * cfg.num_layers * length + 2 * d * cfg.vocab_size + attention)
 
 
+def kernel_cache_bytes(engine: Engine, starts: Sequence[int], t: int) -> int:
+    """Cache bytes per chip the attention kernel fetches in one pass over all layers, for rows on
+    one chip in slots 0.. at positions starts + [0, t): its block fetches (blocks_fetched, checked
+    against the kernel in tests/test_ragged_attention.py) times the bytes of a key block plus a
+    value block (and their scales when int8). Cost analysis cannot see inside the kernel."""
+    k = engine.cache.k
+    layers, slots, heads, max_len, head_dim = k.sharding.shard_shape(k.shape)
+    block_q, block_k = ragged.default_blocks(t, max_len)
+    blocks = ragged.blocks_fetched(np.asarray(starts), t, window=engine.cfg.sliding_window, block_k=block_k,
+                                   block_q=block_q, max_len=max_len, slots=np.arange(len(starts)) % slots,
+                                   num_slots=slots)
+    block = block_k * head_dim * np.dtype(k.dtype).itemsize + (4 * block_k if engine.cache.k_scale is not None else 0)
+    return layers * heads * blocks * 2 * block
+
+
+def whole_model_cost(small_engine, lower_of, num_layers: int) -> tuple[float, float, float]:
+    """(flops, bytes accessed, compile s) per chip of a function of the stacked path for the whole
+    model. Cost analysis counts a loop's body once, and the stacked path runs the layers as one,
+    so two small copies of the model (1 and 2 layers, the loop unrolled) are compiled and the
+    per-layer difference extrapolated: c(1) + (layers - 1) * (c(2) - c(1))."""
+    c1, c2 = (compile_lowered(f"{n} layer(s)", lambda n=n: lower_of(small_engine(n))) for n in (1, 2))
+    per_layer = (c2.flops - c1.flops, c2.bytes_accessed - c1.bytes_accessed)
+    return (c1.flops + (num_layers - 1) * per_layer[0], c1.bytes_accessed + (num_layers - 1) * per_layer[1],
+            c1.compile_s + c2.compile_s)
+
+
+def sampler_bytes(engine: Engine) -> float:
+    """Bytes accessed per chip by one decode step's sampler when some row samples (temperature >
+    0): compiled on its own, since the engine's decode copies used for costs sample greedily."""
+    from model.sampling import sample
+    from model.sharding import named_sharding
+    s = engine.max_slots
+    def struct(shape, dtype, axes):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=named_sharding(axes, shape, engine.mesh))
+    rows = lambda dtype: struct((s,), dtype, ("slots",))  # noqa: E731
+    args = (struct((s, engine.cfg.vocab_size), np.float32, ("slots", "vocab")), rows(np.float32), rows(np.int32),
+            rows(np.float32), rows(np.uint32), rows(np.int32))
+    return compile_lowered("sampler", lambda: jax.jit(sample).lower(*args)).bytes_accessed
+
+
 # ---------------------------------------------------------------- compiling
 
 @dataclasses.dataclass
@@ -194,10 +239,18 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
     chip_name, chip = chip_of(args.topology)
     devices = tpu_devices(args.topology)
     mesh = make_mesh(args.mesh or (1, len(devices)), devices)
-    engine = Engine.abstract(cfg, mesh, dtype=args.dtype, quantize=args.quantize, max_slots=args.max_slots,
-                             max_len=args.max_len, kv_cache_dtype=args.kv_cache_dtype,
-                             decode_steps=args.decode_steps, hbm_bytes=chip.hbm_bytes,
-                             hbm_utilization=args.hbm_utilization)
+    def abstract_engine(cfg, **kw):
+        return Engine.abstract(cfg, mesh, dtype=args.dtype, quantize=args.quantize, max_len=args.max_len,
+                               kv_cache_dtype=args.kv_cache_dtype, decode_steps=args.decode_steps,
+                               hbm_bytes=chip.hbm_bytes, hbm_utilization=args.hbm_utilization,
+                               hot_path=args.hot_path, **kw)
+
+    engine = abstract_engine(cfg, max_slots=args.max_slots)
+    stacked, kernel = engine.path.stacked, engine.path.attention == "pallas"
+
+    def small_engine(layers: int) -> Engine:
+        return abstract_engine(dataclasses.replace(cfg, num_layers=layers), max_slots=engine.max_slots,
+                               cost_model=True)
     bucket = args.prefill_len or min(2048, args.max_len)
     if bucket not in engine.buckets:
         raise SystemExit(f"--prefill_len {bucket} is not one of the engine's prompt buckets {engine.buckets}")
@@ -214,7 +267,7 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
         "model": args.model, "params": cfg.num_params, "dtype": args.dtype, "quantize": args.quantize,
         "kv_cache_dtype": args.kv_cache_dtype, "topology": args.topology, "chip": chip_name,
         "mesh": {"data": mesh.shape["data"], "model": mesh.shape["model"]},
-        "max_slots": engine.max_slots, "max_slots_asked": args.max_slots, "max_len": args.max_len, "decode_steps": engine.decode_steps,
+        "hot_path": engine.path.name, "max_slots": engine.max_slots, "max_slots_asked": args.max_slots, "max_len": args.max_len, "decode_steps": engine.decode_steps,
         "hbm_bytes_per_chip": chip.hbm_bytes, "hbm_bytes_per_s": chip.hbm_bytes_per_s,
         "peak_bf16_flops_per_chip": chip.peak_bf16_flops,
         "resident_bytes_per_chip": {"weights": weights, "kv_cache": cache, "slot_state": state, "total": resident},
@@ -230,6 +283,10 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
     compiler = Compiler(engine, log)
     decode = []
     fractions = sorted(set(args.live_fraction) | {1.0})
+    if stacked:  # one decode for every live length; its XLA part costed once, from the small copies
+        decode_cost = whole_model_cost(small_engine, lambda e: e.lower_decode(1), cfg.num_layers)
+        result["sampler_bytes_per_step"] = int(sampler_bytes(engine))
+    local_slots = engine.cache.k.sharding.shard_shape(engine.cache.k.shape)[1] if stacked else 0
     for frac in fractions:
         live = max(1, math.ceil(frac * args.max_len))
         chunks = engine.decode_chunks(live)
@@ -241,11 +298,21 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
         if c.error:
             errors.append(f"decode at {frac:.0%} live: {c.error}")
             entry["error"] = c.error
-        else:
-            entry.update(bytes_accessed_per_chip=int(c.bytes_accessed), ratio_to_ideal=c.bytes_accessed / ideal,
-                         flops_per_chip=c.flops, step_s_at_hbm_bandwidth=c.bytes_accessed / chip.hbm_bytes_per_s,
-                         ideal_step_s_at_hbm_bandwidth=ideal / chip.hbm_bytes_per_s, memory=c.memory,
-                         peak_bytes=c.peak_bytes)
+            decode.append(entry)
+            continue
+        flops, accessed = c.flops, c.bytes_accessed
+        if stacked:
+            flops, accessed = decode_cost[:2]
+            entry["cost_compile_s"] = round(decode_cost[2], 2)
+        if kernel:  # every slot at position live - 1
+            fetched = kernel_cache_bytes(engine, [live - 1] * local_slots, 1)
+            accessed += fetched
+            block_k = ragged.default_blocks(1, args.max_len)[1]
+            entry.update(kernel_cache_bytes=fetched, positions_read=-(-live // block_k) * block_k)
+        entry.update(bytes_accessed_per_chip=int(accessed), ratio_to_ideal=accessed / ideal,
+                     flops_per_chip=flops, step_s_at_hbm_bandwidth=accessed / chip.hbm_bytes_per_s,
+                     ideal_step_s_at_hbm_bandwidth=ideal / chip.hbm_bytes_per_s, memory=c.memory,
+                     peak_bytes=c.peak_bytes)
         decode.append(entry)
 
     rows = min(args.prefill_batch, engine.max_slots)
@@ -257,10 +324,18 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
         errors.append(f"prefill {rows}x{bucket}: {c.error}")
         prefill["error"] = c.error
     else:
-        prefill.update(flops_per_chip=c.flops, ratio_to_ideal=c.flops / ideal_flops,
-                       bytes_accessed_per_chip=int(c.bytes_accessed),
-                       s_at_peak_flops=c.flops / chip.peak_bf16_flops,
-                       s_at_hbm_bandwidth=c.bytes_accessed / chip.hbm_bytes_per_s,
+        flops, accessed = c.flops, c.bytes_accessed
+        if stacked:
+            flops, accessed, seconds = whole_model_cost(small_engine, lambda e: e.lower_prefill(rows, bucket),
+                                                        cfg.num_layers)
+            prefill["cost_compile_s"] = round(seconds, 2)
+        if kernel:  # prompts from position 0
+            prefill["kernel_cache_bytes"] = kernel_cache_bytes(engine, [0] * rows, bucket)
+            accessed += prefill["kernel_cache_bytes"]
+        prefill.update(flops_per_chip=flops, ratio_to_ideal=flops / ideal_flops,
+                       bytes_accessed_per_chip=int(accessed),
+                       s_at_peak_flops=flops / chip.peak_bf16_flops,
+                       s_at_hbm_bandwidth=accessed / chip.hbm_bytes_per_s,
                        memory=c.memory, peak_bytes=c.peak_bytes)
 
     if args.warmup:
@@ -311,7 +386,9 @@ def format_report(r: dict[str, Any]) -> str:
     ]
     if r["decode"]:
         out += ["", f"decode, per step ({r['decode_steps']} steps per dispatch; cost analysis counts the loop "
-                "body once). Live fraction -> the KV chunks today's engine attends over for that length:",
+                "body once; the stacked path's layer loop is extrapolated from 1- and 2-layer copies). "
+                "Positions: what a step reads per slot, the live blocks (TPU kernel), all of max_len (XLA "
+                "attention) or the live chunks (the CPU path):",
                 f"{'live':>5} {'chunks':>7} {'positions':>9} {'compile s':>9} {'peak':>10} {'temp':>10} "
                 f"{'accessed':>9} {'ideal':>9} {'ratio':>6} {'ms at HBM BW':>12}"]
         for d in r["decode"]:
@@ -323,6 +400,9 @@ def format_report(r: dict[str, Any]) -> str:
             out.append(head + f"{_gib(d['peak_bytes']):>10} {_gib(d['memory']['temp_bytes']):>10} "
                        f"{_gb(d['bytes_accessed_per_chip']):>9} {_gb(d['ideal_bytes_per_chip']):>9} "
                        f"{d['ratio_to_ideal']:>6.2f} {1e3 * d['step_s_at_hbm_bandwidth']:>12.2f}")
+    if "sampler_bytes_per_step" in r:
+        out.append(f"(greedy rows; a step where some row samples also runs the sampler's sort: "
+                   f"{_gb(r['sampler_bytes_per_step'])} more)")
     p = r["prefill"]
     if p:
         out += ["", f"prefill {p['rows']} x {p['bucket']} tokens ({p['tokens']} tokens), compiled in {p['compile_s']:.1f} s:"]
@@ -363,6 +443,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="comma-separated fractions of max_len that every slot holds; 1 is always added")
     p.add_argument("--prefill_batch", type=int, default=8)
     p.add_argument("--prefill_len", type=int, default=None, help="a prompt bucket (default: min(2048, max_len))")
+    p.add_argument("--hot_path", default="auto", choices=("auto", "cpu", "gpu"),
+                   help="auto: the TPU path; cpu or gpu: compile that platform's code for the TPU instead, to compare")
     p.add_argument("--warmup", action="store_true", help="also compile everything Engine.warmup() would (slow)")
     p.add_argument("--json", default=None, help="write the report here")
     args = p.parse_args(argv)

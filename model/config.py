@@ -224,6 +224,7 @@ class EngineConfig:
     batching: str = "inflight"  # "static": refill only when every slot is free (a baseline)
     order: str = "longest_first"  # or "arrival": which waiting prompt takes a free slot
     hbm_utilization: float = 0.9  # with max_slots "auto": the share of device memory weights and cache may take
+    hot_path: str = "auto"  # the devices' own (model/platform.py); "tpu" on a CPU runs the TPU code, kernels interpreted
 
     def __post_init__(self):
         if self.max_slots != "auto" and (not isinstance(self.max_slots, int) or self.max_slots < 1):
@@ -239,7 +240,8 @@ class EngineConfig:
             raise ValueError(f"max_len={self.max_len!r}; must be an integer >= 2")
         for name, value, allowed in (("kv_cache_dtype", self.kv_cache_dtype, (None, "int8")),
                                      ("batching", self.batching, ("inflight", "static")),
-                                     ("order", self.order, ("longest_first", "arrival"))):
+                                     ("order", self.order, ("longest_first", "arrival")),
+                                     ("hot_path", self.hot_path, ("auto", "cpu", "tpu", "gpu"))):
             if value not in allowed:
                 raise ValueError(f"{name}={value!r}; expected one of {allowed}")
 

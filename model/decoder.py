@@ -1,16 +1,22 @@
 """The decoder: embed -> N x (attention, gated MLP) -> norm -> head, in Flax NNX.
 
-Each weight is declared once in `param_specs` (shape, logical axes, init). A per-layer weight is
-held as one array per layer, and the layers run as an unrolled Python loop: slicing a layer out
-of stacked weights (as `lax.scan` does) copies it on XLA:CPU at every decode step, doubling the
-memory traffic that bounds decoding. Compile time grows with depth instead. Dimension letters in einsums: b batch, t query positions, s key positions,
-d model width, n query heads, k kv heads, g query heads per kv head, h head dim, f MLP width,
-v vocabulary, l layers.
+Each weight is declared once in `param_specs` (shape, logical axes, init). How the layers run is
+the platform's hot path (model/platform.py):
+- TPU and GPU ("stacked"): a per-layer weight is one [layers, ...] array and the layers run as a
+  `lax.scan` that carries the stacked KV cache and writes it in place: compile time does not grow
+  with depth, and decode compiles once. Attention over the cache is model/ragged_attention.py's
+  kernel on TPU (it reads only each row's live blocks), its XLA reference elsewhere.
+- CPU: a per-layer weight is one array per layer, run as an unrolled Python loop, over a cache in
+  per-layer chunks: slicing a layer out of stacked weights copies it on XLA:CPU at every step,
+  doubling the memory traffic that bounds decoding.
+Dimension letters in einsums: b batch, t query positions, s key positions, d model width, n query
+heads, k kv heads, g query heads per kv head, h head dim, f MLP width, v vocabulary, l layers.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from typing import Any, Callable, Sequence
 
@@ -18,10 +24,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from model import ragged_attention as ragged
 from model.config import ModelConfig, rope_inv_freq
-from model.kv_cache import KVCache
+from model.kv_cache import STACKED_AXES, KVCache, StackedKVCache
+from model.platform import HotPath, hot_path
 from model.quantize import QArray
-from model.sharding import constrain, named_sharding
+from model.sharding import DATA, MODEL, constrain, logical_to_spec, named_sharding
 
 Array = jax.Array
 
@@ -77,6 +85,34 @@ def abstract_params(cfg: ModelConfig, dtype: jnp.dtype, mesh: jax.sharding.Mesh)
     shardings = param_shardings(cfg, mesh)
     return {name: jax.tree.map(lambda s, spec=spec: jax.ShapeDtypeStruct(spec.shape, dtype, sharding=s), shardings[name])
             for name, spec in param_specs(cfg).items()}
+
+
+def stack_layers(params: dict[str, Any], cfg: ModelConfig, mesh: jax.sharding.Mesh) -> dict[str, Any]:
+    """The params format with each per-layer list stacked into one [layers, ...] array (a QArray's
+    values and scales each stacked), placed with a replicated "layers" axis; already-stacked
+    weights pass through. One weight at a time, each list dropped once stacked, so peak memory is
+    the model plus one weight. Abstract weights give abstract stacked weights."""
+    specs, out = param_specs(cfg), dict(params)
+    for name, value in params.items():
+        if not (specs[name].per_layer and isinstance(value, (list, tuple))):
+            continue
+
+        def sharding(x):
+            return named_sharding(("layers",) + _axes_of(name, specs[name], x), (cfg.num_layers, *x.shape), mesh)
+        shardings = jax.tree.map(sharding, value[0])
+        stack = jax.jit(lambda *ws: jax.tree.map(lambda *xs: jnp.stack(xs), *ws), out_shardings=shardings)
+        abstract = isinstance(jax.tree.leaves(value[0])[0], jax.ShapeDtypeStruct)
+        out[name] = jax.eval_shape(stack, *value) if abstract else stack(*value)
+    return out
+
+
+def _axes_of(name: str, spec: ParamSpec, x) -> tuple[str | None, ...]:
+    """Logical axes of one layer's array of a weight: its spec's, or for an int8 weight's scale
+    (a QArray leaf of lower rank) its non-contracted ones."""
+    if x.ndim == len(spec.axes):
+        return spec.axes
+    from model.quantize import CONTRACTED
+    return tuple(a for a in spec.axes if a not in CONTRACTED[name])
 
 
 def init_params(cfg: ModelConfig, key: Array, dtype: jnp.dtype, std: float = 0.02) -> dict[str, Any]:
@@ -226,24 +262,35 @@ AttendFn = Callable[[Array, Array, Array, Array, KVCache | None], tuple[Array, K
 class Decoder(nnx.Module):
     """The decoder's weights (nnx.Param, named as in `param_specs`) and its forward passes."""
 
-    def __init__(self, cfg: ModelConfig, params: dict[str, Array], mesh: jax.sharding.Mesh | None = None):
+    def __init__(self, cfg: ModelConfig, params: dict[str, Array], mesh: jax.sharding.Mesh | None = None,
+                 path: HotPath | None = None):
+        """params: the params format, with per-layer weights as lists (the CPU path) or stacked
+        [layers, ...] arrays (the stacked path, see stack_layers)."""
         specs = param_specs(cfg)
         if set(params) != set(specs):
             raise ValueError(f"weights {sorted(set(params) ^ set(specs))} missing or unexpected")
         self.cfg = cfg
         self.mesh = mesh
+        self.path = path or hot_path("cpu")
         self.inv_freq = tuple(rope_inv_freq(cfg))
         for name, value in params.items():
             spec = specs[name]
-            arrays = value if spec.per_layer else [value]
-            if spec.per_layer and len(arrays) != cfg.num_layers:
-                raise ValueError(f"weight {name!r} has {len(arrays)} layers; expected {cfg.num_layers}")
+            stacked = spec.per_layer and self.path.stacked
+            arrays = value if spec.per_layer and not stacked else [value]
+            if spec.per_layer and len(arrays if not stacked else value) != cfg.num_layers:
+                raise ValueError(f"weight {name!r} has {len(arrays if not stacked else value)} layers; "
+                                 f"expected {cfg.num_layers}")
             for a in arrays:
-                if tuple(a.shape) != spec.shape:
-                    raise ValueError(f"weight {name!r} has shape {tuple(a.shape)}; expected {spec.shape}")
-            setattr(self, name, nnx.List([nnx.Param(a) for a in value]) if spec.per_layer else nnx.Param(value))
+                shape = tuple(a.shape)[1:] if stacked else tuple(a.shape)
+                if shape != spec.shape:
+                    raise ValueError(f"weight {name!r} has shape {shape}; expected {spec.shape}")
+            if spec.per_layer and not stacked:
+                setattr(self, name, nnx.List([nnx.Param(a) for a in value]))
+            else:
+                setattr(self, name, nnx.Param(value))
 
-    def _layer_weights(self, i: int) -> dict[str, Array | QArray]:
+    def _layer_weights(self, i: int | None) -> dict[str, Array | QArray]:
+        """One layer's weights by name; i None: the stacked arrays (the stacked path)."""
         specs = param_specs(self.cfg)
         return {name: self.weight(name, i) for name, spec in specs.items() if spec.per_layer}
 
@@ -254,6 +301,9 @@ class Decoder(nnx.Module):
 
     def weight(self, name: str, layer: int | None = None) -> Array | QArray:
         """A weight's value; `layer` picks one layer's array of a per-layer weight."""
+        if self.path.stacked:
+            value = getattr(self, name).get_value()
+            return value if layer is None else jax.tree.map(lambda x: x[layer], value)
         param = getattr(self, name) if layer is None else getattr(self, name)[layer]
         return param.get_value()
 
@@ -293,9 +343,18 @@ class Decoder(nnx.Module):
         x = x + gated_mlp(h, w["w_gate"], w["w_up"], w["w_down"], cfg.activation)
         return constrain(x, ("batch", "seq", "embed"), self.mesh), carry
 
-    def _run_layers(self, x: Array, positions_bt: Array, attend: AttendFn, carry: KVCache | None):
-        for i in range(self.cfg.num_layers):
-            x, carry = self._block(x, self._layer_weights(i), positions_bt, attend, i, carry)
+    def _run_layers(self, x: Array, positions_bt: Array, attend: AttendFn, carry: Any):
+        if not self.path.stacked:
+            for i in range(self.cfg.num_layers):
+                x, carry = self._block(x, self._layer_weights(i), positions_bt, attend, i, carry)
+            return x, carry
+
+        def body(c, xs):  # the cache is carried, so each layer's write is in place
+            (x, carry), (w, i) = c, xs
+            return self._block(x, w, positions_bt, attend, i, carry), None
+
+        (x, carry), _ = jax.lax.scan(body, (x, carry), (self._layer_weights(None), jnp.arange(self.cfg.num_layers)),
+                                     unroll=self.path.cost_model)
         return x, carry
 
     def forward(self, tokens_bt: Array, positions_bt: Array) -> Array:
@@ -315,6 +374,11 @@ class Decoder(nnx.Module):
         Returns (hidden [b, t, d], cache).
         """
         positions_bt = starts_b[:, None] + jnp.arange(tokens_bt.shape[1])[None, :]
+        if self.path.stacked:
+            def attend(layer, q, k, v, cache):
+                cache = cache.write(layer, slots_b, positions_bt, k, v)
+                return self._cache_attention(q, cache, layer, slots_b, starts_b, rows_on_data=False), cache
+            return self._run_layers(self.embed_tokens(tokens_bt), positions_bt, attend, cache)
         mask = attention_mask(positions_bt, jnp.arange(cache.max_len), self.cfg.sliding_window)
 
         def attend(layer, q, k, v, cache):
@@ -336,6 +400,14 @@ class Decoder(nnx.Module):
         """
         b, span = cache.max_slots, cache.span(chunks or len(cache.sizes))
         positions_bt = positions_b[:, None]
+        if self.path.stacked:
+            rows = jnp.arange(b, dtype=jnp.int32)
+
+            def attend(layer, q, k, v, cache):
+                cache = cache.write(layer, rows, positions_bt, k, v)
+                return self._cache_attention(q, cache, layer, rows, positions_b, rows_on_data=True), cache
+            x, cache = self._run_layers(self.embed_tokens(tokens_b[:, None]), positions_bt, attend, cache)
+            return self.head(x)[:, 0], cache
         mask = attention_mask(positions_bt, jnp.arange(span), self.cfg.sliding_window)
         rows = jnp.arange(b)
 
@@ -345,3 +417,40 @@ class Decoder(nnx.Module):
 
         x, cache = self._run_layers(self.embed_tokens(tokens_b[:, None]), positions_bt, attend, cache)
         return self.head(x)[:, 0], cache
+
+    def _cache_attention(self, q_btnh: Array, cache: StackedKVCache, layer: Array, slots_b: Array,
+                         starts_b: Array, rows_on_data: bool) -> Array:
+        """Row i's queries (at positions starts_b[i] + [0, t)) attend to what slot slots_b[i] of
+        the stacked cache holds up to each query: ragged_attention's kernel ("pallas") or its
+        reference ("xla"), per device under shard_map. Heads split over "model" when the cache's
+        kv heads are; rows over "data" when rows_on_data (decode: row i is slot i), else every
+        device of a "data" row sees all rows, attends those whose slot it holds, and the "data"
+        devices' outputs are summed."""
+        kw = dict(k_scale=cache.k_scale, v_scale=cache.v_scale, window=self.cfg.sliding_window)
+        if self.path.attention == "pallas":
+            block_q, block_k = ragged.default_blocks(q_btnh.shape[1], cache.max_len)
+            fn = functools.partial(ragged.ragged_attention, interpret=self.path.interpret, block_q=block_q,
+                                   block_k=block_k)
+        else:
+            fn = ragged.reference_ragged_attention
+        if self.mesh is None or self.mesh.size == 1:
+            return fn(q_btnh, cache.k, cache.v, layer, slots_b, starts_b, **kw)
+        from jax.sharding import PartitionSpec as P
+        cache_spec = logical_to_spec(STACKED_AXES, cache.k.shape, self.mesh)
+        cache_spec = tuple(cache_spec) + (None,) * (5 - len(cache_spec))
+        slots_split, heads = cache_spec[1] == DATA, MODEL if cache_spec[2] == MODEL else None
+        rows = DATA if rows_on_data and slots_split else None
+        local_slots = cache.k.shape[1] // (self.mesh.shape[DATA] if slots_split else 1)
+        scale_spec = P(None, cache_spec[1], cache_spec[2], None, None)
+
+        def local(q, k, v, layer, slots, starts, k_scale, v_scale):
+            offset = jax.lax.axis_index(DATA) * local_slots if slots_split else 0
+            out = fn(q, k, v, layer, slots - offset, starts, k_scale=k_scale, v_scale=v_scale, window=kw["window"])
+            return jax.lax.psum(out, DATA) if slots_split and rows is None else out
+
+        scales = None if cache.k_scale is None else scale_spec
+        return jax.shard_map(
+            local, mesh=self.mesh,
+            in_specs=(P(rows, None, heads, None), P(*cache_spec), P(*cache_spec), P(), P(rows), P(rows), scales, scales),
+            out_specs=P(rows, None, heads, None), check_vma=False,
+        )(q_btnh, cache.k, cache.v, layer, slots_b, starts_b, cache.k_scale, cache.v_scale)

@@ -16,12 +16,15 @@ with the next request, so an idle engine holds no thread.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import math
 import os
 import threading
+import time
 from typing import Any, Sequence
 
 import jax
@@ -30,8 +33,9 @@ import numpy as np
 from flax import nnx
 
 from model.config import PRESETS, EngineConfig, ModelConfig, buckets_for
-from model.decoder import Decoder, abstract_params, init_params, param_shardings
-from model.kv_cache import KVCache
+from model.decoder import Decoder, abstract_params, init_params, param_shardings, stack_layers
+from model.kv_cache import KVCache, StackedKVCache
+from model.platform import hot_path
 from model.prefix_cache import PrefixCache
 from model.quantize import quantize_params
 from model.sampling import SamplingParams, sample, token_logprobs
@@ -103,10 +107,11 @@ class Engine:
 
     def __init__(self, cfg: ModelConfig, params: dict[str, jax.Array], mesh: jax.sharding.Mesh,
                  config: EngineConfig | None = None, tokenizer: Any = None, hbm_bytes: int | None = None,
-                 **overrides: Any):
+                 cost_model: bool = False, **overrides: Any):
         """config: how to serve (slots, max_len, scheduler; EngineConfig's defaults if None);
         overrides: EngineConfig fields to change, e.g. max_slots=8. hbm_bytes: memory per device
-        for max_slots "auto" (default: what the devices report)."""
+        for max_slots "auto" (default: what the devices report). cost_model: see HotPath (for
+        launch/aot.py only)."""
         config = dataclasses.replace(config or EngineConfig(), **overrides)
         if config.max_slots == "auto":
             hbm = hbm_bytes or device_memory(mesh)
@@ -117,11 +122,16 @@ class Engine:
         self.batching, self.order = config.batching, config.order
         self.buckets = buckets_for(self.max_len)
         self.dtype = params["final_norm"].dtype  # activations and cache; weights may be int8
+        self.path = dataclasses.replace(hot_path(mesh.devices.flat[0].platform, config.hot_path),
+                                        cost_model=cost_model)
+        if self.path.stacked:
+            params = stack_layers(params, cfg, mesh)
+        cache_cls = StackedKVCache if self.path.stacked else KVCache
         # Weights given as ShapeDtypeStructs (Engine.abstract) make the cache and slot state
         # abstract too: the engine then lowers and compiles its functions but cannot run them.
         self.abstract = all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params))
-        self.graphdef, self.params = nnx.split(Decoder(cfg, params, mesh))
-        new_cache = KVCache.abstract if self.abstract else KVCache.create
+        self.graphdef, self.params = nnx.split(Decoder(cfg, params, mesh, self.path))
+        new_cache = cache_cls.abstract if self.abstract else cache_cls.create
         int8 = config.kv_cache_dtype == "int8"
         self.cache = new_cache(cfg, self.max_slots, self.max_len, self.dtype, mesh, int8=int8)
         # rows of shared-prefix KV, kept apart from the slots (decode would write into them)
@@ -144,6 +154,8 @@ class Engine:
         self._slot_of: list[_Sequence | None] = [None] * self.max_slots
         self._in_flight: tuple[list[jax.Array], list[_Sequence | None]] | None = None
         self._prefilling: list[_Sequence] = []
+        self._stats: collections.Counter = collections.Counter()
+        self._stats_lock = threading.Lock()
 
     # ------------------------------------------------------------ construction
 
@@ -182,7 +194,8 @@ class Engine:
 
     @classmethod
     def abstract(cls, cfg: ModelConfig, mesh: jax.sharding.Mesh, dtype: str = "bfloat16",
-                 quantize: str | None = None, hbm_bytes: int | None = None, **engine_kw: Any) -> "Engine":
+                 quantize: str | None = None, hbm_bytes: int | None = None, cost_model: bool = False,
+                 **engine_kw: Any) -> "Engine":
         """An engine whose weights, KV cache and slot state are jax.ShapeDtypeStructs with the
         shardings the real ones get on `mesh`; nothing is allocated. `mesh` may be built from
         devices this host does not have, e.g. a TPU slice from
@@ -194,7 +207,7 @@ class Engine:
         params = abstract_params(cfg, jnp.dtype(dtype), mesh)
         if quantize == "int8":
             params = quantize_params(params, cfg, mesh)
-        return cls(cfg, params, mesh, hbm_bytes=hbm_bytes, **engine_kw)
+        return cls(cfg, params, mesh, hbm_bytes=hbm_bytes, cost_model=cost_model, **engine_kw)
 
     # ------------------------------------------------------------ jitted device functions
 
@@ -206,7 +219,7 @@ class Engine:
         x, cache = model.prefill(tokens_bt, starts_b, slots_b, cache)
         last = x[jnp.arange(b), lengths_b - starts_b - 1][:, None]
         logits = model.head(last)[:, 0]
-        token = sample(logits, rows.temperature, rows.top_k, rows.top_p, rows.seed, jnp.zeros_like(lengths_b))
+        token = self._sample(logits, rows.temperature, rows.top_k, rows.top_p, rows.seed, jnp.zeros_like(lengths_b))
         logprob = token_logprobs(logits, token)
         code = _finish(token, rows, jnp.ones_like(lengths_b), lengths_b, self.max_len)
         new = dataclasses.replace(rows, token=token, position=lengths_b, active=code == RUNNING,
@@ -224,7 +237,7 @@ class Engine:
             cache, s = carry
             pos = jnp.minimum(s.position, self.max_len - 1)
             logits, cache = model.decode_step(s.token, pos, cache, chunks)
-            token = sample(logits, s.temperature, s.top_k, s.top_p, s.seed, s.generated)
+            token = self._sample(logits, s.temperature, s.top_k, s.top_p, s.seed, s.generated)
             logprob = token_logprobs(logits, token)
             emitted = s.active
             generated = s.generated + emitted
@@ -237,6 +250,11 @@ class Engine:
         (cache, state), (tokens, logprobs, emitted, codes) = jax.lax.scan(step, (cache, state), length=steps)
         cache = jax.lax.with_sharding_constraint(cache, self._cache_sharding)
         return cache, self._place_state(state), tokens, logprobs, emitted, codes
+
+    def _sample(self, logits, *rows):
+        if self.path.cost_model:
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return sample(logits, *rows)
 
     def _place_state(self, state: SlotState) -> SlotState:
         """The slot state's one placement (slots over 'data'), inside jit and out, so that calls
@@ -379,7 +397,9 @@ class Engine:
         dispatched = None
         if running:
             chunks = self.decode_chunks(max(len(q.prompt) + len(q.tokens) for q in running))
-            self.cache, self.state, *out = self._decode(self.params, self.cache, self.state, self.decode_steps, chunks)
+            with self._timed("decode", self._decode):
+                self.cache, self.state, *out = self._decode(self.params, self.cache, self.state, self.decode_steps,
+                                                            chunks)
             dispatched = (out, list(self._slot_of))
         if self._in_flight:
             self._collect()
@@ -396,7 +416,8 @@ class Engine:
         when it was dispatched), and frees the slots whose sequence ended."""
         out, slot_of_then = self._in_flight
         self._in_flight = None
-        tokens, lps, emitted, codes = (np.asarray(x) for x in out)
+        with self._timed("decode_wait"):
+            tokens, lps, emitted, codes = (np.asarray(x) for x in out)
         for s, q in enumerate(slot_of_then):
             if q is None or q.future.done():  # done: ended at a stop string since this was dispatched
                 continue
@@ -442,8 +463,8 @@ class Engine:
             if q is not None and not q.future.done():
                 q.future.set_exception(error)
         self._slot_of, self._in_flight, self._prefilling, self._waiting = [None] * self.max_slots, None, [], []
-        self.cache = KVCache.create(self.cfg, self.max_slots, self.max_len, self.dtype, self.mesh,
-                                    int8=self.cache.k_scale is not None)
+        self.cache = type(self.cache).create(self.cfg, self.max_slots, self.max_len, self.dtype, self.mesh,
+                                             int8=self.cache.k_scale is not None)
         self.state = self._place_state(SlotState.host(self.max_slots, self._n_stop))
 
     def _bucket(self, n: int) -> int:
@@ -517,18 +538,46 @@ class Engine:
         """(rows, bucket) of every prefill the engine can run, i.e. compiles in warmup()."""
         return [(b, t) for t in self.buckets for b in self.prefill_rows(t)]
 
-    def warmup(self) -> None:
-        """Compiles every prefill shape and the decode step for each count of live cache chunks
-        now, so that a job compiles nothing later. Prefill runs on padding rows only (their
-        writes are dropped), decode only while no slot is active."""
+    def warmup(self) -> dict[str, float]:
+        """Compiles every prefill shape and the decode step (for each count of live cache chunks,
+        on the CPU path) now, so that a job compiles nothing later. Prefill runs on padding rows
+        only (their writes are dropped), decode only while no slot is active. Returns how many
+        functions this compiled (or loaded from the persistent cache) and the seconds it took."""
         self._check_concrete("warmup")
+        before, start = sum(self.compile_counts.values()), time.perf_counter()
         with self._device:
             for b, t in self.prefill_shapes():
                 self._call_prefill(*self._padding_prefill(b, t))
             if not bool(jnp.any(self.state.active)):
                 for chunks in range(1, len(self.cache.sizes) + 1):
-                    self.cache, self.state, *_ = self._decode(self.params, self.cache, self.state,
-                                                              self.decode_steps, chunks)
+                    with self._timed("decode", self._decode):
+                        self.cache, self.state, *_ = self._decode(self.params, self.cache, self.state,
+                                                                  self.decode_steps, chunks)
+                jax.block_until_ready(self.state)
+        return {"functions": sum(self.compile_counts.values()) - before,
+                "compile_s": round(time.perf_counter() - start, 3)}
+
+    def stats(self) -> dict[str, float]:
+        """Totals since the engine was built: seconds in prefill and decode calls (dispatch, plus
+        waiting for their results), seconds of calls that compiled (not in prefill_s or
+        decode_s), functions compiled, and calls. Cheap: it never waits on the scheduler loop."""
+        with self._stats_lock:
+            s = dict(self._stats)
+        return {"prefill_s": s.get("prefill_s", 0.0), "decode_s": s.get("decode_s", 0.0) + s.get("decode_wait_s", 0.0),
+                "compile_s": s.get("compile_s", 0.0), "compiled_functions": sum(self.compile_counts.values()),
+                "prefill_calls": int(s.get("prefill_calls", 0)), "decode_calls": int(s.get("decode_calls", 0))}
+
+    @contextlib.contextmanager
+    def _timed(self, kind: str, fn=None):
+        """Adds the block's seconds to `kind`, or to compile when `fn` (a jitted function) compiled in it."""
+        size, start = fn._cache_size() if fn is not None else 0, time.perf_counter()
+        yield
+        seconds = time.perf_counter() - start
+        compiled = fn is not None and fn._cache_size() > size
+        with self._stats_lock:
+            self._stats["compile_s" if compiled else f"{kind}_s"] += seconds
+            if fn is not None:
+                self._stats[f"{kind}_calls"] += 1
 
     def lower_prefill(self, rows: int, bucket: int) -> jax.stages.Lowered:
         """The prefill of `rows` prompts padded to `bucket` tokens, lowered for the engine's mesh
@@ -554,10 +603,11 @@ class Engine:
 
     def _call_prefill(self, tokens, starts, lengths, slot_ids, rows: SlotState):
         rows = jax.tree.map(jnp.asarray, rows)
-        self.cache, self.state, first, logprob, codes = self._prefill(
-            self.params, self.cache, self.state, jnp.asarray(tokens), jnp.asarray(starts),
-            jnp.asarray(lengths), jnp.asarray(slot_ids), rows)
-        return np.asarray(first), np.asarray(logprob), np.asarray(codes)
+        with self._timed("prefill", self._prefill):
+            self.cache, self.state, first, logprob, codes = self._prefill(
+                self.params, self.cache, self.state, jnp.asarray(tokens), jnp.asarray(starts),
+                jnp.asarray(lengths), jnp.asarray(slot_ids), rows)
+            return np.asarray(first), np.asarray(logprob), np.asarray(codes)
 
     def _stop_ids(self, sp: SamplingParams) -> tuple[int, ...]:
         ids = tuple(sp.stop_token_ids) + (() if sp.ignore_eos else self.cfg.eos_token_ids)
@@ -643,8 +693,9 @@ def slots_that_fit(cfg: ModelConfig, config: EngineConfig, params: dict, mesh: j
     dtype = params["final_norm"].dtype
     max_len, int8 = config.context_length(cfg), config.kv_cache_dtype == "int8"
     group = mesh.shape["data"]
-    per_group = bytes_per_device(KVCache.abstract(cfg, group, max_len, dtype, mesh, int8=int8))
-    prefix = bytes_per_device(KVCache.abstract(cfg, config.prefix_cache_entries, max_len, dtype, mesh, int8=int8)) \
+    cache_cls = StackedKVCache if hot_path(mesh.devices.flat[0].platform, config.hot_path).stacked else KVCache
+    per_group = bytes_per_device(cache_cls.abstract(cfg, group, max_len, dtype, mesh, int8=int8))
+    prefix = bytes_per_device(cache_cls.abstract(cfg, config.prefix_cache_entries, max_len, dtype, mesh, int8=int8)) \
         if config.prefix_cache_entries else 0
     weights = bytes_per_device(params)
     room = config.hbm_utilization * hbm_bytes - weights - prefix

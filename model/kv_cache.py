@@ -105,9 +105,7 @@ class KVCache:
     def create(cls, cfg: ModelConfig, max_slots: int, max_len: int, dtype: jnp.dtype,
                mesh: jax.sharding.Mesh, int8: bool = False) -> "KVCache":
         """A zeroed cache as `abstract` declares it, each buffer created in its sharding."""
-        def zeros(struct: jax.ShapeDtypeStruct) -> jax.Array:
-            return jax.jit(lambda: jnp.zeros(struct.shape, struct.dtype), out_shardings=struct.sharding)()
-        return jax.tree.map(zeros, cls.abstract(cfg, max_slots, max_len, dtype, mesh, int8))
+        return jax.tree.map(_zeros, cls.abstract(cfg, max_slots, max_len, dtype, mesh, int8))
 
     def shardings(self, mesh: jax.sharding.Mesh) -> "KVCache":
         def place(layers, axes):
@@ -149,9 +147,105 @@ class KVCache:
         return pick(self.k), pick(self.v), pick(self.k_scale), pick(self.v_scale)
 
 
+def _zeros(struct: jax.ShapeDtypeStruct) -> jax.Array:
+    return jax.jit(lambda: jnp.zeros(struct.shape, struct.dtype), out_shardings=struct.sharding)()
+
+
 def _quantize_vectors(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Symmetric int8 per vector over the last axis (head_dim)."""
     x32 = x.astype(jnp.float32)
     scale = jnp.max(jnp.abs(x32), axis=-1) / 127.0
     scale = jnp.where(scale > 0, scale, 1.0)
     return jnp.clip(jnp.round(x32 / scale[..., None]), -127, 127).astype(jnp.int8), scale
+
+
+STACKED_AXES = ("layers", "slots", "kv_heads", "cache_len", "head_dim")
+STACKED_SCALE_AXES = ("layers", "slots", "kv_heads", None, "cache_len")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class StackedKVCache:
+    """The accelerator cache: k and v each one array [layers, slots, kv_heads, len, head_dim]
+    (a (slot, kv head) row's positions are contiguous rows of head_dim lanes, the blocks the
+    attention kernel fetches), k_scale and v_scale [layers, slots, kv_heads, 1, len] float32 when
+    int8, else None (the unit axis lets the kernel fetch one head's scales as a legal block; see
+    ragged_attention.py). The layer loop carries it and writes each layer's new keys in place."""
+
+    k: jax.Array
+    v: jax.Array
+    k_scale: jax.Array | None = None
+    v_scale: jax.Array | None = None
+
+    @property
+    def max_slots(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def sizes(self) -> list[int]:
+        return [self.max_len]  # one chunk: decode attends by live length, not by chunk count
+
+    @property
+    def nbytes(self) -> int:
+        return sum(x.nbytes for x in jax.tree.leaves(self))
+
+    def chunks_for(self, length: int) -> int:
+        return 1
+
+    def span(self, chunks: int) -> int:
+        return self.max_len
+
+    @classmethod
+    def abstract(cls, cfg: ModelConfig, max_slots: int, max_len: int, dtype: jnp.dtype,
+                 mesh: jax.sharding.Mesh, int8: bool = False) -> "StackedKVCache":
+        """As KVCache.abstract: ShapeDtypeStructs with their NamedShardings, nothing allocated."""
+        def struct(shape, dt, axes):
+            return jax.ShapeDtypeStruct(shape, dt, sharding=named_sharding(axes, shape, mesh))
+
+        shape = (cfg.num_layers, max_slots, cfg.num_kv_heads, max_len, cfg.head_dim)
+        if not int8:
+            return cls(struct(shape, dtype, STACKED_AXES), struct(shape, dtype, STACKED_AXES))
+        scale_shape = (*shape[:3], 1, max_len)
+        kv, scale = struct(shape, jnp.int8, STACKED_AXES), struct(scale_shape, jnp.float32, STACKED_SCALE_AXES)
+        return cls(kv, kv, scale, scale)
+
+    @classmethod
+    def create(cls, cfg: ModelConfig, max_slots: int, max_len: int, dtype: jnp.dtype,
+               mesh: jax.sharding.Mesh, int8: bool = False) -> "StackedKVCache":
+        return jax.tree.map(_zeros, cls.abstract(cfg, max_slots, max_len, dtype, mesh, int8))
+
+    def shardings(self, mesh: jax.sharding.Mesh) -> "StackedKVCache":
+        place = lambda x, axes: None if x is None else named_sharding(axes, x.shape, mesh)  # noqa: E731
+        return StackedKVCache(place(self.k, STACKED_AXES), place(self.v, STACKED_AXES),
+                              place(self.k_scale, STACKED_SCALE_AXES), place(self.v_scale, STACKED_SCALE_AXES))
+
+    def write(self, layer: jax.Array, slots_b: jax.Array, positions_bt: jax.Array, k_btkh: jax.Array,
+              v_btkh: jax.Array, chunks: int | None = None) -> "StackedKVCache":
+        """Stores row i's keys/values [b, t, kv_heads, head_dim] at slot slots_b[i], positions
+        positions_bt[i] of `layer` (a traced index). Out-of-range slots and positions are dropped."""
+        s = slots_b[:, None]
+
+        def put(buf, value):  # indexing [l, s, :, p] puts the (b, t) dims first, as in `value`
+            return buf.at[layer, s, :, positions_bt].set(value.astype(buf.dtype), mode="drop")
+
+        def put_scale(buf, value):
+            return buf.at[layer, s, :, 0, positions_bt].set(value, mode="drop")
+
+        if self.k_scale is None:
+            return StackedKVCache(put(self.k, k_btkh), put(self.v, v_btkh))
+        (kq, ks), (vq, vs) = _quantize_vectors(k_btkh), _quantize_vectors(v_btkh)
+        return StackedKVCache(put(self.k, kq), put(self.v, vq), put_scale(self.k_scale, ks),
+                              put_scale(self.v_scale, vs))
+
+
+def copy_row(dst, src, src_row, dst_row):
+    """dst's slot dst_row = src's slot src_row, for every buffer (either cache class)."""
+    axis = 1 if isinstance(dst, StackedKVCache) else 0
+    def one(d, s):
+        row = jax.lax.dynamic_index_in_dim(s, src_row, axis, keepdims=True)
+        return jax.lax.dynamic_update_slice_in_dim(d, row, dst_row, axis)
+    return jax.tree.map(one, dst, src)

@@ -7,6 +7,7 @@ process of a job, and this module, look at /dev instead.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import os
 import sys
@@ -68,3 +69,46 @@ def native_stderr_silenced():
             if _silenced["depth"] == 0:
                 os.dup2(_silenced["saved"], 2)
                 os.close(_silenced["saved"])
+
+
+# ---------------------------------------------------------------- the hot path per platform
+
+@dataclasses.dataclass(frozen=True)
+class HotPath:
+    """How the engine runs on one platform: the one place that chooses it.
+
+    stacked: each per-layer weight is one [layers, ...] array and the layers run as a `lax.scan`,
+        with one stacked KV cache [layers, slots, kv_heads, len, head_dim] carried through it and
+        written in place (compile time independent of depth; decode compiles once). False is the
+        XLA:CPU path: one array per layer in an unrolled loop, and a cache split into per-layer
+        chunks with one decode compile per count of live chunks (slicing a stacked array copies
+        it on XLA:CPU).
+    attention: over the stacked cache, "pallas" (model/ragged_attention.py: reads only each row's
+        live blocks) or "xla" (the reference: masks all of max_len).
+    interpret: run Pallas kernels in interpret mode (the TPU path on a CPU host, for tests).
+    cost_model: a copy of the engine for cost analysis only (launch/aot.py): the stacked path's
+        layer loop unrolled (cost analysis counts a loop's body once) and every row sampled
+        greedily (it counts a conditional's most expensive branch, here the sampler's sort).
+    """
+
+    name: str
+    stacked: bool
+    attention: str = "xla"
+    interpret: bool = False
+    cost_model: bool = False
+
+
+HOT_PATHS = ("auto", "cpu", "tpu", "gpu")
+
+
+def hot_path(platform: str, choice: str = "auto") -> HotPath:
+    """The hot path for devices of `platform` ("cpu", "tpu", "gpu"). `choice` other than "auto"
+    forces one: "tpu" on a CPU runs the TPU code with its kernels interpreted."""
+    if choice not in HOT_PATHS:
+        raise ValueError(f"hot_path={choice!r}; expected one of {HOT_PATHS}")
+    name = platform if choice == "auto" else choice
+    if name == "tpu":
+        return HotPath("tpu", stacked=True, attention="pallas", interpret=platform != "tpu")
+    if name == "gpu":
+        return HotPath("gpu", stacked=True, attention="xla")
+    return HotPath("cpu", stacked=False)

@@ -14,12 +14,7 @@ import dataclasses
 
 import jax
 
-from model.kv_cache import KVCache
-
-
-def _copy_row(dst: KVCache, src: KVCache, src_row: jax.Array, dst_row: jax.Array) -> KVCache:
-    """dst[dst_row] = src[src_row] (slot rows) for every buffer of the cache."""
-    return jax.tree.map(lambda d, s: d.at[dst_row].set(s[src_row]), dst, src)
+from model.kv_cache import KVCache, copy_row
 
 
 @dataclasses.dataclass
@@ -39,7 +34,7 @@ class PrefixCache:
         self._index: dict[int, tuple[int, int]] = {}  # prefix hash -> (row, prefix length)
         self._lru: collections.OrderedDict[int, list[int]] = collections.OrderedDict()  # row -> its hashes
         self.stats = PrefixStats()
-        self._copy = jax.jit(_copy_row, donate_argnums=0)
+        self._copy = jax.jit(copy_row, donate_argnums=0)
 
     def hashes(self, tokens: list[int]) -> list[int]:
         """Chain hashes of every block-aligned prefix that leaves at least one token to prefill

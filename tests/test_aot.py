@@ -47,20 +47,40 @@ def _aot(*argv):
 
 @needs_libtpu
 def test_tiny_model_compiles_for_a_v5e_slice_with_tensor_parallel_mesh():
-    result, report = _aot("--mesh", "1,4", "--max_slots", "8", "--max_len", "256", "--live_fraction", "0.25",
+    result, report = _aot("--mesh", "1,4", "--max_slots", "8", "--max_len", "1024", "--live_fraction", "0.25",
                           "--prefill_batch", "2", "--prefill_len", "64")
     assert ISSUE_KEYS <= set(result) and result["fits"] is True and result["errors"] == []
+    assert result["hot_path"] == "tpu"
     assert result["hbm_bytes_per_chip"] == 16 * 2 ** 30 and 0 < result["peak_bytes_per_chip"] < 2 ** 30
     assert [d["live_fraction"] for d in result["decode"]] == [0.25, 1.0]
     for d in result["decode"]:
         assert DECODE_KEYS <= set(d) and d["bytes_accessed_per_chip"] > 0 and d["ideal_bytes_per_chip"] > 0
-    # 256 positions in two chunks: a quarter live (+ the engine's in-flight margin) reads one
-    assert [(d["chunks"], d["positions_read"]) for d in result["decode"]] == [(1, 128), (2, 256)]
+    # one decode for every live length; its kernel reads the live 512-position blocks: 1 of 2, then 2
+    quarter, whole = result["decode"]
+    assert quarter["chunks"] == whole["chunks"] == 1
+    assert (quarter["positions_read"], whole["positions_read"]) == (512, 1024)
+    assert whole["kernel_cache_bytes"] == 2 * quarter["kernel_cache_bytes"] > 0
     prefill = result["prefill"]
     assert PREFILL_KEYS <= set(prefill) and prefill["tokens"] == 128
     assert prefill["flops_per_chip"] > prefill["ideal_flops_per_chip"] > 0
-    assert result["warmup"] == {"functions": 22, "compile_s": None}
+    shapes = Engine.abstract(PRESETS["tiny-llama"], make_mesh((1, 4), _v5e()), max_slots=8, max_len=1024).prefill_shapes()
+    assert result["warmup"] == {"functions": len(shapes) + 1, "compile_s": None}
     assert "compiler estimates" in report and "fits: yes" in report
+
+
+@needs_libtpu
+def test_the_cpu_path_compiles_for_the_tpu_for_comparison_with_one_decode_per_live_chunk_count():
+    result, _ = _aot("--mesh", "1,4", "--max_slots", "8", "--max_len", "256", "--live_fraction", "0.25",
+                     "--prefill_batch", "2", "--prefill_len", "64", "--hot_path", "cpu")
+    assert result["hot_path"] == "cpu" and result["fits"] is True
+    # 256 positions in two chunks: a quarter live (+ the engine's in-flight margin) reads one
+    assert [(d["chunks"], d["positions_read"]) for d in result["decode"]] == [(1, 128), (2, 256)]
+    assert result["warmup"] == {"functions": 22, "compile_s": None}
+
+
+def _v5e():
+    from launch import aot
+    return aot.tpu_devices("v5e:2x2")
 
 
 @needs_libtpu
@@ -71,7 +91,7 @@ def test_data_and_model_parallel_mesh_shards_the_cache_and_warms_up_every_functi
     whole_cache = 2 * 2 * 64 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2  # slots, len, k+v, bf16
     assert result["resident_bytes_per_chip"]["kv_cache"] == whole_cache // 4  # slots over data, kv heads over model
     assert result["fits"] is True and result["decode"][-1]["live_fraction"] == 1.0
-    # 3 buckets x rows {1, 2} + one decode (64 positions are one chunk)
+    # 3 buckets x rows {1, 2} + one decode
     assert result["warmup"]["functions"] == 7 and result["warmup"]["compile_s"] > 0
 
 

@@ -252,11 +252,16 @@ def test_decode_over_live_chunks_matches_the_full_forward_across_chunk_boundarie
 
 def test_warmup_compiles_a_decode_per_live_chunk_count():
     eng = Engine.from_pretrained("tiny-llama", mesh_shape=(1, 1), dtype="float32", max_slots=2, max_len=256, seed=1)
-    eng.warmup()
+    report = eng.warmup()
     assert eng.compile_counts["decode"] == len(eng.cache.sizes) == 2
-    before = dict(eng.compile_counts)
+    assert report["functions"] == len(eng.prefill_shapes()) + 2 and report["compile_s"] > 0
+    before, stats = dict(eng.compile_counts), eng.stats()
+    assert stats["compile_s"] > 0 and stats["compiled_functions"] == report["functions"]
     eng.generate([rng.integers(3, 256, size=n).tolist() for n in (3, 200, 90)], greedy(40))
     assert dict(eng.compile_counts) == before
+    after = eng.stats()  # nothing compiled while generating: its time is prefill and decode
+    assert after["compile_s"] == stats["compile_s"] and after["prefill_s"] > stats["prefill_s"]
+    assert after["decode_s"] > stats["decode_s"] and after["decode_calls"] > stats["decode_calls"]
 
 
 # ------------------------------------------------------------------ the scheduler loop

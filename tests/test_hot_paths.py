@@ -1,0 +1,67 @@
+"""The accelerator hot paths run on this CPU host: the TPU path (stacked layers in a lax.scan, the
+stacked cache, the Pallas attention kernel in interpret mode) and the GPU path (the same with the
+kernel's XLA reference) give the CPU path's tokens, compile decode once, and shard."""
+
+import numpy as np
+import pytest
+
+from model import Engine, SamplingParams
+from model.kv_cache import StackedKVCache
+from model.platform import hot_path
+
+rng = np.random.default_rng(3)
+# lengths across several kernel blocks (max_len 256 -> 256-position blocks at most), two sharing a prefix
+SHARED = rng.integers(3, 256, size=40).tolist()
+PROMPTS = [rng.integers(3, 256, size=n).tolist() for n in (3, 17, 70)] + [SHARED + [5, 6], SHARED + [7]]
+GREEDY = SamplingParams(max_new_tokens=12, ignore_eos=True)
+
+
+def _engine(path, mesh=(1, 1), **kw):
+    return Engine.from_pretrained("tiny-llama", mesh_shape=mesh, dtype="float32", max_slots=4, max_len=256,
+                                  seed=2, hot_path=path, **kw)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return _engine("cpu").generate(PROMPTS, GREEDY)
+
+
+def test_the_platform_picks_its_path_and_a_cpu_can_run_the_others():
+    assert hot_path("cpu") == hot_path("cpu", "auto") and not hot_path("cpu").stacked
+    assert hot_path("tpu").attention == "pallas" and not hot_path("tpu").interpret
+    assert hot_path("cpu", "tpu").interpret and hot_path("gpu").attention == "xla"
+    with pytest.raises(ValueError, match="hot_path='npu'"):
+        hot_path("cpu", "npu")
+
+
+@pytest.mark.parametrize("path,mesh,kw", [
+    ("tpu", (1, 1), {}),
+    ("tpu", (2, 2), {"kv_cache_dtype": "int8"}),  # slots over data, kv heads over model; int8 cache
+    ("tpu", (2, 1), {"prefix_cache_entries": 2, "prefix_block": 16}),
+    ("gpu", (1, 4), {}),  # 2 kv heads over 4 devices: replicated, query heads gathered
+])
+def test_accelerator_paths_give_the_cpu_paths_tokens(reference, path, mesh, kw):
+    engine = _engine(path, mesh, **kw)
+    assert isinstance(engine.cache, StackedKVCache) and engine.path.name == path
+    outs = engine.generate(PROMPTS, GREEDY)
+    if kw.get("kv_cache_dtype") == "int8":  # int8 keys move logits a little: compare the first tokens
+        assert [o.token_ids[:4] for o in outs] == [o.token_ids[:4] for o in reference]
+    else:
+        assert [o.token_ids for o in outs] == [o.token_ids for o in reference]
+        np.testing.assert_allclose(np.concatenate([o.logprobs for o in outs]),
+                                   np.concatenate([o.logprobs for o in reference]), atol=1e-4)
+    assert engine.compile_counts["decode"] == 1  # whatever the live lengths
+    if kw.get("prefix_cache_entries"):
+        assert engine.prefix_cache.stats.hits >= 1
+
+
+def test_the_stacked_engine_hands_back_weights_per_layer_as_loaded():
+    cpu, tpu = _engine("cpu"), _engine("gpu")
+    for name, value in cpu.weights().items():
+        other = tpu.weights()[name]
+        if isinstance(value, list):
+            assert len(other) == len(value)
+            for a, b in zip(value, other):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        else:
+            np.testing.assert_array_equal(np.asarray(value), np.asarray(other))
