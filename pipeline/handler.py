@@ -24,6 +24,26 @@ NAMESPACE = "llm_batch"
 # (--shards_per_pass) on the in-process runner reuse it instead of loading and tracing it again.
 _last_engine: dict["ModelSpec", Engine] = {}
 _loading = threading.Lock()  # several Beam threads may ask for the engine at once: load it once
+# Engine.stats() keys -> the Beam counters that add them up (seconds as whole milliseconds)
+ENGINE_STATS = {"compile_s": "engine_compile_ms", "prefill_s": "engine_prefill_ms", "decode_s": "engine_decode_ms",
+                "compiled_functions": "engine_compiled_functions", "prefill_calls": "engine_prefill_calls",
+                "decode_calls": "engine_decode_calls"}
+
+
+@dataclasses.dataclass
+class _Counted:
+    """An engine of this process, its load time, its cumulative numbers as last added to the Beam
+    counters (the handler threads that share the engine each add only what is new since), and the
+    job runs that have counted it in their "engines" counter."""
+
+    engine: Any
+    load_s: float | None
+    counted: dict[str, int] = dataclasses.field(default_factory=dict)
+    runs: set[str] = dataclasses.field(default_factory=set)
+
+
+_counted: dict[int, _Counted] = {}  # by id(engine)
+_counting = threading.Lock()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,13 +92,16 @@ class EngineHandler(ModelHandler[Sequence[Request], Result, Engine]):
     """Runs pre-batched Requests (token ids filled in) through the engine's loop; never fails a
     batch for one bad record. Batches from several threads share the engine's slots."""
 
-    def __init__(self, spec: ModelSpec, share_across_processes: bool = False):
+    def __init__(self, spec: ModelSpec, share_across_processes: bool = False, run_id: str = ""):
+        """run_id: the job run's id; each engine counts once per run in the "engines" counter."""
         super().__init__()
-        self.spec = spec
+        self.spec, self.run_id = spec, run_id
         self._share = share_across_processes
         self._latency = Metrics.distribution(NAMESPACE, "batch_latency_ms")
         self._tokens_per_s = Metrics.distribution(NAMESPACE, "batch_tokens_per_s")
         self._batch_records = Metrics.distribution(NAMESPACE, "batch_records")
+        self._engine_wait = Metrics.distribution(NAMESPACE, "batch_engine_wait_us")
+        self._host = Metrics.distribution(NAMESPACE, "batch_host_us")
 
     def load_model(self) -> Engine:
         with _loading:
@@ -86,9 +109,13 @@ class EngineHandler(ModelHandler[Sequence[Request], Result, Engine]):
                 return _last_engine[self.spec]
             start = time.perf_counter()
             engine = self.spec.load()
-            log.info("loaded %s in %.1fs", self.spec.checkpoint, time.perf_counter() - start)
+            load_s = time.perf_counter() - start
+            log.info("loaded %s in %.1fs", self.spec.checkpoint, load_s)
             _last_engine.clear()
             _last_engine[self.spec] = engine
+            with _counting:
+                _counted.clear()
+                _counted[id(engine)] = _Counted(engine, load_s)
             return engine
 
     def share_model_across_processes(self) -> bool:
@@ -105,7 +132,16 @@ class EngineHandler(ModelHandler[Sequence[Request], Result, Engine]):
         """Submits the batch to the engine's loop, where it joins whatever other threads submitted,
         and waits for it. A request refused at submission or failed on the device is retried alone,
         so one bad request fails only itself."""
-        start = time.perf_counter()
+        start, waited = time.perf_counter(), 0.0
+
+        def wait(future: concurrent.futures.Future):
+            nonlocal waited
+            t = time.perf_counter()
+            try:
+                return future.result()
+            finally:
+                waited += time.perf_counter() - t
+
         try:
             futures = engine.submit([r.token_ids for r in requests], [r.sampling() for r in requests])
         except Exception:  # noqa: BLE001 (one bad request refuses the whole call: submit one by one)
@@ -113,10 +149,10 @@ class EngineHandler(ModelHandler[Sequence[Request], Result, Engine]):
         results = []
         for r, f in zip(requests, futures):
             try:
-                out = f.result()
+                out = wait(f)
             except Exception:  # noqa: BLE001 (a failed step fails all it held: retry this one alone)
                 try:
-                    out = self._submit_one(r, engine).result()
+                    out = wait(self._submit_one(r, engine))
                 except Exception as e:  # noqa: BLE001
                     log.warning("record %s failed: %s: %s", r.id, type(e).__name__, e)
                     results.append(r.fail("generation_failed", f"{type(e).__name__}: {e}"))
@@ -127,6 +163,10 @@ class EngineHandler(ModelHandler[Sequence[Request], Result, Engine]):
         self._latency.update(int(elapsed * 1000))
         self._tokens_per_s.update(int(generated / max(elapsed, 1e-9)))
         self._batch_records.update(len(requests))
+        self._engine_wait.update(round(waited * 1e6))
+        self._host.update(round((elapsed - waited) * 1e6))
+        for name, n in _new_engine_numbers(engine, self.run_id).items():
+            Metrics.counter(NAMESPACE, name).inc(n)
         return results
 
     @staticmethod
@@ -137,3 +177,34 @@ class EngineHandler(ModelHandler[Sequence[Request], Result, Engine]):
             failed = concurrent.futures.Future()
             failed.set_exception(e)
             return failed
+
+
+def engine_numbers(engine: Any, load_s: float | None) -> dict[str, int]:
+    """The engine's cumulative numbers under their Beam counter names: its load time when this
+    process loaded it, and whatever of ENGINE_STATS its `stats()` reports (an engine without
+    `stats`, or whose `stats()` fails, reports none of them)."""
+    numbers = {} if load_s is None else {"engine_load_ms": round(load_s * 1000)}
+    stats = getattr(engine, "stats", None)
+    try:
+        found = stats() if callable(stats) else {}
+        return {**numbers, **{name: round(found[key] * 1000) if key.endswith("_s") else int(found[key])
+                              for key, name in ENGINE_STATS.items() if key in found}}
+    except Exception as e:  # noqa: BLE001 (numbers about a batch never fail it)
+        log.debug("Engine.stats() failed: %s: %s", type(e).__name__, e)
+        return numbers
+
+
+def _new_engine_numbers(engine: Any, run_id: str) -> dict[str, int]:
+    """What the engine did since its numbers were last counted in this process, and "engines": 1
+    the first time this run counts it. Counted as deltas of cumulative whole-ms values, so the
+    counters add up to the engine's totals exactly."""
+    with _counting:
+        entry = _counted.get(id(engine))
+        if entry is None or entry.engine is not engine:  # a shared engine loaded by another process
+            entry = _counted[id(engine)] = _Counted(engine, None)
+        now = engine_numbers(engine, entry.load_s)
+        new = {k: v - entry.counted.get(k, 0) for k, v in now.items()}
+        new["engines"] = int(run_id not in entry.runs)
+        entry.counted = now
+        entry.runs.add(run_id)
+    return new

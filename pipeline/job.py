@@ -67,6 +67,7 @@ class ReadAndTokenize(beam.DoFn):
         self.max_record_bytes, self.last_lines = max_record_bytes, last_lines or {}
         self.records_in = Metrics.counter(NAMESPACE, "records_in")
         self.prompt_tokens = Metrics.counter(NAMESPACE, "prompt_tokens")
+        self.tokenize_us = Metrics.distribution(NAMESPACE, "tokenize_us")
 
     def setup(self):
         self.tokenizer = load_tokenizer(resolve_checkpoint(self.spec.checkpoint))
@@ -98,7 +99,10 @@ class ReadAndTokenize(beam.DoFn):
     def _tokenize(self, requests: list[Request]):
         if not requests:
             return
-        for req, ids in zip(requests, prompt_token_ids(self.tokenizer, self.chat_template, requests)):
+        start = time.perf_counter()
+        token_ids = prompt_token_ids(self.tokenizer, self.chat_template, requests)
+        self.tokenize_us.update(round((time.perf_counter() - start) * 1e6))
+        for req, ids in zip(requests, token_ids):
             if isinstance(ids, Result):
                 yield beam.pvalue.TaggedOutput(self.ERRORS, ids)
                 continue
@@ -154,12 +158,16 @@ class Detokenize(beam.DoFn):
     def __init__(self, spec: ModelSpec):
         self.spec = spec
         self.completion_tokens = Metrics.counter(NAMESPACE, "completion_tokens")
+        self.detokenize_us = Metrics.distribution(NAMESPACE, "detokenize_us")
 
     def setup(self):
         self.tokenizer = load_tokenizer(resolve_checkpoint(self.spec.checkpoint))
 
     def process(self, results: list[Result]):
-        for r in finish_completions(self.tokenizer, results):
+        start = time.perf_counter()
+        finished = finish_completions(self.tokenizer, results)
+        self.detokenize_us.update(round((time.perf_counter() - start) * 1e6))
+        for r in finished:
             self.completion_tokens.inc(r.completion_tokens)
             yield r
 
@@ -172,8 +180,10 @@ class WriteShard(beam.DoFn):
         self.output_urls, self.markers = output_urls, markers
         self.records_out = Metrics.counter(NAMESPACE, "records_out")
         self.shards_written = Metrics.counter(NAMESPACE, "shards_written")
+        self.write_us = Metrics.distribution(NAMESPACE, "write_shard_us")
 
     def process(self, keyed: tuple[int, Iterable[Result | None]]):
+        start = time.perf_counter()
         shard, results = keyed
         results = sorted((r for r in results if r is not None), key=lambda r: r.line)
         url = self.output_urls[shard]
@@ -182,6 +192,7 @@ class WriteShard(beam.DoFn):
         io.write_marker(url, {**self.markers[shard], **manifest.shard_counts(r for _, r in written)})
         self.records_out.inc(len(results))
         self.shards_written.inc()
+        self.write_us.update(round((time.perf_counter() - start) * 1e6))
         yield shard, len(results)
 
 
@@ -202,7 +213,8 @@ def build(p: beam.Pipeline, opts: JobOptions, spec: ModelSpec, shards: list[str]
     last_lines = last_lines or {}
     if markers is None:
         markers = shard_markers(shards, {i: last_lines.get(i) for i in todo}, manifest.job_config(opts, spec))
-    counter = CountResults(run_id or uuid.uuid4().hex, opts.progress_interval_s, started or time.time())
+    run_id = run_id or uuid.uuid4().hex
+    counter = CountResults(run_id, opts.progress_interval_s, started or time.time())
 
     indexed = p | "ListShards" >> beam.Create([(i, shards[i]) for i in todo])
     parsed = (indexed | "SpreadShards" >> beam.Reshuffle()
@@ -211,7 +223,7 @@ def build(p: beam.Pipeline, opts: JobOptions, spec: ModelSpec, shards: list[str]
                   last_lines=last_lines, columns=columns)).with_outputs(ReadAndTokenize.ERRORS, main="requests"))
     completions = (parsed.requests
                    | "BatchByTokens" >> beam.ParDo(BatchByTokens(budget, buckets_for(served.context_length(arch))))
-                   | "Generate" >> RunInference(EngineHandler(spec, share))
+                   | "Generate" >> RunInference(EngineHandler(spec, share, run_id))
                    | "Detokenize" >> beam.ParDo(Detokenize(spec)))
     # every shard gets a None, so an input shard with no records still gets an (empty) output shard
     empty = indexed | "ShardMarkers" >> beam.Map(lambda s: (s[0], None))
@@ -337,21 +349,28 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     limit = None if not opts.limit else {
         "records": opts.limit, "shards": [_name(shards[i]) for i in sorted(last_lines)],
         "last_line": last_lines[max(last_lines)]}
+    phases = {"setup": planned - start, "pipelines": ran - planned, "summary": time.perf_counter() - ran}
     out = manifest.build_manifest(
         argv=argv, opts=opts, config=config, summary=summary,
         this_run=manifest.add_up(io.read_marker(outputs[i]) for i in todo),
         shard_names={"done": [_name(outputs[i]) for i in todo], "skipped": [_name(outputs[i]) for i in skipped]},
-        input_shards=len(shards), limit=limit, metrics=metrics, started=_iso(started), finished=_iso(time.time()),
-        wall_s=wall_s)
-    io.write_json_atomic(opts.output.rstrip("/") + "/" + io.MANIFEST, out)
-    from pipeline import report  # here, not at the top: only `run` uses it
+        input_shards=len(shards), limit=limit, metrics=metrics, timings=manifest.timings(metrics, phases, len(passes)),
+        started=_iso(started), finished=_iso(time.time()), wall_s=wall_s)
+    out_dir = opts.output.rstrip("/")
+    io.write_json_atomic(out_dir + "/" + io.MANIFEST, out)
+    from pipeline import prometheus, report  # here, not at the top: only `run` uses them
 
-    phases = {"setup": planned - start, "pipelines": ran - planned, "summary": time.perf_counter() - ran}
+    # views of the manifest: the job's output is complete, so neither failing fails the job
     try:
-        report.write_report(opts.output.rstrip("/") + "/" + report.REPORT, out, {
-            **{k: summary[k] for k in ("prompt_lengths", "completion_lengths", "error_examples")},
-            "phases_s": phases, "passes": len(passes), "timeline": progress.timeline(run_id)})
-    except Exception as e:  # noqa: BLE001 (the report is a view of the manifest; the job's output is complete)
+        prometheus.write_metrics(out_dir + "/" + prometheus.METRICS, out)
+    except Exception as e:  # noqa: BLE001
+        log.warning("could not write the metrics file: %s: %s", type(e).__name__, e)
+    data = {**{k: summary[k] for k in ("prompt_lengths", "completion_lengths", "error_examples")},
+            "timeline": progress.timeline(run_id)}
+    try:
+        io.write_json_atomic(out_dir + "/" + report.DATA, data)
+        report.write_report(out_dir + "/" + report.REPORT, out, data)
+    except Exception as e:  # noqa: BLE001
         log.warning("could not write the run report: %s: %s", type(e).__name__, e)
     return {**out, "samples": summary["samples"]}
 

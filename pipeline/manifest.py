@@ -2,7 +2,8 @@
 
 The manifest describes the output directory after a run: counts over every shard the run covers
 (written now or skipped as already complete), what this run did (shards, records, wall time,
-tokens/s), the configuration with its hash, package versions, duplicate ids, and the Beam metrics.
+tokens/s), the configuration with its hash, package versions, duplicate ids, where the time went
+(timings), and the Beam metrics.
 """
 
 from __future__ import annotations
@@ -15,12 +16,17 @@ import platform
 from importlib import metadata
 from typing import Any, Iterable
 
-from pipeline.handler import ModelSpec
+from pipeline.handler import ENGINE_STATS, ModelSpec
 from pipeline.options import NOT_IN_CONFIG, JobOptions
 from pipeline.records import Result
 
 PACKAGES = ("jax", "flax", "apache-beam", "numpy", "tensorflow-text")
 COUNTS = ("records", "completions", "errors", "prompt_tokens", "completion_tokens")
+# timings: steps of the pipelines -> the Beam distributions (microseconds) that time them
+STEPS = {"tokenize": "tokenize_us", "engine_wait": "batch_engine_wait_us", "handler_host": "batch_host_us",
+         "detokenize": "detokenize_us", "write": "write_shard_us"}
+# timings: the engines' numbers -> the Beam counters that add them up (times in milliseconds)
+ENGINE = {"engines": "engines", "load_s": "engine_load_ms", **ENGINE_STATS}
 
 
 def job_config(opts: JobOptions, spec: ModelSpec) -> dict[str, Any]:
@@ -80,10 +86,25 @@ def duplicate_ids(counts: collections.Counter, examples: int = 5) -> dict[str, A
             "examples": [{"id": i, "records": n} for i, n in dups[:examples]]}
 
 
+def timings(metrics: dict[str, Any], phases_s: dict[str, float], passes: int) -> dict[str, Any]:
+    """Where the run's time went, in seconds. phases_s: the launching process's wall time by phase.
+    steps_s: the pipelines' steps, summed over batches, shards and threads (which overlap, so the
+    sum can exceed the wall time). engine: the numbers of the engines the workers used, summed over
+    workers, with how many there were ("engines"). A key is absent where the run did not measure
+    it (no batches ran, or the engine reports no stats())."""
+    counters, dists = metrics.get("counters", {}), metrics.get("distributions", {})
+    engine = {k: (counters[c] / 1000 if k.endswith("_s") else counters[c]) for k, c in ENGINE.items()
+              if c in counters}
+    return {"passes": passes, "phases_s": {k: round(v, 3) for k, v in phases_s.items()},
+            "batches": dists.get("batch_latency_ms", {}).get("count", 0),
+            "steps_s": {k: round(dists[d]["sum"] / 1e6, 3) for k, d in STEPS.items() if d in dists},
+            "engine": engine}
+
+
 def build_manifest(*, argv: list[str], opts: JobOptions, config: dict[str, Any], summary: dict[str, Any],
                    this_run: dict[str, Any], shard_names: dict[str, list[str]], input_shards: int,
-                   limit: dict[str, Any] | None, metrics: dict[str, Any], started: str, finished: str,
-                   wall_s: float) -> dict[str, Any]:
+                   limit: dict[str, Any] | None, metrics: dict[str, Any], timings: dict[str, Any],
+                   started: str, finished: str, wall_s: float) -> dict[str, Any]:
     """The manifest as a JSON-ready dict; the top-level counts cover every shard of the run."""
     tokens_per_s = this_run["completion_tokens"] / max(wall_s, 1e-9)
     return {
@@ -96,6 +117,6 @@ def build_manifest(*, argv: list[str], opts: JobOptions, config: dict[str, Any],
         "shards_done": shard_names["done"], "shards_skipped": shard_names["skipped"],
         "this_run": this_run, "limit": limit,
         "config_hash": config_hash(config), "config": config,
-        "versions": package_versions(), "metrics": metrics,
+        "versions": package_versions(), "timings": timings, "metrics": metrics,
     }
 

@@ -1,8 +1,11 @@
 """Per-record metrics, the periodic progress line, and reading a finished pipeline's metrics back.
 
 Beam metrics of the job (namespace "llm_batch"): counters records_in, records_out, completions,
-errors, errors_<type> (one per error type), prompt_tokens, completion_tokens, shards_written;
-distributions batch_latency_ms, batch_tokens_per_s and batch_records.
+errors, errors_<type> (one per error type), prompt_tokens, completion_tokens, shards_written, and
+the engines' numbers (engines, engine_load_ms and Engine.stats() as handler.ENGINE_STATS names them);
+distributions batch_latency_ms, batch_tokens_per_s, batch_records, batch_engine_wait_us,
+batch_host_us (per batch), tokenize_us (per chunk read), detokenize_us (per batch) and
+write_shard_us (per shard). manifest.timings adds them up for the manifest.
 """
 
 from __future__ import annotations

@@ -3,8 +3,10 @@ fetched at view time) that shows a finished run at a glance: its counts, where t
 throughput over the run, prompt and completion lengths, errors by type with examples, and the model
 and configuration.
 
-Every number on the page comes from the run manifest or from what `job.run` gathered while writing
-it (see write_report); what the job does not measure is named as such, never estimated.
+Every number on the page comes from the run manifest or from `OUT/_report_data.json`, which `job.run`
+writes beside it (see write_report); what the job does not measure is named as such, never
+estimated. `python -m pipeline.report OUT` builds the page again from those two files, and writes
+`OUT/_metrics.prom` again too.
 """
 
 from __future__ import annotations
@@ -12,15 +14,24 @@ from __future__ import annotations
 import html
 import json
 import math
+import sys
 from typing import Any, Mapping
 
-from pipeline import io
+import fsspec
+
+from pipeline import io, prometheus
+from pipeline.errors import JobError, error_line
 
 REPORT = "_report.html"
+DATA = "_report_data.json"
 MAX_BARS = 60  # a throughput chart has at most this many bars; longer runs use wider time bins
 LENGTH_BINS = 24
-NOT_MEASURED = ("model load and compilation (the worker logs the load time, 'loaded ... in N s'; it is not "
-                "in the manifest)", "prefill and decode, separately", "writing the output shards")
+# the time split inside the pipelines: (part of the manifest's timings, key, label)
+INSIDE = (("engine", "load_s", "model load"), ("engine", "compile_s", "compile"),
+          ("engine", "prefill_s", "prefill"), ("engine", "decode_s", "decode"),
+          ("steps_s", "tokenize", "tokenize"), ("steps_s", "engine_wait", "batches waiting on the engine"),
+          ("steps_s", "handler_host", "batches' host time in the handler"),
+          ("steps_s", "detokenize", "detokenize"), ("steps_s", "write", "write the output shards"))
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;color:#1d2330;margin:0;background:#f5f6f8}
@@ -40,33 +51,62 @@ figure{margin:0;background:#fff;border:1px solid #d8dce3;border-radius:6px;paddi
 figcaption{font-size:12.5px;color:#5b6475;margin-bottom:4px}
 code{font-size:12.5px;word-break:break-all}
 """
+NO_DATA = f"<p class=note>Not available: the output directory has no {DATA}.</p>"
 COLORS = ("#3b6fd8", "#e08a2c", "#3aa57a", "#9a5bc8", "#c8504a")
 
 
-def write_report(url: str, manifest: Mapping[str, Any], details: Mapping[str, Any]) -> None:
+def write_report(url: str, manifest: Mapping[str, Any], data: Mapping[str, Any] | None) -> None:
     """Writes the run report to `url` (local path or gs://) atomically, with io.write_atomic.
 
-    manifest: the run's manifest (`_manifest.json`) as a dict. details: what the manifest does not
-    hold, gathered by `job.run` in passes it makes anyway:
+    manifest: the run's manifest (`_manifest.json`) as a dict. data (`_report_data.json`; None
+    where there is none): what the manifest does not hold, gathered by `job.run` in passes it
+    makes anyway:
       prompt_lengths, completion_lengths: {tokens: completions} over every shard of the run;
       error_examples: {error type: [{"id", "message"}], up to 3 each};
-      phases_s: {"setup", "pipelines", "summary"}: seconds of the launching process's wall time;
-      passes: the pipelines run;
       timeline: [(second since start, records finished, completion tokens)] as counted in the
         launching process, or None where the records were counted elsewhere.
     """
-    io.write_atomic(url, [render(manifest, details)])
+    io.write_atomic(url, [render(manifest, data)])
 
 
-def render(manifest: Mapping[str, Any], details: Mapping[str, Any]) -> str:
+def rebuild(output_dir: str) -> None:
+    """Writes OUT/_report.html and OUT/_metrics.prom again from OUT/_manifest.json and, where it
+    is there, OUT/_report_data.json. A JobError when OUT has no manifest."""
+    out = output_dir.rstrip("/")
+    manifest = _read_json(out + "/" + io.MANIFEST)
+    if manifest is None:
+        raise JobError("no run manifest", out + "/" + io.MANIFEST, "pass the --output directory of a finished job")
+    write_report(out + "/" + REPORT, manifest, _read_json(out + "/" + DATA))
+    prometheus.write_metrics(out + "/" + prometheus.METRICS, manifest)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m pipeline.report OUT: see rebuild. A failure is one line on stderr (pipeline.errors)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or argv[0].startswith("-"):
+        print("usage: python -m pipeline.report OUT  (a job's --output directory: local or gs://)", file=sys.stderr)
+        return 2
+    try:
+        rebuild(argv[0])
+    except Exception as e:  # noqa: BLE001 (every failure becomes one line and an exit code)
+        line, code = error_line(e)
+        print(line, file=sys.stderr)
+        return code
+    out = argv[0].rstrip("/")
+    print(f"wrote {out}/{REPORT} and {out}/{prometheus.METRICS}")
+    return 0
+
+
+def render(manifest: Mapping[str, Any], data: Mapping[str, Any] | None) -> str:
+    """The page, as text; see write_report."""
     model = (manifest.get("config") or {}).get("model") or {}
     title = f"Run report: {model.get('checkpoint', '?')}"
     body = [f"<h1>{_e(title)}</h1>",
             f"<p class=sub>{_e(manifest.get('input'))} &rarr; {_e(manifest.get('output'))}<br>"
             f"started {_e(manifest.get('started'))}, finished {_e(manifest.get('finished'))}, "
             f"wall time {_s(manifest.get('wall_s'))}</p>",
-            _counts(manifest), _time(manifest, details), _throughput(details),
-            _lengths(details), _errors(manifest, details), _config(manifest)]
+            _counts(manifest), _time(manifest), _throughput(manifest, data),
+            _lengths(data), _errors(manifest, data), _config(manifest)]
     return ("<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
             f"<meta name=viewport content='width=device-width,initial-scale=1'><title>{_e(title)}</title>"
             f"<style>{CSS}</style></head><body><main>\n" + "\n".join(body) + "\n</main></body></html>")
@@ -94,18 +134,29 @@ def _counts(m: Mapping[str, Any]) -> str:
     return "\n".join(out)
 
 
-def _time(m: Mapping[str, Any], d: Mapping[str, Any]) -> str:
-    phases = d.get("phases_s") or {}
+def _time(m: Mapping[str, Any]) -> str:
+    t = m.get("timings") or {}
     labels = {"setup": "setup: find shards, fingerprint inputs, plan",
-              "pipelines": f"pipelines ({d.get('passes', '?')} pass(es)): load, compile, read, generate, write",
-              "summary": "read outputs back, write manifest"}
-    parts = [(labels.get(k, k), v) for k, v in phases.items() if v is not None]
+              "pipelines": f"pipelines ({t.get('passes', '?')} pass(es)): load, compile, read, generate, write",
+              "summary": "read the outputs back to count them"}
+    phases = [(labels.get(k, k), v) for k, v in (t.get("phases_s") or {}).items() if v is not None]
     out = ["<h2 id=time>Where the time went</h2>"]
-    if parts:
-        out.append(_stacked_bar(parts))
-    out.append("<p class=note>Wall time of the launching process, measured by the job around each step. Not measured "
-               "separately: " + "; ".join(_e(x) for x in NOT_MEASURED) + ". They are all inside the pipelines' "
-               "time.</p>")
+    if phases:
+        out.append(_stacked_bar(phases))
+    out.append("<p class=note>Wall time of the launching process, measured by the job around each step.</p>")
+    if t.get("passes"):
+        inside = [(label, (t.get(part) or {}).get(key)) for part, key, label in INSIDE]
+        measured = [(label, s) for label, s in inside if s is not None]
+        if measured:
+            out.append(_bars(measured, "inside the pipelines, seconds"))
+        engines = (t.get("engine") or {}).get("engines")
+        missing = [label for label, s in inside if s is None]
+        out.append("<p class=note>Inside the pipelines, each bar is measured on its own. Model load is timed by "
+                   "the job around loading the engine; compile, prefill and decode are the engine's own figures "
+                   f"(<code>Engine.stats()</code>); each is summed over the {_n(engines)} engine(s) the workers "
+                   "used. The steps are summed over batches, shards and threads, which run at the same time, so "
+                   "the bars overlap and can add up to more than the pipelines' wall time. "
+                   + (f"Not measured in this run: {_e(', '.join(missing))}." if missing else "") + "</p>")
     metrics = m.get("metrics") or {}
     dists = metrics.get("distributions") or {}
     if dists:
@@ -113,9 +164,10 @@ def _time(m: Mapping[str, Any], d: Mapping[str, Any]) -> str:
                  _n(v["sum"])] for name, v in sorted(dists.items())]
         out.append("<table><tr><th>Beam distribution</th><th>count</th><th>mean</th><th>min</th><th>max</th>"
                    "<th>sum</th></tr>" + "".join(_row(r, first_text=True) for r in rows) + "</table>")
-        out.append("<p class=note>From the manifest's Beam metrics, over this run's pipelines. batch_latency_ms is "
-                   "a batch's time from submission to the engine until its last record is done; batches from "
-                   "several worker threads share the engine at once, so their sum can exceed the wall time.</p>")
+        out.append("<p class=note>From the manifest's Beam metrics, over this run's pipelines (_ms: milliseconds, "
+                   "_us: microseconds). batch_latency_ms is a batch's time from submission to the engine until "
+                   "its last record is done; batches from several worker threads share the engine at once, so "
+                   "their sum can exceed the wall time.</p>")
     counters = metrics.get("counters") or {}
     if counters:
         out.append("<table><tr><th>Beam counter</th><th>value</th></tr>"
@@ -124,11 +176,14 @@ def _time(m: Mapping[str, Any], d: Mapping[str, Any]) -> str:
     return "\n".join(out)
 
 
-def _throughput(d: Mapping[str, Any]) -> str:
+def _throughput(m: Mapping[str, Any], d: Mapping[str, Any] | None) -> str:
     out = ["<h2 id=throughput>Throughput over the run</h2>"]
-    timeline = d.get("timeline")
-    if not d.get("passes"):
+    timings = m.get("timings")  # None: a manifest from before timings were recorded
+    if timings is not None and not timings.get("passes"):
         return out[0] + "<p class=note>This run wrote no shards (all were complete already).</p>"
+    if d is None:
+        return out[0] + NO_DATA
+    timeline = d.get("timeline")
     if not timeline:
         return out[0] + ("<p class=note>Not available for this run: records were counted in worker processes "
                          "(a distributed runner, or multi_processing), not in the launching process.</p>")
@@ -152,8 +207,10 @@ def _throughput(d: Mapping[str, Any]) -> str:
     return "\n".join(out)
 
 
-def _lengths(d: Mapping[str, Any]) -> str:
+def _lengths(d: Mapping[str, Any] | None) -> str:
     out = ["<h2 id=lengths>Prompt and completion lengths</h2><div class=charts>"]
+    if d is None:
+        return out[0] + "</div>" + NO_DATA
     for key, label, color in (("prompt_lengths", "prompt tokens", COLORS[0]),
                               ("completion_lengths", "completion tokens", COLORS[1])):
         counts = {int(k): v for k, v in (d.get(key) or {}).items()}
@@ -166,12 +223,12 @@ def _lengths(d: Mapping[str, Any]) -> str:
     return "\n".join(out)
 
 
-def _errors(m: Mapping[str, Any], d: Mapping[str, Any]) -> str:
+def _errors(m: Mapping[str, Any], d: Mapping[str, Any] | None) -> str:
     by_type = m.get("errors_by_type") or {}
     out = ["<h2 id=errors>Errors by type</h2>"]
     if not by_type:
         return out[0] + "<p class=note>No errors.</p>"
-    examples = d.get("error_examples") or {}
+    examples = (d or {}).get("error_examples") or {}
     rows = []
     for kind, n in sorted(by_type.items(), key=lambda kv: -kv[1]):
         shown = "<br>".join(f"<code>{_e(_or(x.get('id'), '(no id)'))}</code>: {_e(_short(x.get('message')))}"
@@ -179,7 +236,7 @@ def _errors(m: Mapping[str, Any], d: Mapping[str, Any]) -> str:
         rows.append(f"<tr><td>{_e(kind)}</td><td class=n>{_n(n)}</td><td>{shown}</td></tr>")
     out.append("<table><tr><th>type</th><th>records</th><th>examples (id: message)</th></tr>" + "".join(rows)
                + "</table><p class=note>Counts from the manifest; examples are the first of each type in the "
-               "output shards.</p>")
+               "output shards.</p>" + (NO_DATA if d is None else ""))
     return "\n".join(out)
 
 
@@ -208,7 +265,8 @@ def _histogram(counts: Mapping[int, int]) -> list[tuple[float, float, float]]:
 
 def _chart(bars: list[tuple[float, float, float]], caption: str, x_label: str, color: str,
            w: int = 440, h: int = 200) -> str:
-    """An SVG bar chart of [(x from, x to, height)], with its caption."""
+    """An SVG bar chart of [(x from, x to, height)], with its caption. Every SVG on the page is
+    well-formed XML (quoted attributes, no HTML entities), so each also stands alone as an image."""
     left, right, top, bottom = 52, 10, 8, 34
     pw, ph = w - left - right, h - top - bottom
     x0, x1 = bars[0][0], bars[-1][1]
@@ -217,39 +275,56 @@ def _chart(bars: list[tuple[float, float, float]], caption: str, x_label: str, c
     y_max = max(ticks[-1], top_value)
     sx = lambda x: left + (x - x0) / max(x1 - x0, 1e-9) * pw  # noqa: E731
     sy = lambda y: top + ph - y / y_max * ph  # noqa: E731
-    parts = [f"<svg width={w} height={h} viewBox='0 0 {w} {h}' role=img "
-             f"aria-label='{_e(caption)}' font-size=11 fill='#1d2330'>"]
+    parts = [f"<svg width='{w}' height='{h}' viewBox='0 0 {w} {h}' role='img' "
+             f"aria-label='{_e(caption)}' font-size='11' fill='#1d2330'>"]
     for t in ticks:
-        parts.append(f"<line x1={left} x2={w - right} y1={sy(t):.1f} y2={sy(t):.1f} stroke='#e3e6eb'/>"
-                     f"<text x={left - 4} y={sy(t) + 4:.1f} text-anchor=end>{_short_num(t)}</text>")
+        parts.append(f"<line x1='{left}' x2='{w - right}' y1='{sy(t):.1f}' y2='{sy(t):.1f}' stroke='#e3e6eb'/>"
+                     f"<text x='{left - 4}' y='{sy(t) + 4:.1f}' text-anchor='end'>{_short_num(t)}</text>")
     for lo, hi, v in bars:
         x, bw = sx(lo), max(sx(hi) - sx(lo) - 1, 1)
-        parts.append(f"<rect x={x:.1f} y={sy(v):.1f} width={bw:.1f} height={sy(0) - sy(v):.1f} fill='{color}'>"
-                     f"<title>{_short_num(lo)}&ndash;{_short_num(hi)}: {_short_num(v)}</title></rect>")
+        parts.append(f"<rect x='{x:.1f}' y='{sy(v):.1f}' width='{bw:.1f}' height='{sy(0) - sy(v):.1f}' "
+                     f"fill='{color}'><title>{_short_num(lo)}\u2013{_short_num(hi)}: {_short_num(v)}</title></rect>")
     for x in _ticks(x1 - x0, 5):
         if x0 + x <= x1:
-            parts.append(f"<text x={sx(x0 + x):.1f} y={top + ph + 14} text-anchor=middle>{_short_num(x0 + x)}</text>")
-    parts.append(f"<line x1={left} x2={w - right} y1={sy(0):.1f} y2={sy(0):.1f} stroke='#8a93a3'/>"
-                 f"<text x={left + pw / 2:.1f} y={h - 4} text-anchor=middle fill='#5b6475'>{_e(x_label)}</text></svg>")
+            parts.append(f"<text x='{sx(x0 + x):.1f}' y='{top + ph + 14}' text-anchor='middle'>"
+                         f"{_short_num(x0 + x)}</text>")
+    parts.append(f"<line x1='{left}' x2='{w - right}' y1='{sy(0):.1f}' y2='{sy(0):.1f}' stroke='#8a93a3'/>"
+                 f"<text x='{left + pw / 2:.1f}' y='{h - 4}' text-anchor='middle' fill='#5b6475'>{_e(x_label)}</text>"
+                 "</svg>")
     return f"<figure><figcaption>{_e(caption)}</figcaption>{''.join(parts)}</figure>"
 
 
 def _stacked_bar(parts: list[tuple[str, float]], w: int = 900) -> str:
     """An SVG bar of the wall time split into parts [(label, seconds)], with a legend."""
     total = sum(s for _, s in parts) or 1e-9
-    svg = [f"<svg width={w} height={34 + 18 * len(parts)} font-size=12 "
-           f"role=img aria-label='wall time by step' fill='#1d2330'>"]
+    svg = [f"<svg width='{w}' height='{34 + 18 * len(parts)}' font-size='12' "
+           f"role='img' aria-label='wall time by step' fill='#1d2330'>"]
     x = 0.0
     for i, (label, s) in enumerate(parts):
         bw = s / total * w
         color = COLORS[i % len(COLORS)]
-        svg.append(f"<rect x={x:.1f} y=0 width={max(bw, 0.5):.1f} height=24 fill='{color}'>"
+        svg.append(f"<rect x='{x:.1f}' y='0' width='{max(bw, 0.5):.1f}' height='24' fill='{color}'>"
                    f"<title>{_e(label)}: {s:.2f} s</title></rect>")
         y = 40 + 18 * i
-        svg.append(f"<rect x=0 y={y - 10} width=12 height=12 fill='{color}'/>"
-                   f"<text x=18 y={y}>{_e(label)}: {s:,.2f} s ({s / total:.0%})</text>")
+        svg.append(f"<rect x='0' y='{y - 10}' width='12' height='12' fill='{color}'/>"
+                   f"<text x='18' y='{y}'>{_e(label)}: {s:,.2f} s ({s / total:.0%})</text>")
         x += bw
     return "".join(svg) + "</svg>"
+
+
+def _bars(parts: list[tuple[str, float]], caption: str, w: int = 900) -> str:
+    """An SVG of one horizontal bar per part [(label, seconds)], all on one scale, with its caption."""
+    label_w, value_w, row = 260, 90, 20
+    top = max(s for _, s in parts) or 1e-9
+    svg = [f"<svg width='{w}' height='{row * len(parts)}' font-size='12' role='img' aria-label='{_e(caption)}' "
+           "fill='#1d2330'>"]
+    for i, (label, s) in enumerate(parts):
+        y, bw = row * i, max(s / top * (w - label_w - value_w), 0.5)
+        svg.append(f"<text x='0' y='{y + 14}'>{_e(label)}</text>"
+                   f"<rect x='{label_w}' y='{y + 3}' width='{bw:.1f}' height='14' fill='{COLORS[i % len(COLORS)]}'>"
+                   f"<title>{_e(label)}: {s:.3f} s</title></rect>"
+                   f"<text x='{label_w + bw + 6:.1f}' y='{y + 14}'>{s:,.2f} s</text>")
+    return f"<figure><figcaption>{_e(caption)}</figcaption>{''.join(svg)}</svg></figure>"
 
 
 def _ticks(top: float, n: int = 4) -> list[float]:
@@ -310,5 +385,19 @@ def _s(v: Any) -> str:
     return "&ndash;" if v is None else f"{v:,.1f} s"
 
 
+def _read_json(url: str) -> Any:
+    """The JSON document at `url` (local or gs://); None where there is none."""
+    fs, path = fsspec.core.url_to_fs(url)
+    try:
+        with fs.open(path, "r", encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
 def _e(v: Any) -> str:
     return html.escape("" if v is None else str(v), quote=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

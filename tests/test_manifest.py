@@ -76,6 +76,11 @@ def test_bad_and_big_inputs_are_accounted_for_in_manifest_and_metrics(tmp_path, 
     dists = m["metrics"]["distributions"]
     assert dists["batch_records"]["sum"] == m["completions"] and dists["batch_latency_ms"]["count"] >= 1
     assert dists["batch_tokens_per_s"]["max"] > 0
+    t = m["timings"]  # the totals of the per-batch, per-step and engine numbers above
+    assert t["batches"] == dists["batch_engine_wait_us"]["count"] == dists["batch_host_us"]["count"] >= 1
+    assert t["steps_s"]["write"] == round(dists["write_shard_us"]["sum"] / 1e6, 3)
+    assert dists["write_shard_us"]["count"] == 3 and dists["tokenize_us"]["count"] >= 1
+    assert t["engine"]["engines"] == counters["engines"] == 1
 
     progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress:")]
     assert progress and "7 records done (5 completions, 2 errors)" in progress[-1], progress

@@ -6,7 +6,7 @@ import pytest
 
 from model import Engine, SamplingParams
 from model.tokenizer import decode_completions
-from pipeline import preview
+from pipeline import preview, report
 from pipeline.job import run
 from pipeline.records import Request, Result, parse
 
@@ -113,9 +113,13 @@ def test_gs_input_and_output(gcs, tmp_path):
     summary = run(["--input", "gs://jobs/in/*.jsonl", "--output", "gs://jobs/out", "--model", MODEL,
                    "--max_tokens", "8"])
     assert summary["records"] == 6 and summary["errors"] == 0
-    assert sorted(gcs.ls("jobs/out", detail=False)) == ["jobs/out/_done", "jobs/out/_manifest.json",
-                                                        "jobs/out/_report.html", "jobs/out/part-0.jsonl",
-                                                        "jobs/out/part-1.jsonl"]
+    assert sorted(gcs.ls("jobs/out", detail=False)) == [
+        "jobs/out/_done", "jobs/out/_manifest.json", "jobs/out/_metrics.prom", "jobs/out/_report.html",
+        "jobs/out/_report_data.json", "jobs/out/part-0.jsonl", "jobs/out/part-1.jsonl"]
+    page = gcs.cat("jobs/out/_report.html")
+    gcs.rm(["jobs/out/_report.html", "jobs/out/_metrics.prom"])
+    report.rebuild("gs://jobs/out")  # what `python -m pipeline.report gs://jobs/out` does
+    assert gcs.cat("jobs/out/_report.html") == page and gcs.exists("jobs/out/_metrics.prom")
     with gcs.open("jobs/out/part-1.jsonl", "r") as f:
         assert [json.loads(line)["id"] for line in f] == ["g1-0", "g1-1", "g1-2"]
 
