@@ -35,9 +35,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Workaround: libtpu on a host without TPUs logs an INVALID_ARGUMENT error about this variable
 # (harmless); on a TPU VM the platform sets it.
 os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+# Workaround: libtpu takes a host-wide lock file even to compile, so a second process on the host
+# (another compile, a test) fails with "libtpu multi-process lockfile". Compiling opens no TPU.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
+import functools  # noqa: E402
 import importlib.metadata  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
@@ -52,9 +56,16 @@ import numpy as np  # noqa: E402
 from model import ragged_attention as ragged  # noqa: E402
 from model.config import PRESETS, ModelConfig  # noqa: E402
 from model.engine import Engine, resolve_checkpoint  # noqa: E402
+from model.sampling import CANDIDATES  # noqa: E402
 from model.sharding import bytes_per_device, make_mesh  # noqa: E402
 
 GiB = 2 ** 30
+# For the cost copies (whole_model_cost): XLA's TPU cost analysis counts the bytes of every memory
+# space, so an operand that memory-space assignment prefetches into VMEM counts its HBM read, the
+# VMEM write and the VMEM reads (a lone [8, 4096] x [4096, 1792] bf16 matmul: 73.5 MB for a 14.7
+# MB weight). With prefetching off every operand is read from HBM at each use (14.8 MB there):
+# the HBM traffic of the program without VMEM reuse, an upper bound on the real program's.
+COST_OPTIONS = {"xla_msa_enable": False, "xla_max_cross_program_prefetches": 0}
 ESTIMATES = ("TPU compiler estimates (libtpu, deviceless): memory_analysis() and cost_analysis() of the "
              "engine's own jitted functions; nothing ran on a TPU")
 
@@ -146,7 +157,7 @@ def whole_model_cost(small_engine, lower_of, num_layers: int) -> tuple[float, fl
     model. Cost analysis counts a loop's body once, and the stacked path runs the layers as one,
     so two small copies of the model (1 and 2 layers, the loop unrolled) are compiled and the
     per-layer difference extrapolated: c(1) + (layers - 1) * (c(2) - c(1))."""
-    c1, c2 = (compile_lowered(f"{n} layer(s)", lambda n=n: lower_of(small_engine(n))) for n in (1, 2))
+    c1, c2 = (compile_lowered(f"{n} layer(s)", lambda n=n: lower_of(small_engine(n)), COST_OPTIONS) for n in (1, 2))
     per_layer = (c2.flops - c1.flops, c2.bytes_accessed - c1.bytes_accessed)
     return (c1.flops + (num_layers - 1) * per_layer[0], c1.bytes_accessed + (num_layers - 1) * per_layer[1],
             c1.compile_s + c2.compile_s)
@@ -163,7 +174,8 @@ def sampler_bytes(engine: Engine) -> float:
     rows = lambda dtype: struct((s,), dtype, ("slots",))  # noqa: E731
     args = (struct((s, engine.cfg.vocab_size), np.float32, ("slots", "vocab")), rows(np.float32), rows(np.int32),
             rows(np.float32), rows(np.uint32), rows(np.int32))
-    return compile_lowered("sampler", lambda: jax.jit(sample).lower(*args)).bytes_accessed
+    common = functools.partial(sample, exact_fallback=False)  # the rare full-sort fallback left out
+    return compile_lowered("sampler", lambda: jax.jit(common).lower(*args), COST_OPTIONS).bytes_accessed
 
 
 # ---------------------------------------------------------------- compiling
@@ -184,10 +196,10 @@ class Compiled:
                 + m.get("temp_bytes", 0) + m.get("generated_code_bytes", 0))
 
 
-def compile_lowered(name: str, lower) -> Compiled:
+def compile_lowered(name: str, lower, options: dict[str, Any] | None = None) -> Compiled:
     start = time.perf_counter()
     try:
-        exe = lower().compile()
+        exe = lower().compile(compiler_options=options)
     except Exception as e:  # noqa: BLE001  (XLA reports running out of HBM as a runtime error)
         text = str(e)
         if "RESOURCE_EXHAUSTED" not in text:
@@ -401,8 +413,8 @@ def format_report(r: dict[str, Any]) -> str:
                        f"{_gb(d['bytes_accessed_per_chip']):>9} {_gb(d['ideal_bytes_per_chip']):>9} "
                        f"{d['ratio_to_ideal']:>6.2f} {1e3 * d['step_s_at_hbm_bandwidth']:>12.2f}")
     if "sampler_bytes_per_step" in r:
-        out.append(f"(greedy rows; a step where some row samples also runs the sampler's sort: "
-                   f"{_gb(r['sampler_bytes_per_step'])} more)")
+        out.append(f"(greedy rows; a step where some row samples (top-k among {CANDIDATES} candidates, or the "
+                   f"whole vocabulary) also runs the sampler: {_gb(r['sampler_bytes_per_step'])} more)")
     p = r["prefill"]
     if p:
         out += ["", f"prefill {p['rows']} x {p['bucket']} tokens ({p['tokens']} tokens), compiled in {p['compile_s']:.1f} s:"]

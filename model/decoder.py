@@ -275,11 +275,11 @@ class Decoder(nnx.Module):
         self.inv_freq = tuple(rope_inv_freq(cfg))
         for name, value in params.items():
             spec = specs[name]
-            stacked = spec.per_layer and self.path.stacked
+            stacked = spec.per_layer and self.path.stacked_weights
             arrays = value if spec.per_layer and not stacked else [value]
-            if spec.per_layer and len(arrays if not stacked else value) != cfg.num_layers:
-                raise ValueError(f"weight {name!r} has {len(arrays if not stacked else value)} layers; "
-                                 f"expected {cfg.num_layers}")
+            layers = value.shape[0] if stacked else len(arrays)
+            if spec.per_layer and layers != cfg.num_layers:
+                raise ValueError(f"weight {name!r} has {layers} layers; expected {cfg.num_layers}")
             for a in arrays:
                 shape = tuple(a.shape)[1:] if stacked else tuple(a.shape)
                 if shape != spec.shape:
@@ -301,7 +301,7 @@ class Decoder(nnx.Module):
 
     def weight(self, name: str, layer: int | None = None) -> Array | QArray:
         """A weight's value; `layer` picks one layer's array of a per-layer weight."""
-        if self.path.stacked:
+        if self.path.stacked_weights:
             value = getattr(self, name).get_value()
             return value if layer is None else jax.tree.map(lambda x: x[layer], value)
         param = getattr(self, name) if layer is None else getattr(self, name)[layer]
@@ -344,7 +344,7 @@ class Decoder(nnx.Module):
         return constrain(x, ("batch", "seq", "embed"), self.mesh), carry
 
     def _run_layers(self, x: Array, positions_bt: Array, attend: AttendFn, carry: Any):
-        if not self.path.stacked:
+        if not self.path.stacked_weights:
             for i in range(self.cfg.num_layers):
                 x, carry = self._block(x, self._layer_weights(i), positions_bt, attend, i, carry)
             return x, carry
@@ -353,8 +353,7 @@ class Decoder(nnx.Module):
             (x, carry), (w, i) = c, xs
             return self._block(x, w, positions_bt, attend, i, carry), None
 
-        (x, carry), _ = jax.lax.scan(body, (x, carry), (self._layer_weights(None), jnp.arange(self.cfg.num_layers)),
-                                     unroll=self.path.cost_model)
+        (x, carry), _ = jax.lax.scan(body, (x, carry), (self._layer_weights(None), jnp.arange(self.cfg.num_layers)))
         return x, carry
 
     def forward(self, tokens_bt: Array, positions_bt: Array) -> Array:

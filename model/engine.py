@@ -124,7 +124,7 @@ class Engine:
         self.dtype = params["final_norm"].dtype  # activations and cache; weights may be int8
         self.path = dataclasses.replace(hot_path(mesh.devices.flat[0].platform, config.hot_path),
                                         cost_model=cost_model)
-        if self.path.stacked:
+        if self.path.stacked_weights:
             params = stack_layers(params, cfg, mesh)
         cache_cls = StackedKVCache if self.path.stacked else KVCache
         # Weights given as ShapeDtypeStructs (Engine.abstract) make the cache and slot state
@@ -298,8 +298,8 @@ class Engine:
     def compile_counts(self) -> dict[str, int]:
         """How many variants of each device function have been compiled (or loaded from the
         persistent cache): JAX's own count of each jitted function's cache entries."""
-        return {"prefill": self._prefill._cache_size(), "decode": self._decode._cache_size(),
-                "forward": self._forward._cache_size()}
+        count = lambda fn: getattr(fn, "_cache_size", lambda: 0)()  # noqa: E731
+        return {"prefill": count(self._prefill), "decode": count(self._decode), "forward": count(self._forward)}
 
     def generate(self, prompts: Sequence[Sequence[int]],
                  sampling: SamplingParams | Sequence[SamplingParams] | None = None) -> list[GenerationOutput]:
@@ -570,10 +570,11 @@ class Engine:
     @contextlib.contextmanager
     def _timed(self, kind: str, fn=None):
         """Adds the block's seconds to `kind`, or to compile when `fn` (a jitted function) compiled in it."""
-        size, start = fn._cache_size() if fn is not None else 0, time.perf_counter()
+        count = getattr(fn, "_cache_size", lambda: 0)  # a jitted function's compiled variants
+        size, start = count(), time.perf_counter()
         yield
         seconds = time.perf_counter() - start
-        compiled = fn is not None and fn._cache_size() > size
+        compiled = count() > size
         with self._stats_lock:
             self._stats["compile_s" if compiled else f"{kind}_s"] += seconds
             if fn is not None:

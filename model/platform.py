@@ -87,8 +87,10 @@ class HotPath:
         live blocks) or "xla" (the reference: masks all of max_len).
     interpret: run Pallas kernels in interpret mode (the TPU path on a CPU host, for tests).
     cost_model: a copy of the engine for cost analysis only (launch/aot.py): the stacked path's
-        layer loop unrolled (cost analysis counts a loop's body once) and every row sampled
-        greedily (it counts a conditional's most expensive branch, here the sampler's sort).
+        layers run unrolled over one weight array per layer (cost analysis counts a loop's body
+        once, and a static slice of a stacked weight as a read of the whole stack), with the
+        stacked cache and kernel as they are, and every row sampled greedily (it counts a
+        conditional's most expensive branch).
     """
 
     name: str
@@ -96,6 +98,11 @@ class HotPath:
     attention: str = "xla"
     interpret: bool = False
     cost_model: bool = False
+
+    @property
+    def stacked_weights(self) -> bool:
+        """Per-layer weights as one [layers, ...] array each, run as a lax.scan."""
+        return self.stacked and not self.cost_model
 
 
 HOT_PATHS = ("auto", "cpu", "tpu", "gpu")
