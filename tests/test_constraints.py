@@ -329,3 +329,21 @@ def test_pack_refuses_what_does_not_fit(packed):
 def test_table_is_far_smaller_than_dense(demo):
     auto = compile_constraint("json_schema", SCHEMA, demo)
     assert auto.nbytes * 10 < auto.num_states * auto.vocab_size * 4
+
+
+def test_the_engines_sampler_only_picks_allowed_tokens(demo, packed):
+    """-inf logits through temperature, top-k and top-p (model.sampling.sample) never come out."""
+    from model.sampling import sample
+
+    autos, table, offsets = packed
+    batch = 8
+    state = jnp.asarray([offsets[i % 3] for i in range(batch)])
+    logits = jax.random.normal(jax.random.key(2), (batch, demo.vocab_size)) * 5
+    masked = constraints.mask_logits(logits, state, table, jnp.ones(batch, bool))
+    allowed = np.asarray(constraints.allowed_mask(state, table))
+    for temperature, top_k, top_p in ((0.0, 0, 1.0), (1.0, 0, 1.0), (0.7, 5000, 1.0), (1.5, 0, 0.9)):
+        for seed in range(5):
+            token = np.asarray(jax.jit(sample)(masked, jnp.full(batch, temperature), jnp.full(batch, top_k, jnp.int32),
+                                      jnp.full(batch, top_p), jnp.full(batch, seed, jnp.uint32),
+                                      jnp.zeros(batch, jnp.int32)))
+            assert allowed[np.arange(batch), token].all(), (temperature, top_k, top_p, seed)
