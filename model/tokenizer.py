@@ -36,6 +36,8 @@ class Tokenizer(Protocol):
 
     def decode(self, ids: Sequence[int]) -> str: ...
 
+    def token_bytes(self) -> list[bytes | None]: ...
+
 
 class _Base:
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
@@ -126,6 +128,15 @@ class SentencePieceTokenizer(_Base):
             out = sp.detokenize(tf.ragged.constant(rows, dtype=tf.int32, row_splits_dtype=tf.int64)).numpy()
         return [s.decode("utf-8", errors="replace") for s in out]
 
+    def token_bytes(self) -> list[bytes | None]:
+        """The bytes each id adds to a text it continues ('▁' is a space, '<0x0A>' the byte
+        0x0A); None for control and unknown pieces, which never stand for text."""
+        sp = self._sp
+        return [None if sp.is_control(i) or sp.is_unknown(i)
+                else bytes([int(sp.id_to_piece(i)[3:5], 16)]) if sp.is_byte(i)
+                else sp.id_to_piece(i).replace("\u2581", " ").encode()
+                for i in range(self.vocab_size)]
+
 
 class HFTokenizer(_Base):
     """A HF `tokenizer.json`; its post-processor decides whether BOS is added."""
@@ -150,6 +161,37 @@ class HFTokenizer(_Base):
 
     def decode_batch(self, ids: Sequence[Sequence[int]]) -> list[str]:
         return self._tok.decode_batch([list(map(int, row)) for row in ids], skip_special_tokens=True)
+
+    def token_bytes(self) -> list[bytes | None]:
+        """The bytes each id adds to a text it continues; None for special tokens and unused ids.
+        Byte-level vocabularies (GPT-2, Llama 3) map characters back to bytes; SentencePiece-style
+        ones (Llama 2: '▁' for space, '<0xNN>' byte fallback) are read as their decoder says."""
+        decoder = json.loads(self._tok.to_str()).get("decoder") or {}
+        kinds = {d.get("type") for d in decoder.get("decoders", [decoder])}
+        added = self._tok.get_added_tokens_decoder()
+        out: list[bytes | None] = [None] * self.vocab_size
+        for piece, i in self._tok.get_vocab(with_added_tokens=True).items():
+            if i in added:
+                out[i] = None if added[i].special else piece.encode()
+            elif "ByteLevel" in kinds:
+                out[i] = bytes(_BYTE_OF_CHAR[c] for c in piece)
+            elif "ByteFallback" in kinds and _BYTE_PIECE.fullmatch(piece):
+                out[i] = bytes([int(piece[3:5], 16)])
+            else:
+                out[i] = piece.replace("\u2581", " ").encode()
+        return out
+
+
+def _byte_level_chars() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: the printable character that stands for each byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    rest = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(rest)}}
+
+
+_BYTE_OF_CHAR = _byte_level_chars()
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 def _read(url: str, mode: str = "rb"):
