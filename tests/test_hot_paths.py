@@ -39,12 +39,13 @@ def test_the_platform_picks_its_path_and_a_cpu_can_run_the_others():
     ("tpu", (2, 2), {"kv_cache_dtype": "int8"}),  # slots over data, kv heads over model; int8 cache
     ("tpu", (2, 1), {"prefix_cache_entries": 2, "prefix_block": 16}),
     ("gpu", (1, 4), {}),  # 2 kv heads over 4 devices: replicated, query heads gathered
+    ("gpu", (1, 2), {"quantize": "int8"}),  # int8 weights, stacked per layer
 ])
 def test_accelerator_paths_give_the_cpu_paths_tokens(reference, path, mesh, kw):
     engine = _engine(path, mesh, **kw)
     assert isinstance(engine.cache, StackedKVCache) and engine.path.name == path
     outs = engine.generate(PROMPTS, GREEDY)
-    if kw.get("kv_cache_dtype") == "int8":  # int8 keys move logits a little: compare the first tokens
+    if kw.get("kv_cache_dtype") or kw.get("quantize"):  # int8 moves logits a little: the first tokens
         assert [o.token_ids[:4] for o in outs] == [o.token_ids[:4] for o in reference]
     else:
         assert [o.token_ids for o in outs] == [o.token_ids for o in reference]
