@@ -28,7 +28,7 @@ from model import ragged_attention as ragged
 from model.config import ModelConfig, rope_inv_freq
 from model.kv_cache import STACKED_AXES, KVCache, StackedKVCache
 from model.platform import HotPath, hot_path
-from model.quantize import QArray
+from model.quantize import CONTRACTED, QArray
 from model.sharding import DATA, MODEL, constrain, logical_to_spec, named_sharding
 
 Array = jax.Array
@@ -111,7 +111,6 @@ def _axes_of(name: str, spec: ParamSpec, x) -> tuple[str | None, ...]:
     (a QArray leaf of lower rank) its non-contracted ones."""
     if x.ndim == len(spec.axes):
         return spec.axes
-    from model.quantize import CONTRACTED
     return tuple(a for a in spec.axes if a not in CONTRACTED[name])
 
 

@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from typing import Any
 
 from pipeline.formats import UNSUPPORTED_FIELDS, BadRecord
-from pipeline.records import Request, Result, short_repr, error, loads, make_request, not_utf8
+from pipeline.records import API_FORMATS, Request, Result, short_repr, error, loads, make_request, not_utf8
 
 ENDPOINTS = {"/v1/completions": "text_completion", "/v1/chat/completions": "chat.completion"}
 SERVER_ERRORS = ("generation_failed", "internal_error")
@@ -163,3 +164,6 @@ def output_view(rec: dict[str, Any]) -> dict[str, Any]:
         view["prompt_tokens"] = body["usage"]["prompt_tokens"]
         view["completion_tokens"] = body["usage"]["completion_tokens"]
     return view
+
+
+API_FORMATS["openai"] = sys.modules[__name__]

@@ -25,6 +25,11 @@ from model.chat_template import (ChatTemplate, ChatTemplateError, check_messages
 from model.tokenizer import Tokenizer, decode_completions
 from pipeline.formats import UNSUPPORTED_FIELDS, BadRecord
 
+# Record formats besides the project's own, by name: a module with parse(raw, shard, rid, line,
+# defaults), to_json(result) and output_view(output_record). pipeline/openai_batch.py (imported by
+# the package) adds "openai"; this module never imports it, so the two do not import each other.
+API_FORMATS: dict[str, Any] = {}
+
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
 FLAG_FIELDS = ("include_stop_str_in_output", "logprobs")
 
@@ -90,9 +95,7 @@ class Result:
 
     def to_json(self) -> str:
         if self.api is not None:
-            from pipeline import openai_batch
-
-            return openai_batch.to_json(self)
+            return API_FORMATS["openai"].to_json(self)
         if self.error is not None:
             out = {"id": self.id, "error": {"type": self.error_type, "message": self.error}}
         else:
@@ -147,9 +150,7 @@ def _parse(raw: bytes | dict | BadRecord, shard: int, shard_name: str, line: int
            defaults: dict[str, Any]) -> Request | Result:
     rid = default_id(shard_name, line)
     if fmt == "openai":
-        from pipeline import openai_batch
-
-        return openai_batch.parse(raw, shard, rid, line, defaults)
+        return API_FORMATS["openai"].parse(raw, shard, rid, line, defaults)
     if isinstance(raw, BadRecord):
         return error(rid if raw.id is None else str(raw.id), shard, line, raw.kind, raw.message)
     if isinstance(raw, dict):
@@ -496,9 +497,7 @@ def output_view(rec: dict[str, Any]) -> dict[str, Any]:
     "error_message" (None for a completion), "completion", "prompt_tokens", "completion_tokens"},
     for summaries."""
     if "custom_id" in rec:
-        from pipeline import openai_batch
-
-        return openai_batch.output_view(rec)
+        return API_FORMATS["openai"].output_view(rec)
     err = rec.get("error")
     return {"id": rec.get("id"), "error_type": err["type"] if err else None,
             "error_message": err.get("message") if err else None, "completion": rec.get("completion"),
