@@ -3,7 +3,7 @@ VENV := .venv
 PIP := $(VENV)/bin/pip
 PYTHON := $(VENV)/bin/python
 
-.PHONY: install install-dev demo test test-slow bench clean
+.PHONY: install install-dev demo test test-slow bench report-screenshot clean
 
 $(VENV)/bin/python:
 	$(shell command -v $(PY) || echo python3) -m venv $(VENV)
@@ -22,6 +22,11 @@ install-dev: $(VENV)/.installed-dev
 
 demo: install
 	$(PYTHON) -m pipeline.run --input 'configs/demo/*.jsonl' --output out/demo --model configs/models/demo.yaml --overwrite
+
+# The README's picture of the run report: the demo's report in headless Chromium (Debian's package).
+report-screenshot: demo
+	chromium --headless --no-sandbox --hide-scrollbars --window-size=1000,2400 \
+		--screenshot=$(CURDIR)/docs/report.png file://$(CURDIR)/out/demo/_report.html
 
 test: install-dev
 	$(PYTHON) -m pytest -q
