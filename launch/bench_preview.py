@@ -1,17 +1,20 @@
 """How soon a notebook preview answers: a fresh interpreter imports pipeline.preview and generates
-for one prompt, twice; the script reports the medians over --runs fresh processes (the persistent
-compilation cache is warm after the first). Also says whether TensorFlow was imported.
+for one prompt, twice; the script reports the medians over --runs fresh processes, with the
+persistent compilation cache warm (filled by a first process) and cold (an empty cache directory
+for each process). Also says whether TensorFlow was imported.
 
-    python -m launch.bench_preview            # 3 fresh processes
+    python -m launch.bench_preview            # 3 fresh processes each, warm and cold
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 
 CHILD = """
 import json, sys, time
@@ -31,13 +34,23 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=3)
     args = p.parse_args(argv)
-    subprocess.run([sys.executable, "-c", CHILD], check=True, capture_output=True)  # warms the compile cache
-    runs = [json.loads(subprocess.run([sys.executable, "-c", CHILD], check=True, capture_output=True,
-                                      text=True).stdout.strip().splitlines()[-1]) for _ in range(args.runs)]
-    out = {k: round(statistics.median(r[k] for r in runs), 2) for k in ("import_s", "first_s", "second_s")}
-    out["tensorflow_imported"] = any(r["tensorflow_imported"] for r in runs)
-    print(f"import {out['import_s']} s, first generate {out['first_s']} s, second {out['second_s']} s "
-          f"(medians of {args.runs} fresh processes); TensorFlow imported: {out['tensorflow_imported']}")
+
+    def child(cache_dir: str) -> dict:
+        env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": cache_dir}
+        done = subprocess.run([sys.executable, "-c", CHILD], check=True, capture_output=True, text=True, env=env)
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    out = {}
+    with tempfile.TemporaryDirectory() as warm:
+        child(warm)  # fills the compile cache
+        for cache, dirs in (("warm", [warm] * args.runs), ("cold", [tempfile.mkdtemp(dir=warm) for _ in range(args.runs)])):
+            runs = [child(d) for d in dirs]
+            out[cache] = {k: round(statistics.median(r[k] for r in runs), 2) for k in ("import_s", "first_s", "second_s")}
+            out[cache]["tensorflow_imported"] = any(r["tensorflow_imported"] for r in runs)
+            r = out[cache]
+            print(f"{cache} compile cache: import {r['import_s']} s, first generate {r['first_s']} s, second "
+                  f"{r['second_s']} s (medians of {args.runs} fresh processes); TensorFlow imported: "
+                  f"{r['tensorflow_imported']}")
     return out
 
 
