@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import os
 import sys
+import time
 from typing import Any, Iterator, Sequence
 
 from tqdm.auto import tqdm
@@ -40,13 +41,16 @@ def generate(prompts: str | Sequence[str], model: str = "demo", max_tokens: int 
              as_dataframe: bool = False) -> list[dict[str, Any]] | Any:
     """Completions for `prompts`, one record per prompt, in order. The engine is cached between
     calls. `stop` strings cut the completion where they first appear (they are not included).
-    The progress bar moves as each prompt finishes."""
+    The progress bar moves as each prompt finishes and shows completion tokens per second."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     records: list[dict[str, Any]] = [{}] * len(prompts)
+    start, tokens = time.perf_counter(), 0
     with tqdm(total=len(prompts), disable=not progress, desc="generate", unit="prompt") as bar:
         for rec in stream(prompts, model, max_tokens, temperature, top_p, top_k, seed, stop, dtype, max_len,
                           max_slots):
             records[rec.pop("index")] = rec
+            tokens += rec["completion_tokens"]
+            bar.set_postfix_str(f"{tokens / max(time.perf_counter() - start, 1e-9):.0f} tokens/s", refresh=False)
             bar.update(1)
     if as_dataframe:
         import pandas as pd
