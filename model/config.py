@@ -21,28 +21,32 @@ class Family:
     qk_norm: bool = False  # RMSNorm over head_dim of each q and k head, before RoPE
     post_norms: bool = False  # RMSNorm on the attention and MLP outputs, before each residual add
     sliding: str = "none"  # "none" | "all": `sliding_window` on every layer | "layer_types": on the sliding ones
-    sliding_pattern: int = 0  # no `layer_types`: every sliding_window_pattern-th layer is full, HF's default
     softcaps: tuple[str, ...] = ()  # which of attn_logit_softcapping, final_logit_softcapping HF applies
     query_pre_attn_scalar: bool = False  # attention scale query_pre_attn_scalar ** -0.5
     local_rope: bool = False  # sliding layers use rope_local_base_freq, unscaled
-    default_rope_theta: float = 10000.0
     refused: tuple[str, ...] = ()  # config flags the engine does not implement: an error when true
+    defaults: tuple[tuple[str, Any], ...] = ()  # HF's values for config.json keys it may omit
 
 
-_GEMMA2 = dict(gemma=True, post_norms=True, sliding="layer_types", query_pre_attn_scalar=True, sliding_pattern=2)
+_GEMMA2 = dict(gemma=True, post_norms=True, sliding="layer_types", query_pre_attn_scalar=True)
+_GEMMA = (("hidden_activation", "gelu_pytorch_tanh"),)
+_GEMMA2_DEFAULTS = _GEMMA + (("query_pre_attn_scalar", 256), ("sliding_window", 4096))
 FAMILIES: dict[str, Family] = {
     "LlamaForCausalLM": Family("llama"),
-    "MistralForCausalLM": Family("mistral", sliding="all"),
+    "MistralForCausalLM": Family("mistral", sliding="all", defaults=(("sliding_window", 4096),)),
     "Qwen2ForCausalLM": Family("qwen2", qkv_bias=True, refused=("use_sliding_window",)),
-    "GemmaForCausalLM": Family("gemma", gemma=True),
+    "GemmaForCausalLM": Family("gemma", gemma=True, defaults=_GEMMA),
     "Qwen3ForCausalLM": Family("qwen3", qk_norm=True, refused=("use_sliding_window",)),
     "Gemma2ForCausalLM": Family("gemma2", softcaps=("attn_logit_softcapping", "final_logit_softcapping"),
-                                **_GEMMA2),
+                                defaults=_GEMMA2_DEFAULTS + (("sliding_window_pattern", 2),
+                                                             ("attn_logit_softcapping", 50.0),
+                                                             ("final_logit_softcapping", 30.0)), **_GEMMA2),
     # HF's Gemma 3 attention never soft-caps its logits, whatever attn_logit_softcapping says
     "Gemma3ForCausalLM": Family("gemma3_text", qk_norm=True, softcaps=("final_logit_softcapping",), local_rope=True,
-                                default_rope_theta=1_000_000.0, refused=("use_bidirectional_attention",),
-                                **{**_GEMMA2, "sliding_pattern": 6}),
-    "Phi3ForCausalLM": Family("phi3", sliding="all"),
+                                refused=("use_bidirectional_attention",),
+                                defaults=_GEMMA2_DEFAULTS + (("sliding_window_pattern", 6), ("rope_theta", 1e6)),
+                                **_GEMMA2),
+    "Phi3ForCausalLM": Family("phi3", sliding="all", defaults=(("rms_norm_eps", 1e-5),)),
 }
 SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
 _MODEL_TYPES = {f.model_type: arch for arch, f in FAMILIES.items()}
@@ -149,6 +153,7 @@ class ModelConfig:
         """Builds a config from the dict of a HF `config.json`; `source` names that file in errors."""
         arch = supported_architecture(hf, source)
         fam = FAMILIES[arch]
+        hf = {**dict(fam.defaults), **hf}  # an explicit null stays null
         for flag in ("attention_bias", "mlp_bias") if not fam.qkv_bias else ():
             if hf.get(flag):
                 raise ValueError(f"{arch} with {flag}=true is not supported")
@@ -174,7 +179,7 @@ class ModelConfig:
             num_kv_heads=hf.get("num_key_value_heads") or heads,
             head_dim=head_dim,
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=_rope_theta(hf, fam.default_rope_theta),
+            rope_theta=_rope_theta(hf),
             rope_scaling=_rope_scaling(hf),
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
             tie_word_embeddings=hf.get("tie_word_embeddings", fam.gemma),
@@ -256,7 +261,7 @@ def _layer_types(hf: dict[str, Any], fam: Family) -> tuple[str, ...]:
         return ()
     types = hf.get("layer_types")
     if not types:
-        every = hf.get("sliding_window_pattern") or fam.sliding_pattern
+        every = hf["sliding_window_pattern"]
         types = [FULL if (i + 1) % every == 0 else SLIDING for i in range(hf["num_hidden_layers"])]
     types = tuple(types)
     for p in range(1, len(types) + 1):

@@ -71,6 +71,19 @@ def test_published_style_configs_of_the_newer_families():
     assert _cfg("gemma3").layer_types == (SLIDING, SLIDING, FULL)  # [S, S, F, S] from HF: its repeating prefix
 
 
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "gemma", "qwen3", "gemma2", "gemma3_text", "phi3"])
+def test_keys_a_config_json_omits_take_hf_s_defaults(model_type):
+    """A config.json with only the shape (and token ids) reads as transformers reads it: its
+    config class fills in the soft-caps, windows, layer kinds, RoPE theta, ..."""
+    import transformers
+
+    minimal = {"model_type": model_type, "vocab_size": 100, "hidden_size": 32, "intermediate_size": 64,
+               "num_hidden_layers": 6, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+               "max_position_embeddings": 512, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+    filled = transformers.AutoConfig.for_model(**minimal).to_dict()
+    assert ModelConfig.from_hf_config(minimal) == ModelConfig.from_hf_config(filled)
+
+
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_every_preset_round_trips_through_hf_config_json(name):
     cfg = PRESETS[name]
