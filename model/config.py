@@ -6,23 +6,65 @@ import dataclasses
 import math
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = (
-    "LlamaForCausalLM",
-    "MistralForCausalLM",
-    "Qwen2ForCausalLM",
-    "GemmaForCausalLM",
-)
+# A layer's kind, in HF's words (config.json `layer_types`).
+SLIDING, FULL = "sliding_attention", "full_attention"
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """What one architecture's config.json leaves implicit: HF's code for it hard-codes these.
+    from_hf_config reads them once into ModelConfig fields, which are all the decoder sees."""
+
+    model_type: str
+    gemma: bool = False  # RMSNorm scales by (1 + w), embeddings times sqrt(width), head tied by default
+    qkv_bias: bool = False  # q, k, v projections have biases (whatever `attention_bias` says)
+    qk_norm: bool = False  # RMSNorm over head_dim of each q and k head, before RoPE
+    post_norms: bool = False  # RMSNorm on the attention and MLP outputs, before each residual add
+    sliding: str = "none"  # "none" | "all": `sliding_window` on every layer | "layer_types": on the sliding ones
+    softcaps: tuple[str, ...] = ()  # which of attn_logit_softcapping, final_logit_softcapping HF applies
+    query_pre_attn_scalar: bool = False  # attention scale query_pre_attn_scalar ** -0.5
+    local_rope: bool = False  # sliding layers use rope_local_base_freq, unscaled
+    refused: tuple[str, ...] = ()  # config flags the engine does not implement: an error when true
+    defaults: tuple[tuple[str, Any], ...] = ()  # HF's values for config.json keys it may omit
+
+
+_GEMMA2 = dict(gemma=True, post_norms=True, sliding="layer_types", query_pre_attn_scalar=True)
+_GEMMA = (("hidden_activation", "gelu_pytorch_tanh"),)
+_GEMMA2_DEFAULTS = _GEMMA + (("query_pre_attn_scalar", 256), ("sliding_window", 4096))
+FAMILIES: dict[str, Family] = {
+    "LlamaForCausalLM": Family("llama"),
+    "MistralForCausalLM": Family("mistral", sliding="all", defaults=(("sliding_window", 4096),)),
+    "Qwen2ForCausalLM": Family("qwen2", qkv_bias=True, refused=("use_sliding_window",)),
+    "GemmaForCausalLM": Family("gemma", gemma=True, defaults=_GEMMA),
+    "Qwen3ForCausalLM": Family("qwen3", qk_norm=True, refused=("use_sliding_window",)),
+    "Gemma2ForCausalLM": Family("gemma2", softcaps=("attn_logit_softcapping", "final_logit_softcapping"),
+                                defaults=_GEMMA2_DEFAULTS + (("sliding_window_pattern", 2),
+                                                             ("attn_logit_softcapping", 50.0),
+                                                             ("final_logit_softcapping", 30.0)), **_GEMMA2),
+    # HF's Gemma 3 attention never soft-caps its logits, whatever attn_logit_softcapping says
+    "Gemma3ForCausalLM": Family("gemma3_text", qk_norm=True, softcaps=("final_logit_softcapping",), local_rope=True,
+                                refused=("use_bidirectional_attention",),
+                                defaults=_GEMMA2_DEFAULTS + (("sliding_window_pattern", 6), ("rope_theta", 1e6)),
+                                **_GEMMA2),
+    "Phi3ForCausalLM": Family("phi3", sliding="all", defaults=(("rms_norm_eps", 1e-5),)),
+}
+SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
+_MODEL_TYPES = {f.model_type: arch for arch, f in FAMILIES.items()}
 
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """HF `rope_scaling` of type "linear" or "llama3" (factor and the llama3 band limits)."""
+    """HF `rope_scaling` of type "linear", "llama3" (factor and the band limits) or "longrope"
+    (Phi-3: per-frequency short and long factors, and a factor on cos and sin)."""
 
-    kind: str  # "linear" | "llama3"
+    kind: str  # "linear" | "llama3" | "longrope"
     factor: float
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+    attention_factor: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +87,16 @@ class ModelConfig:
     norm_weight_offset: float = 0.0  # Gemma: RMSNorm scales by (1 + w)
     scale_embeddings: bool = False  # Gemma: embeddings times sqrt(hidden_size)
     activation: str = "silu"  # "silu" | "gelu_tanh" (Gemma's GeGLU)
-    sliding_window: int | None = None  # Mistral
+    sliding_window: int | None = None  # Mistral, Phi-3: every layer; with layer_types, the sliding ones
+    # HF's layer kinds ("sliding_attention" | "full_attention"), repeating: layer i is
+    # layer_types[i % len]; () = every layer alike. Gemma 2: (sliding, full); Gemma 3: 5 sliding, 1 full.
+    layer_types: tuple[str, ...] = ()
+    qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over head_dim of q and k (weights q_norm, k_norm)
+    post_norms: bool = False  # Gemma 2, 3: norms on the attention and MLP outputs (post_attn_norm, post_mlp_norm)
+    query_pre_attn_scalar: float | None = None  # Gemma 2, 3: attention scale is its ** -0.5 (None: head_dim's)
+    attn_logit_softcapping: float | None = None  # Gemma 2: scores -> cap * tanh(scores / cap)
+    final_logit_softcapping: float | None = None  # Gemma 2: the same on the output logits
+    rope_local_base_freq: float | None = None  # Gemma 3: sliding layers' RoPE theta (unscaled)
     bos_token_id: int | None = 1
     eos_token_ids: tuple[int, ...] = (2,)
     pad_token_id: int = 0
@@ -59,6 +110,33 @@ class ModelConfig:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
         if self.activation not in ("silu", "gelu_tanh"):
             raise ValueError(f"activation={self.activation!r}; expected 'silu' or 'gelu_tanh'")
+        bad = sorted(set(self.layer_types) - {SLIDING, FULL})
+        if bad:
+            raise ValueError(f"layer_types has {bad[0]!r}; supported: {SLIDING!r}, {FULL!r}")
+        if SLIDING in self.layer_types and self.sliding_window is None:
+            raise ValueError(f"layer_types has {SLIDING!r} layers but sliding_window is None")
+        rs = self.rope_scaling
+        if rs is not None and rs.kind == "longrope":
+            for name in ("short_factor", "long_factor"):
+                if len(getattr(rs, name)) != self.head_dim // 2:
+                    raise ValueError(f"rope_scaling {name} has {len(getattr(rs, name))} values; expected "
+                                     f"head_dim / 2 = {self.head_dim // 2}")
+
+    @property
+    def attn_scale(self) -> float:
+        """What attention multiplies q.k by."""
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    def is_sliding(self, layer: int) -> bool:
+        """Whether `layer` attends within sliding_window (the others see every earlier position)."""
+        if self.sliding_window is None:
+            return False
+        return not self.layer_types or self.layer_types[layer % len(self.layer_types)] == SLIDING
+
+    @property
+    def layer_windows(self) -> tuple[int | None, ...]:
+        """Each layer's attention window (None: none)."""
+        return tuple(self.sliding_window if self.is_sliding(i) else None for i in range(self.num_layers))
 
     @property
     def num_params(self) -> int:
@@ -66,25 +144,32 @@ class ModelConfig:
         attn = d * hd * (2 * self.num_heads + 2 * self.num_kv_heads)
         if self.qkv_bias:
             attn += hd * (self.num_heads + 2 * self.num_kv_heads)
-        layer = attn + 3 * d * f + 2 * d
+        norms = 2 * d + (2 * hd if self.qk_norm else 0) + (2 * d if self.post_norms else 0)
+        layer = attn + 3 * d * f + norms
         return self.num_layers * layer + v * d * (1 if self.tie_word_embeddings else 2) + d
 
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any], source: str = "config.json") -> "ModelConfig":
         """Builds a config from the dict of a HF `config.json`; `source` names that file in errors."""
         arch = supported_architecture(hf, source)
-        for flag in ("attention_bias", "mlp_bias"):
-            if hf.get(flag) and arch != "Qwen2ForCausalLM":
+        fam = FAMILIES[arch]
+        hf = {**dict(fam.defaults), **hf}  # an explicit null stays null
+        for flag in ("attention_bias", "mlp_bias") if not fam.qkv_bias else ():
+            if hf.get(flag):
                 raise ValueError(f"{arch} with {flag}=true is not supported")
-        if arch == "Qwen2ForCausalLM" and hf.get("use_sliding_window"):
-            raise ValueError("Qwen2 with use_sliding_window=true is not supported")
+        for flag in fam.refused:
+            if hf.get(flag):
+                raise ValueError(f"{arch} with {flag}=true is not supported")
         hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hidden // heads
         eos = hf.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
-        gemma = arch == "GemmaForCausalLM"
         act = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
-        sliding = hf.get("sliding_window") if arch == "MistralForCausalLM" else None
+        sliding = hf.get("sliding_window") if fam.sliding != "none" else None
+        layer_types = _layer_types(hf, fam)
+        if layer_types and sliding is None and SLIDING in layer_types:
+            raise ValueError(f"{source}: layer_types has {SLIDING!r} layers but sliding_window is null")
+        caps = {name: hf.get(name) for name in fam.softcaps}
         return cls(
             vocab_size=hf["vocab_size"],
             hidden_size=hidden,
@@ -97,12 +182,19 @@ class ModelConfig:
             rope_theta=_rope_theta(hf),
             rope_scaling=_rope_scaling(hf),
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
-            tie_word_embeddings=hf.get("tie_word_embeddings", gemma),
-            qkv_bias=arch == "Qwen2ForCausalLM",
-            norm_weight_offset=1.0 if gemma else 0.0,
-            scale_embeddings=gemma,
+            tie_word_embeddings=hf.get("tie_word_embeddings", fam.gemma),
+            qkv_bias=fam.qkv_bias,
+            norm_weight_offset=1.0 if fam.gemma else 0.0,
+            scale_embeddings=fam.gemma,
             activation=_activation(act),
             sliding_window=sliding,
+            layer_types=layer_types,
+            qk_norm=fam.qk_norm,
+            post_norms=fam.post_norms,
+            query_pre_attn_scalar=hf.get("query_pre_attn_scalar") if fam.query_pre_attn_scalar else None,
+            attn_logit_softcapping=caps.get("attn_logit_softcapping"),
+            final_logit_softcapping=caps.get("final_logit_softcapping"),
+            rope_local_base_freq=_rope_local_theta(hf) if fam.local_rope else None,
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
             pad_token_id=hf.get("pad_token_id") or 0,
@@ -111,10 +203,8 @@ class ModelConfig:
 
     def to_hf_config(self) -> dict[str, Any]:
         """The HF `config.json` dict for this config (used to write checkpoints and references)."""
-        model_type = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
-                      "Qwen2ForCausalLM": "qwen2", "GemmaForCausalLM": "gemma"}[self.architecture]
         hf = {
-            "architectures": [self.architecture], "model_type": model_type,
+            "architectures": [self.architecture], "model_type": FAMILIES[self.architecture].model_type,
             "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
             "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
@@ -134,13 +224,22 @@ class ModelConfig:
                 hf["rope_scaling"].update(
                     low_freq_factor=rs.low_freq_factor, high_freq_factor=rs.high_freq_factor,
                     original_max_position_embeddings=rs.original_max_position_embeddings)
-        if self.architecture == "MistralForCausalLM":
+            if rs.kind == "longrope":
+                hf["rope_scaling"].update(short_factor=list(rs.short_factor), long_factor=list(rs.long_factor),
+                                          attention_factor=rs.attention_factor)
+                hf["original_max_position_embeddings"] = rs.original_max_position_embeddings
+        if self.sliding_window is not None:
             hf["sliding_window"] = self.sliding_window
+        if self.layer_types:
+            hf["layer_types"] = [self.layer_types[i % len(self.layer_types)] for i in range(self.num_layers)]
+        fam = FAMILIES[self.architecture]
+        for name in fam.softcaps:  # written even when null: HF's Gemma 2 defaults them to 50 and 30
+            hf[name] = getattr(self, name)
+        if fam.query_pre_attn_scalar:
+            hf["query_pre_attn_scalar"] = self.query_pre_attn_scalar
+        if fam.local_rope:
+            hf["rope_local_base_freq"] = self.rope_local_base_freq
         return hf
-
-
-_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                "gemma": "GemmaForCausalLM"}
 
 
 def supported_architecture(hf: dict[str, Any], source: str = "config.json") -> str:
@@ -155,6 +254,22 @@ def supported_architecture(hf: dict[str, Any], source: str = "config.json") -> s
     return arch
 
 
+def _layer_types(hf: dict[str, Any], fam: Family) -> tuple[str, ...]:
+    """The shortest prefix of HF's per-layer `layer_types` (or of the family's default pattern)
+    that repeats to the whole list."""
+    if fam.sliding != "layer_types":
+        return ()
+    types = hf.get("layer_types")
+    if not types:
+        every = hf["sliding_window_pattern"]
+        types = [FULL if (i + 1) % every == 0 else SLIDING for i in range(hf["num_hidden_layers"])]
+    types = tuple(types)
+    for p in range(1, len(types) + 1):
+        if all(types[i] == types[i % p] for i in range(len(types))):
+            return types[:p]
+    return types
+
+
 def _activation(name: str) -> str:
     if name == "silu":
         return "silu"
@@ -164,18 +279,34 @@ def _activation(name: str) -> str:
     raise ValueError(f"activation {name!r} is not supported; expected silu or gelu_pytorch_tanh")
 
 
-def _rope_params(hf: dict[str, Any]) -> dict[str, Any]:
-    # transformers 5 writes `rope_parameters`; older checkpoints write `rope_scaling` + `rope_theta`.
-    return hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+def _rope_params(hf: dict[str, Any], layer_type: str = FULL) -> dict[str, Any]:
+    # transformers 5 writes `rope_parameters` (Gemma 3: one dict per layer type); older
+    # checkpoints write `rope_scaling` + `rope_theta` (+ Gemma 3's `rope_local_base_freq`).
+    rp = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if FULL in rp or SLIDING in rp:
+        rp = rp.get(layer_type) or {}
+    return rp
 
 
-def _rope_theta(hf: dict[str, Any]) -> float:
-    return float(_rope_params(hf).get("rope_theta") or hf.get("rope_theta") or 10000.0)
+def _rope_theta(hf: dict[str, Any], default: float = 10000.0) -> float:
+    return float(_rope_params(hf).get("rope_theta") or hf.get("rope_theta") or default)
+
+
+def _rope_local_theta(hf: dict[str, Any]) -> float:
+    rp = hf.get("rope_parameters") or {}
+    local = rp.get(SLIDING) or {}
+    kind = local.get("rope_type", "default")
+    if kind != "default":
+        raise ValueError(f"rope_parameters.{SLIDING}.rope_type {kind!r} is not supported; expected default")
+    return float(local.get("rope_theta") or hf.get("rope_local_base_freq") or 10000.0)
 
 
 def _rope_scaling(hf: dict[str, Any]) -> RopeScaling | None:
     rs = _rope_params(hf)
     kind = rs.get("rope_type", rs.get("type", "default"))
+    partial = rs.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1, 1.0):
+        raise ValueError(f"partial_rotary_factor={partial} is not supported; expected 1.0 (rotary on all of head_dim)")
     if kind == "default":
         return None
     if kind == "linear":
@@ -183,7 +314,18 @@ def _rope_scaling(hf: dict[str, Any]) -> RopeScaling | None:
     if kind == "llama3":
         return RopeScaling("llama3", float(rs["factor"]), float(rs["low_freq_factor"]),
                            float(rs["high_freq_factor"]), int(rs["original_max_position_embeddings"]))
-    raise ValueError(f"rope_scaling type {kind!r} is not supported; expected default, linear or llama3")
+    if kind in ("longrope", "su"):  # "su": HF's older name for LongRoPE
+        # as HF: a top-level original_max_position_embeddings (Phi-3 writes one) wins over rope_scaling's
+        original = int(hf.get("original_max_position_embeddings") or rs.get("original_max_position_embeddings")
+                       or hf["max_position_embeddings"])
+        factor = float(rs.get("factor") or hf["max_position_embeddings"] / original)
+        attention = rs.get("attention_factor")
+        if attention is None:
+            attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+        return RopeScaling("longrope", factor, original_max_position_embeddings=original,
+                           short_factor=tuple(float(x) for x in rs["short_factor"]),
+                           long_factor=tuple(float(x) for x in rs["long_factor"]), attention_factor=float(attention))
+    raise ValueError(f"rope_scaling type {kind!r} is not supported; expected default, linear, llama3 or longrope")
 
 
 def llama_preset(vocab: int, hidden: int, layers: int, heads: int, kv_heads: int, ffw: int,
@@ -304,19 +446,57 @@ PUBLISHED: dict[str, dict[str, Any]] = {
                  "num_key_value_heads": 16, "head_dim": 256, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
                  "max_position_embeddings": 8192, "hidden_act": "gelu_pytorch_tanh",
                  "tie_word_embeddings": True, "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0},
+    "qwen3-8b": {"architectures": ["Qwen3ForCausalLM"], "vocab_size": 151936, "hidden_size": 4096,
+                 "intermediate_size": 12288, "num_hidden_layers": 36, "num_attention_heads": 32,
+                 "num_key_value_heads": 8, "head_dim": 128, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+                 "rope_scaling": None, "max_position_embeddings": 40960, "use_sliding_window": False,
+                 "sliding_window": None, "tie_word_embeddings": False, "bos_token_id": 151643,
+                 "eos_token_id": 151645},
+    "gemma-2-9b": {"architectures": ["Gemma2ForCausalLM"], "vocab_size": 256000, "hidden_size": 3584,
+                   "intermediate_size": 14336, "num_hidden_layers": 42, "num_attention_heads": 16,
+                   "num_key_value_heads": 8, "head_dim": 256, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+                   "max_position_embeddings": 8192, "hidden_activation": "gelu_pytorch_tanh",
+                   "query_pre_attn_scalar": 256, "sliding_window": 4096, "attn_logit_softcapping": 50.0,
+                   "final_logit_softcapping": 30.0, "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0},
+    # the text model of gemma-3-12b-pt (published as Gemma3ForConditionalGeneration: its text_config)
+    "gemma-3-12b": {"architectures": ["Gemma3ForCausalLM"], "vocab_size": 262208, "hidden_size": 3840,
+                    "intermediate_size": 15360, "num_hidden_layers": 48, "num_attention_heads": 16,
+                    "num_key_value_heads": 8, "head_dim": 256, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+                    "rope_local_base_freq": 10000.0, "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+                    "max_position_embeddings": 131072, "hidden_activation": "gelu_pytorch_tanh",
+                    "query_pre_attn_scalar": 256, "sliding_window": 1024, "sliding_window_pattern": 6,
+                    "final_logit_softcapping": None, "attn_logit_softcapping": None, "bos_token_id": 2,
+                    "eos_token_id": 1, "pad_token_id": 0},
+    # Phi-3-mini-4k-instruct (its 128k sibling differs in LongRoPE factors and context)
+    "phi-3-mini": {"architectures": ["Phi3ForCausalLM"], "vocab_size": 32064, "hidden_size": 3072,
+                   "intermediate_size": 8192, "num_hidden_layers": 32, "num_attention_heads": 32,
+                   "num_key_value_heads": 32, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "rope_scaling": None,
+                   "max_position_embeddings": 4096, "original_max_position_embeddings": 4096,
+                   "sliding_window": 2047, "tie_word_embeddings": False, "bos_token_id": 1,
+                   "eos_token_id": 32000, "pad_token_id": 32000},
 }
 PRESETS.update({name: ModelConfig.from_hf_config(hf) for name, hf in PUBLISHED.items()})
 
 
-def rope_inv_freq(cfg: ModelConfig) -> list[float]:
-    """Per-frequency inverse wavelengths [head_dim // 2], with HF's linear / llama3 scaling applied."""
+def rope_inv_freq(cfg: ModelConfig, max_len: int | None = None, sliding: bool = False) -> list[float]:
+    """Per-frequency inverse wavelengths [head_dim // 2], with HF's linear / llama3 / longrope
+    scaling applied. sliding: a sliding-window layer's, which with rope_local_base_freq (Gemma 3)
+    is plain RoPE at that theta. longrope (Phi-3): HF switches from the short to the long factors
+    once a sequence is longer than original_max_position_embeddings; with static shapes the
+    choice is made once, from max_len, the longest sequence the engine holds: long factors if
+    max_len exceeds it, else short (also for max_len None, HF's choice before any sequence)."""
     hd = cfg.head_dim
-    inv = [1.0 / cfg.rope_theta ** (2 * i / hd) for i in range(hd // 2)]
-    rs = cfg.rope_scaling
+    local = sliding and cfg.rope_local_base_freq is not None
+    theta = cfg.rope_local_base_freq if local else cfg.rope_theta
+    inv = [1.0 / theta ** (2 * i / hd) for i in range(hd // 2)]
+    rs = None if local else cfg.rope_scaling
     if rs is None:
         return inv
     if rs.kind == "linear":
         return [f / rs.factor for f in inv]
+    if rs.kind == "longrope":
+        long = max_len is not None and max_len > rs.original_max_position_embeddings
+        return [f / s for f, s in zip(inv, rs.long_factor if long else rs.short_factor)]
     low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
     high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
     out = []
@@ -331,3 +511,11 @@ def rope_inv_freq(cfg: ModelConfig) -> list[float]:
                 rs.high_freq_factor - rs.low_freq_factor)
             out.append((1 - smooth) * f / rs.factor + smooth * f)
     return out
+
+
+def rope_attention_factor(cfg: ModelConfig, sliding: bool = False) -> float:
+    """What HF multiplies RoPE's cos and sin by (so q.k by its square): longrope's attention
+    factor, else 1."""
+    rs = cfg.rope_scaling
+    local = sliding and cfg.rope_local_base_freq is not None
+    return rs.attention_factor if rs is not None and rs.kind == "longrope" and not local else 1.0

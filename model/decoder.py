@@ -9,6 +9,11 @@ the platform's hot path (model/platform.py):
 - CPU: a per-layer weight is one array per layer, run as an unrolled Python loop, over a cache in
   per-layer chunks: slicing a layer out of stacked weights copies it on XLA:CPU at every step,
   doubling the memory traffic that bounds decoding.
+What differs between architectures is declared once, as ModelConfig fields (model/config.py's
+FAMILIES says which architecture sets which), and read here: q/k norms, norms after attention and
+MLP, the attention scale and soft-caps, and per-layer windows and RoPE. A per-layer value is a
+Python value on the CPU path and, where layers differ, a lookup by the scan's layer index on the
+stacked path.
 Dimension letters in einsums: b batch, t query positions, s key positions, d model width, n query
 heads, k kv heads, g query heads per kv head, h head dim, f MLP width, v vocabulary, l layers.
 """
@@ -25,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model import ragged_attention as ragged
-from model.config import ModelConfig, rope_inv_freq
+from model.config import ModelConfig, rope_attention_factor, rope_inv_freq
 from model.kv_cache import STACKED_AXES, KVCache, StackedKVCache
 from model.platform import HotPath, hot_path
 from model.quantize import CONTRACTED, QArray
@@ -61,6 +66,12 @@ def param_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
         "w_down": layer((F, D), ("ffw", "embed")),
         "final_norm": ParamSpec((D,), ("embed",), norm_init),
     }
+    if cfg.qk_norm:
+        specs["q_norm"] = layer((H,), ("head_dim",), norm_init)
+        specs["k_norm"] = layer((H,), ("head_dim",), norm_init)
+    if cfg.post_norms:
+        specs["post_attn_norm"] = layer((D,), ("embed",), norm_init)
+        specs["post_mlp_norm"] = layer((D,), ("embed",), norm_init)
     if cfg.qkv_bias:
         specs["bq"] = layer((N, H), ("q_heads", "head_dim"), "zeros")
         specs["bk"] = layer((K, H), ("kv_heads", "head_dim"), "zeros")
@@ -148,22 +159,26 @@ def rms_norm(x: Array, w: Array, eps: float, offset: float = 0.0) -> Array:
     return (y * (offset + w.astype(jnp.float32))).astype(x.dtype)
 
 
-def rope(x_btnh: Array, positions_bt: Array, inv_freq_h: Array) -> Array:
-    """Rotary embedding in HF's rotate-half layout (first and second halves of head_dim pair up)."""
+def rope(x_btnh: Array, positions_bt: Array, inv_freq_h: Array, factor: float | Array = 1.0) -> Array:
+    """Rotary embedding in HF's rotate-half layout (first and second halves of head_dim pair up);
+    cos and sin times `factor` (LongRoPE's attention factor)."""
     angles = positions_bt[:, :, None].astype(jnp.float32) * inv_freq_h[None, None, :]  # [b, t, h/2]
-    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+    cos, sin = jnp.cos(angles)[:, :, None, :] * factor, jnp.sin(angles)[:, :, None, :] * factor
     x1, x2 = jnp.split(x_btnh.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_btnh.dtype)
 
 
 def attention(q_btnh: Array, k_bkhs: Array | Sequence[Array], v_bksh: Array | Sequence[Array], mask_bts: Array,
-              k_scale_bks: Sequence[Array] | None = None, v_scale_bks: Sequence[Array] | None = None) -> Array:
+              k_scale_bks: Sequence[Array] | None = None, v_scale_bks: Sequence[Array] | None = None,
+              scale: float | None = None, softcap: float | None = None) -> Array:
     """Grouped-query attention: each kv head serves num_heads // num_kv_heads query heads.
 
     Keys and values come in the cache's layouts (see kv_cache.py), which the two matmuls read
     without a transpose: one array each, or lists of chunks along the positions (the cache's
     split); mask_bts covers the chunks' concatenation. The softmax runs over all chunks at once.
     With an int8 cache, the key scales multiply the scores and the value scales the weights.
+    Scores are q.k times `scale` (default head_dim ** -0.5), then soft-capped to
+    softcap * tanh(scores / softcap) if `softcap` is set (Gemma 2).
     """
     ks, vs = _as_chunks(k_bkhs), _as_chunks(v_bksh)
     k_scales, v_scales = _as_chunks(k_scale_bks), _as_chunks(v_scale_bks)
@@ -172,14 +187,15 @@ def attention(q_btnh: Array, k_bkhs: Array | Sequence[Array], v_bksh: Array | Se
     q = q_btnh.reshape(b, t, k, n // k, h)
     if b * t == 1 and len(ks) == 1:  # one sequence, one token, one chunk: see _attention_one
         pick = lambda xs: xs[0] if xs else None  # noqa: E731
-        return _attention_one(q, ks[0], vs[0], mask_bts, pick(k_scales), pick(v_scales)).astype(q_btnh.dtype)
+        return _attention_one(q, ks[0], vs[0], mask_bts, pick(k_scales), pick(v_scales), scale,
+                              softcap).astype(q_btnh.dtype)
     per_key = lambda s: s[:, :, None, None, :]  # noqa: E731  [b, k, s] -> [b, k, 1, 1, s]
     scores = []
     for c, kc in enumerate(ks):
         sc = jnp.einsum("btkgh,bkhs->bktgs", q, kc.astype(q.dtype), preferred_element_type=jnp.float32)
         scores.append(sc * per_key(k_scales[c]) if k_scales else sc)
     scores = jnp.concatenate(scores, axis=-1) if len(scores) > 1 else scores[0]
-    scores = jnp.where(mask_bts[:, None, :, None, :], scores * h ** -0.5, jnp.finfo(jnp.float32).min)
+    scores = jnp.where(mask_bts[:, None, :, None, :], _scale(scores, h, scale, softcap), jnp.finfo(jnp.float32).min)
     probs = _split(jax.nn.softmax(scores, axis=-1), vs)
     out = 0.0
     for c, (pc, vc) in enumerate(zip(probs, vs)):
@@ -192,7 +208,7 @@ def attention(q_btnh: Array, k_bkhs: Array | Sequence[Array], v_bksh: Array | Se
     return out.transpose(0, 2, 1, 3, 4).reshape(b, t, n, h).astype(q_btnh.dtype)
 
 
-def _attention_one(q_btkgh, k_bkhs, v_bksh, mask_bts, k_scale_bks, v_scale_bks) -> Array:
+def _attention_one(q_btkgh, k_bkhs, v_bksh, mask_bts, k_scale_bks, v_scale_bks, scale, softcap) -> Array:
     """`attention` for a single row and token over a single chunk, as multiply-and-reduce
     instead of matmuls: with a batch of one, XLA:CPU copies a cache buffer that a matmul reads
     after the step's in-place write (measured: 5 of a 12 ms step for a 26M model at max_len
@@ -203,12 +219,17 @@ def _attention_one(q_btkgh, k_bkhs, v_bksh, mask_bts, k_scale_bks, v_scale_bks) 
     scores = jnp.sum(q[..., None] * k_bkhs[:, :, None].astype(jnp.float32), axis=-2)  # [b, k, g, s]
     if k_scale_bks is not None:
         scores = scores * k_scale_bks[:, :, None, :]
-    scores = jnp.where(mask_bts[:, 0][:, None, None, :], scores * h ** -0.5, jnp.finfo(jnp.float32).min)
+    scores = jnp.where(mask_bts[:, 0][:, None, None, :], _scale(scores, h, scale, softcap), jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
     if v_scale_bks is not None:
         probs = probs * v_scale_bks[:, :, None, :]
     out = jnp.sum(probs[..., None] * v_bksh[:, :, None].astype(jnp.float32), axis=-2)  # [b, k, g, h]
     return out.reshape(1, 1, -1, h)
+
+
+def _scale(scores: Array, head_dim: int, scale: float | None, softcap: float | None) -> Array:
+    scores = scores * (head_dim ** -0.5 if scale is None else scale)
+    return scores if softcap is None else jnp.tanh(scores / softcap) * softcap
 
 
 def _as_chunks(x: Array | Sequence[Array] | None) -> list[Array]:
@@ -228,8 +249,9 @@ def to_cache_layout(k_btkh: Array, v_btkh: Array) -> tuple[Array, Array]:
     return k_btkh.transpose(0, 2, 3, 1), v_btkh.transpose(0, 2, 1, 3)
 
 
-def attention_mask(q_pos_bt: Array, k_pos_s: Array, window: int | None) -> Array:
-    """[b, t, s]: a query sees keys at or before its position (and within the sliding window)."""
+def attention_mask(q_pos_bt: Array, k_pos_s: Array, window: int | Array | None) -> Array:
+    """[b, t, s]: a query sees keys at or before its position (and within the sliding window:
+    an int, or a traced scalar, ragged.NO_WINDOW for none)."""
     q, k = q_pos_bt[:, :, None], k_pos_s[None, None, :]
     mask = k <= q
     if window is not None:
@@ -262,16 +284,19 @@ class Decoder(nnx.Module):
     """The decoder's weights (nnx.Param, named as in `param_specs`) and its forward passes."""
 
     def __init__(self, cfg: ModelConfig, params: dict[str, Array], mesh: jax.sharding.Mesh | None = None,
-                 path: HotPath | None = None):
+                 path: HotPath | None = None, max_len: int | None = None):
         """params: the params format, with per-layer weights as lists (the CPU path) or stacked
-        [layers, ...] arrays (the stacked path, see stack_layers)."""
+        [layers, ...] arrays (the stacked path, see stack_layers). max_len: the longest sequence
+        it will run (LongRoPE picks its factors by it; see config.rope_inv_freq)."""
         specs = param_specs(cfg)
         if set(params) != set(specs):
             raise ValueError(f"weights {sorted(set(params) ^ set(specs))} missing or unexpected")
         self.cfg = cfg
         self.mesh = mesh
         self.path = path or hot_path("cpu")
-        self.inv_freq = tuple(rope_inv_freq(cfg))
+        sliding = [cfg.is_sliding(i) for i in range(cfg.num_layers)]
+        self.inv_freq = tuple(tuple(rope_inv_freq(cfg, max_len, s)) for s in sliding)  # [layers][head_dim / 2]
+        self.rope_factor = tuple(rope_attention_factor(cfg, s) for s in sliding)
         for name, value in params.items():
             spec = specs[name]
             stacked = spec.per_layer and self.path.stacked_weights
@@ -319,27 +344,55 @@ class Decoder(nnx.Module):
 
     def head(self, x_btd: Array) -> Array:
         """Final norm and vocabulary projection; float32 logits [b, t, v]."""
-        x = rms_norm(x_btd, self.weight("final_norm"), self.cfg.rms_norm_eps, self.cfg.norm_weight_offset)
+        x = self._norm(x_btd, self.weight("final_norm"))
         if self.cfg.tie_word_embeddings:
-            return linear("btd,vd->btv", x, self.weight("embed"), preferred_element_type=jnp.float32)
-        return linear("btd,dv->btv", x, self.weight("lm_head"), preferred_element_type=jnp.float32)
+            logits = linear("btd,vd->btv", x, self.weight("embed"), preferred_element_type=jnp.float32)
+        else:
+            logits = linear("btd,dv->btv", x, self.weight("lm_head"), preferred_element_type=jnp.float32)
+        cap = self.cfg.final_logit_softcapping
+        return logits if cap is None else jnp.tanh(logits / cap) * cap
+
+    def _window(self, layer: int | Array) -> int | Array | None:
+        """The layer's attention window: a Python value, or where layers differ and `layer` is
+        the scan's traced index, a traced one (ragged.NO_WINDOW for none)."""
+        windows = self.cfg.layer_windows
+        if isinstance(layer, int) or len(set(windows)) == 1:
+            return windows[layer if isinstance(layer, int) else 0]
+        return jnp.asarray([ragged.NO_WINDOW if w is None else w for w in windows], jnp.int32)[layer]
+
+    def _rope(self, layer: int | Array) -> tuple[Array, float | Array]:
+        """The layer's RoPE inverse frequencies [head_dim / 2] and cos/sin factor."""
+        if isinstance(layer, int) or len(set(zip(self.inv_freq, self.rope_factor))) == 1:
+            i = layer if isinstance(layer, int) else 0
+            return jnp.asarray(self.inv_freq[i], jnp.float32), self.rope_factor[i]
+        return jnp.asarray(self.inv_freq, jnp.float32)[layer], jnp.asarray(self.rope_factor, jnp.float32)[layer]
+
+    def _norm(self, x: Array, w: Array) -> Array:
+        return rms_norm(x, w, self.cfg.rms_norm_eps, self.cfg.norm_weight_offset)
+
+    def _scores(self) -> dict[str, float | None]:
+        """How attention scales and caps its scores (attention's and the kernel's scale, softcap)."""
+        return dict(scale=self.cfg.attn_scale, softcap=self.cfg.attn_logit_softcapping)
 
     def _block(self, x: Array, w: dict[str, Array], positions_bt: Array, attend: AttendFn,
-               layer: int, carry: KVCache | None) -> tuple[Array, KVCache | None]:
+               layer: int | Array, carry: KVCache | None) -> tuple[Array, KVCache | None]:
         cfg = self.cfg
-        h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps, cfg.norm_weight_offset)
+        h = self._norm(x, w["attn_norm"])
         q = linear("btd,dnh->btnh", h, w["wq"])
         k = linear("btd,dkh->btkh", h, w["wk"])
         v = linear("btd,dkh->btkh", h, w["wv"])
         if cfg.qkv_bias:
             q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
-        inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
-        q, k = rope(q, positions_bt, inv_freq), rope(k, positions_bt, inv_freq)
+        if cfg.qk_norm:  # per head, over head_dim
+            q, k = self._norm(q, w["q_norm"]), self._norm(k, w["k_norm"])
+        inv_freq, factor = self._rope(layer)
+        q, k = rope(q, positions_bt, inv_freq, factor), rope(k, positions_bt, inv_freq, factor)
         out, carry = attend(layer, q, k, v, carry)
         b, t = out.shape[:2]  # heads and head_dim merged: the matmul then reads wo as stored
-        x = x + linear("btx,xd->btd", out.reshape(b, t, -1), _merge_leading(w["wo"], 2))
-        h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps, cfg.norm_weight_offset)
-        x = x + gated_mlp(h, w["w_gate"], w["w_up"], w["w_down"], cfg.activation)
+        out = linear("btx,xd->btd", out.reshape(b, t, -1), _merge_leading(w["wo"], 2))
+        x = x + (self._norm(out, w["post_attn_norm"]) if cfg.post_norms else out)
+        out = gated_mlp(self._norm(x, w["mlp_norm"]), w["w_gate"], w["w_up"], w["w_down"], cfg.activation)
+        x = x + (self._norm(out, w["post_mlp_norm"]) if cfg.post_norms else out)
         return constrain(x, ("batch", "seq", "embed"), self.mesh), carry
 
     def _run_layers(self, x: Array, positions_bt: Array, attend: AttendFn, carry: Any):
@@ -357,10 +410,9 @@ class Decoder(nnx.Module):
 
     def forward(self, tokens_bt: Array, positions_bt: Array) -> Array:
         """Causal forward over whole sequences, no cache: hidden states [b, t, d]."""
-        mask = attention_mask(positions_bt, jnp.arange(tokens_bt.shape[1]), self.cfg.sliding_window)
-
         def attend(layer, q, k, v, cache):
-            return attention(q, *to_cache_layout(k, v), mask), cache
+            mask = attention_mask(positions_bt, jnp.arange(tokens_bt.shape[1]), self._window(layer))
+            return attention(q, *to_cache_layout(k, v), mask, **self._scores()), cache
 
         return self._run_layers(self.embed_tokens(tokens_bt), positions_bt, attend, None)[0]
 
@@ -377,13 +429,12 @@ class Decoder(nnx.Module):
                 cache = cache.write(layer, slots_b, positions_bt, k, v)
                 return self._cache_attention(q, cache, layer, slots_b, starts_b, rows_on_data=False), cache
             return self._run_layers(self.embed_tokens(tokens_bt), positions_bt, attend, cache)
-        mask = attention_mask(positions_bt, jnp.arange(cache.max_len), self.cfg.sliding_window)
-
         def attend(layer, q, k, v, cache):
             cache = cache.write(layer, slots_b, positions_bt, k, v)
             rows = [None if x is None else [jnp.take(c, slots_b, axis=0, mode="clip") for c in x]
                     for x in cache.layer(layer)]
-            return attention(q, rows[0], rows[1], mask, rows[2], rows[3]), cache
+            mask = attention_mask(positions_bt, jnp.arange(cache.max_len), self._window(layer))
+            return attention(q, rows[0], rows[1], mask, rows[2], rows[3], **self._scores()), cache
 
         return self._run_layers(self.embed_tokens(tokens_bt), positions_bt, attend, cache)
 
@@ -406,12 +457,13 @@ class Decoder(nnx.Module):
                 return self._cache_attention(q, cache, layer, rows, positions_b, rows_on_data=True), cache
             x, cache = self._run_layers(self.embed_tokens(tokens_b[:, None]), positions_bt, attend, cache)
             return self.head(x)[:, 0], cache
-        mask = attention_mask(positions_bt, jnp.arange(span), self.cfg.sliding_window)
         rows = jnp.arange(b)
 
         def attend(layer, q, k, v, cache):
             cache = cache.write(layer, rows, positions_bt, k, v, chunks)
-            return attention(q, *cache.layer(layer, chunks)[:2], mask, *cache.layer(layer, chunks)[2:]), cache
+            mask = attention_mask(positions_bt, jnp.arange(span), self._window(layer))
+            return attention(q, *cache.layer(layer, chunks)[:2], mask, *cache.layer(layer, chunks)[2:],
+                             **self._scores()), cache
 
         x, cache = self._run_layers(self.embed_tokens(tokens_b[:, None]), positions_bt, attend, cache)
         return self.head(x)[:, 0], cache
@@ -424,7 +476,9 @@ class Decoder(nnx.Module):
         kv heads are; rows over "data" when rows_on_data (decode: row i is slot i), else every
         device of a "data" row sees all rows, attends those whose slot it holds, and the "data"
         devices' outputs are summed."""
-        kw = dict(k_scale=cache.k_scale, v_scale=cache.v_scale, window=self.cfg.sliding_window)
+        window = self._window(layer)
+        traced = isinstance(window, jax.Array)  # layers differ: the scan's value, passed as an operand
+        kw = dict(k_scale=cache.k_scale, v_scale=cache.v_scale, window=window, **self._scores())
         if self.path.attention == "pallas":
             block_q, block_k = ragged.default_blocks(q_btnh.shape[1], cache.max_len)
             fn = functools.partial(ragged.ragged_attention, interpret=self.path.interpret, block_q=block_q,
@@ -441,14 +495,16 @@ class Decoder(nnx.Module):
         local_slots = cache.k.shape[1] // (self.mesh.shape[DATA] if slots_split else 1)
         scale_spec = P(None, cache_spec[1], cache_spec[2], None, None)
 
-        def local(q, k, v, layer, slots, starts, k_scale, v_scale):
+        def local(q, k, v, layer, slots, starts, k_scale, v_scale, layer_window):
             offset = jax.lax.axis_index(DATA) * local_slots if slots_split else 0
-            out = fn(q, k, v, layer, slots - offset, starts, k_scale=k_scale, v_scale=v_scale, window=kw["window"])
+            out = fn(q, k, v, layer, slots - offset, starts, k_scale=k_scale, v_scale=v_scale,
+                     window=layer_window if traced else window, **self._scores())
             return jax.lax.psum(out, DATA) if slots_split and rows is None else out
 
         scales = None if cache.k_scale is None else scale_spec
         return jax.shard_map(
             local, mesh=self.mesh,
-            in_specs=(P(rows, None, heads, None), P(*cache_spec), P(*cache_spec), P(), P(rows), P(rows), scales, scales),
+            in_specs=(P(rows, None, heads, None), P(*cache_spec), P(*cache_spec), P(), P(rows), P(rows), scales, scales,
+                      P() if traced else None),
             out_specs=P(rows, None, heads, None), check_vma=False,
-        )(q_btnh, cache.k, cache.v, layer, slots_b, starts_b, cache.k_scale, cache.v_scale)
+        )(q_btnh, cache.k, cache.v, layer, slots_b, starts_b, cache.k_scale, cache.v_scale, window if traced else None)

@@ -130,7 +130,7 @@ class Engine:
         # Weights given as ShapeDtypeStructs (Engine.abstract) make the cache and slot state
         # abstract too: the engine then lowers and compiles its functions but cannot run them.
         self.abstract = all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params))
-        self.graphdef, self.params = nnx.split(Decoder(cfg, params, mesh, self.path))
+        self.graphdef, self.params = nnx.split(Decoder(cfg, params, mesh, self.path, self.max_len))
         new_cache = cache_cls.abstract if self.abstract else cache_cls.create
         int8 = config.kv_cache_dtype == "int8"
         self.cache = new_cache(cfg, self.max_slots, self.max_len, self.dtype, mesh, int8=int8)

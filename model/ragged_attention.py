@@ -18,6 +18,10 @@ the kernel's (1, block_k) scale block legal for Mosaic (the last two block dims 
 contiguous: no bytes beyond the ones needed. (With [L, S, K, T], XLA tiles T(K,128) and a block
 must span all K heads, reading K times the scales needed.) Key scales multiply the scores, value
 scales the probabilities, so no dequantized block is built.
+
+Per-layer differences: the window may be a traced scalar (a scan over layers whose windows
+differ, as Gemma 2's alternate), prefetched like the layer; NO_WINDOW stands for none. The score
+scale and Gemma 2's tanh soft-cap of the scores are static.
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ from jax.experimental.pallas import tpu as pltpu
 # Default block sizes for v5e with head_dim 128: a 512-position k/v block pair is 256 KiB of
 # bfloat16, about the per-grid-step overhead in HBM time; prefill's score tile stays in scoped VMEM.
 BLOCK_K, BLOCK_Q = 512, 256
+
+# A traced window that masks nothing: every earlier position lies within it.
+NO_WINDOW = 1 << 30
 
 
 def default_blocks(t: int, max_len: int) -> tuple[int, int]:
@@ -88,8 +95,8 @@ def blocks_fetched(starts, t: int, *, window: int | None, block_k: int, block_q:
     return 1 + int(np.sum((blocks[1:] != blocks[:-1]) | (slot[1:] != slot[:-1])))
 
 
-def _kernel(layer_ref, slots_ref, starts_ref, fetch_ref, first_ref, last_ref, q_ref, k_ref, v_ref,
-            *refs, group, block_q, block_k, num_q_blocks, num_slots, window, int8):
+def _kernel(layer_ref, slots_ref, starts_ref, fetch_ref, first_ref, last_ref, window_ref, q_ref, k_ref, v_ref,
+            *refs, group, block_q, block_k, num_q_blocks, num_slots, windowed, scale, softcap, int8):
     """One (kv head, row, q block, k block) step: q [group * block_q, h] (rows are positions x
     heads), k and v [block_k, h]. Flash-style online softmax in float32 scratch."""
     ks_ref, vs_ref = refs[:2] if int8 else (None, None)
@@ -111,15 +118,17 @@ def _kernel(layer_ref, slots_ref, starts_ref, fetch_ref, first_ref, last_ref, q_
         q = q_ref[...]
         k = k_ref[...].astype(q.dtype)  # int8 -> compute dtype: exact for |x| <= 127
         s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        s = s * q.shape[-1] ** -0.5
+        s = s * scale
         if int8:
             s = s * ks_ref[...]  # [1, block_k]: one scale per key
+        if softcap is not None:
+            s = jnp.tanh(s / softcap) * softcap
         shape = s.shape
         q_pos = starts_ref[i] + qb * block_q + lax.div(lax.broadcasted_iota(jnp.int32, shape, 0), group)
         k_pos = kb * block_k + lax.broadcasted_iota(jnp.int32, shape, 1)
         mask = k_pos <= q_pos
-        if window is not None:
-            mask &= k_pos > q_pos - window
+        if windowed:
+            mask &= k_pos > q_pos - window_ref[0]
         s = jnp.where(mask, s, -jnp.inf)  # also drops any NaN a stale cache entry left in s
         m_prev = m_ref[...]
         m_new = jnp.maximum(m_prev, s.max(axis=-1, keepdims=True))
@@ -141,14 +150,17 @@ def _kernel(layer_ref, slots_ref, starts_ref, fetch_ref, first_ref, last_ref, q_
 
 def ragged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer, slots: jax.Array,
                      starts: jax.Array, *, k_scale: jax.Array | None = None, v_scale: jax.Array | None = None,
-                     window: int | None = None, block_k: int = BLOCK_K, block_q: int = BLOCK_Q,
+                     window: int | jax.Array | None = None, scale: float | None = None, softcap: float | None = None,
+                     block_k: int = BLOCK_K, block_q: int = BLOCK_Q,
                      interpret: bool | pltpu.InterpretParams = False) -> jax.Array:
     """Causal GQA attention of q [b, t, n, h] (row i at positions starts[i] + [0, t)) over layer
     `layer` of the stacked cache k_cache, v_cache [L, S, K, T, h], slot slots[i]; -> [b, t, n, h]
     in q.dtype. int8 caches come with k_scale, v_scale float32 [L, S, K, 1, T]. `layer` may be
     traced. Rows whose slot is outside [0, S) are padding: zeros, no fetch. Queries that see no
-    key (past T with a window) give zeros. `interpret`: True, or pltpu.InterpretParams(), runs
-    the kernel on CPU.
+    key (past T with a window) give zeros. `window`: None, an int, or a traced int32 scalar
+    (NO_WINDOW: none). `scale` multiplies q.k (default head_dim ** -0.5); `softcap` then maps
+    scores to softcap * tanh(scores / softcap) (Gemma 2). `interpret`: True, or
+    pltpu.InterpretParams(), runs the kernel on CPU.
 
     The cost estimate counts flops and exps for the keys a query sees (decode: all of T, an upper
     bound; prefill: a causal prompt from position 0) and only q and output bytes: the cache bytes
@@ -166,12 +178,14 @@ def ragged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer
     block_q, block_k = _block_sizes(t, T, block_q, block_k)
     nq, rows = t // block_q, block_q * group
     slots, starts = jnp.asarray(slots, jnp.int32), jnp.asarray(starts, jnp.int32)
+    win = None if window is None else jnp.asarray(window, jnp.int32)
     fetch_slot, first, last = _live_blocks(jnp, slots, starts, t=t, block_q=block_q, block_k=block_k,
-                                           max_len=T, num_slots=S, window=window)
+                                           max_len=T, num_slots=S, window=win)
     prefetch = (jnp.asarray(layer, jnp.int32).reshape(1), slots, starts, fetch_slot.astype(jnp.int32),
-                first.reshape(-1).astype(jnp.int32), last.reshape(-1).astype(jnp.int32))
+                first.reshape(-1).astype(jnp.int32), last.reshape(-1).astype(jnp.int32),
+                jnp.full((1,), NO_WINDOW, jnp.int32) if win is None else win.reshape(1))
 
-    def kv_block(kh, i, qb, kb, layer_ref, slots_ref, starts_ref, fetch_ref, first_ref, last_ref):
+    def kv_block(kh, i, qb, kb, layer_ref, slots_ref, starts_ref, fetch_ref, first_ref, last_ref, window_ref):
         j = i * nq + qb
         return layer_ref[0], fetch_ref[i], kh, jnp.minimum(jnp.maximum(kb, first_ref[j]), last_ref[j])
 
@@ -188,10 +202,12 @@ def ragged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer
 
     q_bkrh = q.reshape(b, t, K, group, h).transpose(0, 2, 1, 3, 4).reshape(b, K, t * group, h)
     # keys each query sees, summed: a decode row may see all of T; a prefill is costed as a prompt
-    # from position 0 (causal), since the starts are only known at run time
-    seen = [min(T, j + 1, window or T) for j in range(t)] if t > 1 else [min(T, window or T)]
+    # from position 0 (causal), since the starts are only known at run time; a traced window as none
+    static_window = window if isinstance(window, int) else T
+    seen = [min(T, j + 1, static_window) for j in range(t)] if t > 1 else [min(T, static_window)]
     kernel = functools.partial(_kernel, group=group, block_q=block_q, block_k=block_k, num_q_blocks=nq,
-                               num_slots=S, window=window, int8=int8)
+                               num_slots=S, windowed=window is not None, scale=h ** -0.5 if scale is None else scale,
+                               softcap=softcap, int8=int8)
     out = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -203,7 +219,8 @@ def ragged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer
                             pltpu.VMEM((rows, h), jnp.float32)]),
         out_shape=jax.ShapeDtypeStruct(q_bkrh.shape, q.dtype),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-        cost_estimate=pl.CostEstimate(flops=4 * b * n * h * sum(seen), transcendentals=b * n * sum(seen),
+        cost_estimate=pl.CostEstimate(flops=4 * b * n * h * sum(seen),
+                                      transcendentals=(1 if softcap is None else 2) * b * n * sum(seen),
                                       bytes_accessed=2 * q.size * q.dtype.itemsize),
         interpret=interpret,
     )(*prefetch, q_bkrh, *operands)
@@ -212,9 +229,10 @@ def ragged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer
 
 def reference_ragged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer, slots: jax.Array,
                                starts: jax.Array, *, k_scale: jax.Array | None = None,
-                               v_scale: jax.Array | None = None, window: int | None = None) -> jax.Array:
+                               v_scale: jax.Array | None = None, window: int | jax.Array | None = None,
+                               scale: float | None = None, softcap: float | None = None) -> jax.Array:
     """`ragged_attention` in plain jnp (gather each row's slot, dequantize, mask, softmax): the
-    numerical reference. Same shapes and scale layout."""
+    numerical reference. Same shapes, scale layout and options."""
     b, t, n, h = q.shape
     _, S, K, T, _ = k_cache.shape
     live = (slots >= 0) & (slots < S)
@@ -225,7 +243,9 @@ def reference_ragged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Ar
         v = v * v_scale[layer, slot][:, :, 0, :, None]
     q_btkgh = q.reshape(b, t, K, n // K, h).astype(jnp.float32)
     hi = lax.Precision.HIGHEST
-    s = jnp.einsum("btkgh,bksh->btkgs", q_btkgh, k, precision=hi) * h ** -0.5
+    s = jnp.einsum("btkgh,bksh->btkgs", q_btkgh, k, precision=hi) * (h ** -0.5 if scale is None else scale)
+    if softcap is not None:
+        s = jnp.tanh(s / softcap) * softcap
     q_pos = starts[:, None] + jnp.arange(t)  # [b, t]
     k_pos = jnp.arange(T)
     mask = (k_pos <= q_pos[..., None]) & live[:, None, None]  # [b, t, T]

@@ -9,6 +9,7 @@ sits in host memory whole, and pickle-based formats are never opened.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import struct
@@ -28,39 +29,89 @@ _DTYPES = {
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
 
-# Our weight name -> (HF tensor name, whether HF stores it as [out, in] and we as [in, out]).
-# {i} is the layer index. Shapes are checked against `hf_shape` below.
-HF_NAMES: dict[str, tuple[str, bool]] = {
-    "embed": ("model.embed_tokens.weight", False),
-    "final_norm": ("model.norm.weight", False),
-    "lm_head": ("lm_head.weight", True),
-    "attn_norm": ("model.layers.{i}.input_layernorm.weight", False),
-    "mlp_norm": ("model.layers.{i}.post_attention_layernorm.weight", False),
-    "wq": ("model.layers.{i}.self_attn.q_proj.weight", True),
-    "wk": ("model.layers.{i}.self_attn.k_proj.weight", True),
-    "wv": ("model.layers.{i}.self_attn.v_proj.weight", True),
-    "wo": ("model.layers.{i}.self_attn.o_proj.weight", True),
-    "bq": ("model.layers.{i}.self_attn.q_proj.bias", False),
-    "bk": ("model.layers.{i}.self_attn.k_proj.bias", False),
-    "bv": ("model.layers.{i}.self_attn.v_proj.bias", False),
-    "w_gate": ("model.layers.{i}.mlp.gate_proj.weight", True),
-    "w_up": ("model.layers.{i}.mlp.up_proj.weight", True),
-    "w_down": ("model.layers.{i}.mlp.down_proj.weight", True),
+@dataclasses.dataclass(frozen=True)
+class HFTensor:
+    """Where one of our weights lives in a HF checkpoint."""
+
+    name: str  # {i} is the layer index
+    transposed: bool = False  # HF stores it [out, in], we [in, out]
+    packed: tuple[str, ...] = ()  # fused in HF: these weights of ours, stacked along HF's first dim in order
+
+
+# Our weight name -> its HF tensor, in the Llama layout most architectures share. Shapes are
+# checked against `hf_shape` below.
+HF_NAMES: dict[str, HFTensor] = {
+    "embed": HFTensor("model.embed_tokens.weight"),
+    "final_norm": HFTensor("model.norm.weight"),
+    "lm_head": HFTensor("lm_head.weight", True),
+    "attn_norm": HFTensor("model.layers.{i}.input_layernorm.weight"),
+    "mlp_norm": HFTensor("model.layers.{i}.post_attention_layernorm.weight"),
+    "wq": HFTensor("model.layers.{i}.self_attn.q_proj.weight", True),
+    "wk": HFTensor("model.layers.{i}.self_attn.k_proj.weight", True),
+    "wv": HFTensor("model.layers.{i}.self_attn.v_proj.weight", True),
+    "wo": HFTensor("model.layers.{i}.self_attn.o_proj.weight", True),
+    "bq": HFTensor("model.layers.{i}.self_attn.q_proj.bias"),
+    "bk": HFTensor("model.layers.{i}.self_attn.k_proj.bias"),
+    "bv": HFTensor("model.layers.{i}.self_attn.v_proj.bias"),
+    "q_norm": HFTensor("model.layers.{i}.self_attn.q_norm.weight"),
+    "k_norm": HFTensor("model.layers.{i}.self_attn.k_norm.weight"),
+    "w_gate": HFTensor("model.layers.{i}.mlp.gate_proj.weight", True),
+    "w_up": HFTensor("model.layers.{i}.mlp.up_proj.weight", True),
+    "w_down": HFTensor("model.layers.{i}.mlp.down_proj.weight", True),
+}
+
+# Gemma 2 and 3 name their four norms per layer differently: their post_attention_layernorm
+# follows attention (Llama's precedes the MLP).
+_GEMMA2_NAMES = {
+    "mlp_norm": HFTensor("model.layers.{i}.pre_feedforward_layernorm.weight"),
+    "post_attn_norm": HFTensor("model.layers.{i}.post_attention_layernorm.weight"),
+    "post_mlp_norm": HFTensor("model.layers.{i}.post_feedforward_layernorm.weight"),
+}
+_QKV, _GATE_UP = ("wq", "wk", "wv"), ("w_gate", "w_up")
+# Architectures whose checkpoints name or pack tensors otherwise: these entries replace HF_NAMES'.
+LAYOUTS: dict[str, dict[str, HFTensor]] = {
+    "Gemma2ForCausalLM": _GEMMA2_NAMES,
+    "Gemma3ForCausalLM": _GEMMA2_NAMES,
+    "Phi3ForCausalLM": {  # fused q/k/v and gate/up projections, split on load
+        **{n: HFTensor("model.layers.{i}.self_attn.qkv_proj.weight", True, _QKV) for n in _QKV},
+        **{n: HFTensor("model.layers.{i}.mlp.gate_up_proj.weight", True, _GATE_UP) for n in _GATE_UP},
+    },
 }
 
 # Buffers some exporters write that are not weights.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
+def hf_names(cfg: ModelConfig) -> dict[str, HFTensor]:
+    """Our weight name -> its HF tensor, for cfg's architecture."""
+    return {**HF_NAMES, **LAYOUTS.get(cfg.architecture, {})}
+
+
 def hf_shape(name: str, cfg: ModelConfig) -> tuple[int, ...]:
-    """The shape HF stores one layer's (or a global) tensor in."""
-    D, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    """The shape HF stores one layer's (or a global) tensor in; of a packed weight, its part."""
+    D, F, V, H = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     return {
         "embed": (V, D), "final_norm": (D,), "lm_head": (V, D), "attn_norm": (D,), "mlp_norm": (D,),
+        "post_attn_norm": (D,), "post_mlp_norm": (D,), "q_norm": (H,), "k_norm": (H,),
         "wq": (q, D), "wk": (kv, D), "wv": (kv, D), "wo": (D, q), "bq": (q,), "bk": (kv,), "bv": (kv,),
         "w_gate": (F, D), "w_up": (F, D), "w_down": (D, F),
     }[name]
+
+
+def _stored_shape(tensor: HFTensor, name: str, cfg: ModelConfig) -> tuple[int, ...]:
+    """The checkpoint tensor's whole shape (all parts of a packed one)."""
+    if not tensor.packed:
+        return hf_shape(name, cfg)
+    return (sum(hf_shape(p, cfg)[0] for p in tensor.packed), *hf_shape(name, cfg)[1:])
+
+
+def _rows_of(tensor: HFTensor, name: str, cfg: ModelConfig) -> tuple[int, int] | None:
+    """The rows [start, stop) of the stored tensor that hold weight `name` (None: all)."""
+    if not tensor.packed:
+        return None
+    start = sum(hf_shape(p, cfg)[0] for p in tensor.packed[:tensor.packed.index(name)])
+    return start, start + hf_shape(name, cfg)[0]
 
 
 def _join(path: str, name: str) -> str:
@@ -101,7 +152,8 @@ class SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.header[name]["shape"])
 
-    def read(self, name: str) -> np.ndarray:
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """The tensor, or only its rows [start, stop) along the first dim (read as one byte range)."""
         meta = self.header[name]
         if meta["dtype"] not in _DTYPES:
             raise ValueError(f"{self.url}: tensor {name!r} has dtype {meta['dtype']}; "
@@ -113,9 +165,13 @@ class SafetensorsFile:
             raise ValueError(f"{self.url}: tensor {name!r} has byte range [{begin}, {end}) for "
                              f"{meta['dtype']}{list(meta['shape'])} ({nbytes} bytes) in "
                              f"{self._data_size} data bytes; the file is corrupt or truncated")
+        shape = list(meta["shape"])
+        if rows is not None:
+            row_bytes = math.prod(shape[1:]) * dtype.itemsize
+            begin, nbytes, shape[0] = begin + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes, rows[1] - rows[0]
         self._f.seek(self._data_start + begin)
         buf = self._f.read(nbytes)
-        return np.frombuffer(buf, dtype=dtype.newbyteorder("<")).reshape(meta["shape"])
+        return np.frombuffer(buf, dtype=dtype.newbyteorder("<")).reshape(shape)
 
     def close(self):
         self._f.close()
@@ -158,8 +214,8 @@ class Checkpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._file_of(name).shape(name)
 
-    def read(self, name: str) -> np.ndarray:
-        return self._file_of(name).read(name)
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        return self._file_of(name).read(name, rows)
 
     def close(self):
         for f in self._files.values():
@@ -181,22 +237,24 @@ def read_hf_config(path: str) -> dict[str, Any]:
 
 def expected_keys(cfg: ModelConfig) -> dict[str, list[str]]:
     """Our weight name -> the HF tensor names it is assembled from (one per layer for stacked ones)."""
-    out = {}
+    out, names = {}, hf_names(cfg)
     for name, spec in param_specs(cfg).items():
-        template = HF_NAMES[name][0]
+        template = names[name].name
         out[name] = [template.format(i=i) for i in range(cfg.num_layers)] if spec.per_layer else [template]
     return out
 
 
 def _read_layout(ckpt: Checkpoint, key: str, name: str, cfg: ModelConfig,
                  shape: tuple[int, ...]) -> np.ndarray:
-    """HF tensor `key` (our weight `name`, or one layer of it) in our layout and `shape`."""
+    """HF tensor `key` (our weight `name`, or one layer of it; of a packed tensor, its rows) in
+    our layout and `shape`."""
+    hf = hf_names(cfg)[name]
     # The header's shape is checked before any bytes are read.
-    if ckpt.shape(key) != hf_shape(name, cfg):
+    if ckpt.shape(key) != _stored_shape(hf, name, cfg):
         raise ValueError(f"{ckpt.path}: tensor {key!r} has shape {ckpt.shape(key)}; "
-                         f"expected {hf_shape(name, cfg)} for this config.json")
-    tensor = ckpt.read(key)
-    if HF_NAMES[name][1]:
+                         f"expected {_stored_shape(hf, name, cfg)} for this config.json")
+    tensor = ckpt.read(key, _rows_of(hf, name, cfg))
+    if hf.transposed:
         tensor = tensor.T
     return tensor.reshape(shape)
 
@@ -242,14 +300,18 @@ def save_params(path: str, cfg: ModelConfig, params: dict[str, Any], dtype: Any 
     from safetensors.numpy import save_file
 
     os.makedirs(path, exist_ok=True)
-    tensors = {}
+    names, parts = hf_names(cfg), {}
     for name, spec in param_specs(cfg).items():
         arrays = params[name] if spec.per_layer else [params[name]]
         for value, key in zip(arrays, expected_keys(cfg)[name]):
             tensor = np.asarray(jax.device_get(value)).astype(dtype)
-            if HF_NAMES[name][1]:  # back to HF's [out, in]
+            if names[name].transposed:  # back to HF's [out, in]
                 tensor = tensor.reshape(hf_shape(name, cfg)[::-1]).T
-            tensors[key] = np.ascontiguousarray(tensor.reshape(hf_shape(name, cfg)))
+            parts.setdefault(key, {})[name] = tensor.reshape(hf_shape(name, cfg))
+    tensors = {}
+    for key, by_name in parts.items():  # a packed tensor's parts, stacked in HF's order
+        order = names[next(iter(by_name))].packed or tuple(by_name)
+        tensors[key] = np.ascontiguousarray(np.concatenate([by_name[n] for n in order]))
     save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump({**cfg.to_hf_config(), "dtype": np.dtype(dtype).name}, f, indent=2)

@@ -19,6 +19,27 @@ VARIANTS = {
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(tie_word_embeddings=True)),
     "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM, dict(head_dim=32, eos_token_id=2,
                                                                               bos_token_id=1)),
+    # q/k norms; head_dim independent of the width
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, dict(head_dim=32)),
+    # sliding (layer 0) and global (layer 1) layers, caps small enough to bite on a tiny model,
+    # a query_pre_attn_scalar other than head_dim, four norms per layer
+    "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM, dict(
+        head_dim=32, sliding_window=8, query_pre_attn_scalar=24, attn_logit_softcapping=3.0,
+        final_logit_softcapping=4.0, eos_token_id=2, bos_token_id=1)),
+    # layers sliding, sliding, full, sliding: local RoPE on sliding layers, linear-scaled global
+    # RoPE on the full one; attn_logit_softcapping set but, as in HF, not applied
+    "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM, dict(
+        head_dim=32, num_hidden_layers=4, sliding_window=8, sliding_window_pattern=3, query_pre_attn_scalar=24,
+        rope_theta=50000.0, rope_local_base_freq=5000.0, rope_scaling={"rope_type": "linear", "factor": 4.0},
+        final_logit_softcapping=4.0, attn_logit_softcapping=3.0, eos_token_id=2, bos_token_id=1)),
+    # fused qkv and gate_up weights; a sliding window on every layer
+    "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM, dict(sliding_window=12)),
+    # LongRoPE; original_max_position_embeddings = the tests' max_len, so HF and the engine both
+    # use the short factors (and the attention factor, from 512 / 64)
+    "phi3-longrope": (transformers.Phi3Config, transformers.Phi3ForCausalLM, dict(
+        original_max_position_embeddings=64, rope_scaling={
+            "rope_type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(8)],
+            "long_factor": [1.0 + 2.0 * i for i in range(8)]})),
 }
 
 

@@ -1,11 +1,14 @@
 """ModelConfig from HF config.json: every supported architecture's quirks, and clear errors."""
 
+import dataclasses
+import math
+
 import jax
 import jax.numpy as jnp
 import pytest
 
 from hf_reference import make_hf_model
-from model.config import PRESETS, ModelConfig, RopeScaling
+from model.config import FULL, PRESETS, PUBLISHED, SLIDING, ModelConfig, RopeScaling, rope_inv_freq
 from model.decoder import init_params, param_specs
 
 
@@ -21,6 +24,70 @@ def test_each_architecture_maps_its_quirks():
     assert gemma.head_dim * gemma.num_heads != gemma.hidden_size  # head_dim independent of width
     assert mistral.sliding_window == 8
     assert _cfg("llama3-rope").rope_scaling == RopeScaling("llama3", 8.0, 1.0, 4.0, 64)
+
+
+def test_the_newer_families_map_their_quirks():
+    qwen3, gemma2, gemma3, phi3, longrope = (_cfg(v) for v in ("qwen3", "gemma2", "gemma3", "phi3", "phi3-longrope"))
+    assert (qwen3.qk_norm, qwen3.post_norms, qwen3.head_dim, qwen3.layer_windows) == (True, False, 32, (None, None))
+    assert (gemma2.post_norms, gemma2.qk_norm, gemma2.norm_weight_offset) == (True, False, 1.0)
+    assert gemma2.activation == "gelu_tanh"
+    assert (gemma2.attn_logit_softcapping, gemma2.final_logit_softcapping, gemma2.attn_scale) == (3.0, 4.0, 24 ** -0.5)
+    assert gemma2.layer_types == (SLIDING, FULL) and gemma2.layer_windows == (8, None)
+    assert gemma3.qk_norm and gemma3.post_norms and gemma3.attn_logit_softcapping is None  # HF never applies it
+    assert gemma3.layer_types == (SLIDING, SLIDING, FULL) and gemma3.layer_windows == (8, 8, None, 8)
+    assert (gemma3.rope_theta, gemma3.rope_local_base_freq, gemma3.rope_scaling) == (50000.0, 5000.0,
+                                                                                      RopeScaling("linear", 4.0))
+    assert phi3.layer_windows == (12, 12) and not phi3.layer_types and phi3.rope_scaling is None
+    rs = longrope.rope_scaling
+    assert (rs.kind, rs.original_max_position_embeddings, rs.factor, len(rs.long_factor)) == ("longrope", 64, 8.0, 8)
+    assert rs.attention_factor == pytest.approx((1 + math.log(8) / math.log(64)) ** 0.5)  # HF's default
+
+
+def test_longrope_factors_follow_max_len():
+    """HF uses the long factors for sequences longer than original_max_position_embeddings: the
+    engine does for every sequence once max_len is longer."""
+    cfg = _cfg("phi3-longrope")
+    base = rope_inv_freq(dataclasses.replace(cfg, rope_scaling=None))
+    short, at_limit, long = (rope_inv_freq(cfg, n) for n in (None, 64, 65))
+    assert short == at_limit == [f / s for f, s in zip(base, cfg.rope_scaling.short_factor)]
+    assert long == [f / s for f, s in zip(base, cfg.rope_scaling.long_factor)]
+
+
+def test_published_style_configs_of_the_newer_families():
+    """config.json as published (legacy keys: no layer_types, Gemma 3's rope_local_base_freq and
+    sliding_window_pattern) reads like transformers 5's own dicts."""
+    gemma2 = ModelConfig.from_hf_config(PUBLISHED["gemma-2-9b"])
+    assert gemma2.layer_windows[:4] == (4096, None, 4096, None)  # HF's default: even layers slide
+    gemma3 = ModelConfig.from_hf_config(PUBLISHED["gemma-3-12b"])
+    assert gemma3.layer_windows[:7] == (1024,) * 5 + (None, 1024)
+    assert (gemma3.rope_theta, gemma3.rope_local_base_freq, gemma3.rope_scaling.factor) == (1e6, 1e4, 8.0)
+    v5 = {**PUBLISHED["gemma-3-12b"], "rope_parameters": {
+        FULL: {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+        SLIDING: {"rope_type": "default", "rope_theta": 1e4}},
+        "layer_types": [FULL if (i + 1) % 6 == 0 else SLIDING for i in range(48)]}
+    for key in ("rope_scaling", "rope_theta", "rope_local_base_freq", "sliding_window_pattern"):
+        v5.pop(key)
+    assert ModelConfig.from_hf_config(v5) == gemma3
+    assert _cfg("gemma3").layer_types == (SLIDING, SLIDING, FULL)  # [S, S, F, S] from HF: its repeating prefix
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "gemma", "qwen3", "gemma2", "gemma3_text", "phi3"])
+def test_keys_a_config_json_omits_take_hf_s_defaults(model_type):
+    """A config.json with only the shape (and token ids) reads as transformers reads it: its
+    config class fills in the soft-caps, windows, layer kinds, RoPE theta, ..."""
+    import transformers
+
+    minimal = {"model_type": model_type, "vocab_size": 100, "hidden_size": 32, "intermediate_size": 64,
+               "num_hidden_layers": 6, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+               "max_position_embeddings": 512, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+    filled = transformers.AutoConfig.for_model(**minimal).to_dict()
+    assert ModelConfig.from_hf_config(minimal) == ModelConfig.from_hf_config(filled)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_round_trips_through_hf_config_json(name):
+    cfg = PRESETS[name]
+    assert ModelConfig.from_hf_config(cfg.to_hf_config()) == cfg
 
 
 def test_legacy_rope_scaling_key_and_round_trip():
@@ -47,6 +114,32 @@ def test_unsupported_configs_say_what_and_why(change, match):
         ModelConfig.from_hf_config(hf)
 
 
+@pytest.mark.parametrize("variant,change,match", [
+    ("qwen3", {"architectures": None, "model_type": "qwen3_moe"},
+     r"model_type 'qwen3_moe' \(no architectures\) is not supported"),
+    ("gemma3", {"architectures": ["Gemma3ForConditionalGeneration"]},
+     "'Gemma3ForConditionalGeneration' is not supported"),
+    ("phi3", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}, "rope_parameters": None},
+     "rope_scaling type 'yarn'"),
+    ("phi3", {"partial_rotary_factor": 0.75, "rope_parameters": None}, "partial_rotary_factor=0.75"),  # Phi-4-mini
+    ("phi3", {"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.5}}, "partial_rotary_factor=0.5"),
+    ("phi3-longrope", {"rope_parameters": {"rope_type": "longrope", "short_factor": [1.0] * 3,
+                                           "long_factor": [1.0] * 8}},
+     "rope_scaling short_factor has 3 values; expected head_dim / 2 = 8"),
+    ("gemma2", {"layer_types": ["sliding_attention", "chunked_attention"]}, "layer_types has 'chunked_attention'"),
+    ("gemma3", {"rope_parameters": {FULL: {"rope_type": "default"}, SLIDING: {"rope_type": "yarn", "factor": 2.0}}},
+     "rope_parameters.sliding_attention.rope_type 'yarn'"),
+    ("gemma3", {"use_bidirectional_attention": True}, "use_bidirectional_attention=true is not supported"),
+    ("qwen3", {"use_sliding_window": True}, "use_sliding_window=true is not supported"),
+    ("qwen3", {"attention_bias": True}, "Qwen3ForCausalLM with attention_bias=true"),
+])
+def test_unsupported_configs_of_the_newer_families_name_field_and_value(variant, change, match):
+    hf = make_hf_model(variant).config.to_dict()
+    hf.update(change)
+    with pytest.raises(ValueError, match=match):
+        ModelConfig.from_hf_config(hf)
+
+
 def test_presets_have_their_advertised_size_without_allocating():
     assert 90e6 < PRESETS["llama-100m"].num_params < 110e6
     cfg = PRESETS["llama-1b"]
@@ -57,8 +150,10 @@ def test_presets_have_their_advertised_size_without_allocating():
 
 
 # Parameter counts as the model cards publish them.
+# gemma-3-12b: its text model (the 12.2B of the card include a 0.4B vision tower).
 PUBLISHED_SIZES = {"llama-3.2-1b": 1.24e9, "llama-3.1-8b": 8.03e9, "llama-3.1-70b": 70.6e9,
-                   "mistral-7b": 7.24e9, "qwen2.5-7b": 7.61e9, "gemma-7b": 8.54e9}
+                   "mistral-7b": 7.24e9, "qwen2.5-7b": 7.61e9, "gemma-7b": 8.54e9, "qwen3-8b": 8.19e9,
+                   "gemma-2-9b": 9.24e9, "gemma-3-12b": 11.77e9, "phi-3-mini": 3.82e9}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED_SIZES))
@@ -76,6 +171,13 @@ def test_published_model_presets_keep_each_architecture_s_differences():
     assert (gemma.norm_weight_offset, gemma.scale_embeddings, gemma.activation, gemma.head_dim) == (1.0, True, "gelu_tanh", 256)
     assert PRESETS["llama-3.1-8b"].rope_scaling == RopeScaling("llama3", 8.0, 1.0, 4.0, 8192)
     assert PRESETS["llama-3.2-1b"].tie_word_embeddings and not PRESETS["llama-3.1-70b"].tie_word_embeddings
+    assert PRESETS["qwen3-8b"].qk_norm and not PRESETS["qwen3-8b"].tie_word_embeddings
+    gemma2 = PRESETS["gemma-2-9b"]
+    assert (gemma2.attn_logit_softcapping, gemma2.final_logit_softcapping, gemma2.attn_scale) == (50.0, 30.0, 1 / 16)
+    assert gemma2.post_norms and gemma2.tie_word_embeddings and gemma2.layer_windows.count(None) == 21
+    gemma3 = PRESETS["gemma-3-12b"]
+    assert gemma3.qk_norm and gemma3.layer_windows.count(None) == 8 and gemma3.final_logit_softcapping is None
+    assert PRESETS["phi-3-mini"].layer_windows == (2047,) * 32
 
 
 def test_engine_config_is_the_one_source_of_serving_defaults():

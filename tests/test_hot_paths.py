@@ -1,10 +1,13 @@
 """The accelerator hot paths run on this CPU host: the TPU path (stacked layers in a lax.scan, the
 stacked cache, the Pallas attention kernel in interpret mode) and the GPU path (the same with the
-kernel's XLA reference) give the CPU path's tokens, compile decode once, and shard."""
+kernel's XLA reference) give the CPU path's tokens, compile decode once, and shard; also for
+architectures whose layers differ (Gemma 2 and 3: per-layer windows, Gemma 3: per-layer RoPE),
+which the scan over layers looks up by the traced layer index."""
 
 import numpy as np
 import pytest
 
+from hf_reference import make_hf_model, save_hf_model
 from model import Engine, SamplingParams
 from model.kv_cache import StackedKVCache
 from model.platform import hot_path
@@ -66,3 +69,38 @@ def test_the_stacked_engine_hands_back_weights_per_layer_as_loaded():
                 np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         else:
             np.testing.assert_array_equal(np.asarray(value), np.asarray(other))
+
+
+@pytest.fixture(scope="module")
+def newer_checkpoints(tmp_path_factory):
+    """variant -> (checkpoint, the CPU path's outputs and logits), made on first use."""
+    made = {}
+
+    def get(variant):
+        if variant not in made:
+            path = save_hf_model(make_hf_model(variant, seed=5), tmp_path_factory.mktemp(variant))
+            cpu = _checkpoint_engine(path, "cpu")
+            made[variant] = path, cpu.generate(PROMPTS, GREEDY), cpu.logits(PROMPTS[:2])
+        return made[variant]
+    return get
+
+
+def _checkpoint_engine(path, hot, mesh=(1, 1)):
+    return Engine.from_pretrained(path, mesh_shape=mesh, dtype="float32", max_slots=4, max_len=256, hot_path=hot)
+
+
+@pytest.mark.parametrize("variant,path,mesh", [
+    ("qwen3", "gpu", (1, 1)),   # q/k norms
+    ("gemma2", "tpu", (2, 2)),  # sliding and global layers alternate (a traced window in the kernel),
+    ("gemma2", "gpu", (1, 1)),  # soft-caps, post norms; slots and heads split on (2, 2)
+    ("gemma3", "gpu", (1, 1)),  # sliding, sliding, full, sliding; local and global RoPE
+])
+def test_newer_families_give_the_cpu_paths_tokens_on_the_stacked_paths(newer_checkpoints, variant, path, mesh):
+    checkpoint, reference, logits = newer_checkpoints(variant)
+    engine = _checkpoint_engine(checkpoint, path, mesh)
+    assert isinstance(engine.cache, StackedKVCache)
+    outs = engine.generate(PROMPTS, GREEDY)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in reference]
+    np.testing.assert_allclose(np.concatenate([o.logprobs for o in outs]),
+                               np.concatenate([o.logprobs for o in reference]), atol=1e-4)
+    np.testing.assert_allclose(engine.logits(PROMPTS[:2]), logits, atol=1e-4, equal_nan=True)

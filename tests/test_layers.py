@@ -1,4 +1,5 @@
-"""Each layer (norm, RoPE, attention, MLP) against the same HF transformers module."""
+"""Each layer (norm, RoPE, attention, MLP) against the same HF transformers module, for every layer
+of the tiny models (Gemma 2 and 3 and Phi-3's layers differ in window and RoPE)."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +10,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_
 
 from hf_reference import VARIANTS, make_hf_model, save_hf_model
 from model import Engine
-from model.config import rope_inv_freq
+from model.config import rope_attention_factor, rope_inv_freq
 from model.decoder import attention, attention_mask, gated_mlp, rms_norm, rope, to_cache_layout
 
 SEEDS = (0, 1, 2)
@@ -33,7 +34,7 @@ def test_rms_norm(norm_cls, offset, seed):
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def layer0(request, tmp_path_factory):
-    """(HF model, our engine) on the same random weights, for pulling out layer 0 of each."""
+    """(variant, HF model, our engine) on the same random weights, for pulling out their layers."""
     hf = make_hf_model(request.param, seed=3)
     path = save_hf_model(hf, tmp_path_factory.mktemp(request.param))
     return request.param, hf, Engine.from_pretrained(path, mesh_shape=(1, 1), dtype="float32", max_len=64)
@@ -43,49 +44,77 @@ def _layer_params(engine, i=0):
     return {k: v[i][...] for k, v in engine.params.items() if not hasattr(v, "get_value")}
 
 
+def _hf_rope(hf, cfg, layer: int, x, positions):
+    """HF's (inv_freq, attention factor, cos, sin) for `layer`: Gemma 3 keeps one RoPE per layer type."""
+    rotary = hf.model.rotary_emb
+    if hasattr(rotary, "layer_types"):
+        kind = hf.config.layer_types[layer]
+        cos, sin = rotary(x, positions, kind)
+        return getattr(rotary, f"{kind}_inv_freq"), getattr(rotary, f"{kind}_attention_scaling"), cos, sin
+    cos, sin = rotary(x, positions)
+    return rotary.inv_freq, rotary.attention_scaling, cos, sin
+
+
 def test_rope(layer0):
+    """Every layer's inverse frequencies and cos/sin factor (llama3, linear, LongRoPE scaling;
+    Gemma 3's local RoPE on sliding layers) equal HF's, and so do the rotated q and k."""
     _, hf, engine = layer0
+    cfg = engine.cfg
     torch.manual_seed(0)
-    n, h = engine.cfg.num_heads, engine.cfg.head_dim
+    n, h = cfg.num_heads, cfg.head_dim
     q, k = torch.randn(2, n, 40, h), torch.randn(2, n, 40, h)
     positions = torch.stack([torch.arange(40), torch.arange(100, 140)])  # also far positions
-    cos, sin = hf.model.rotary_emb(q, positions)
-    ref_q, ref_k = apply_rotary_pos_emb(q, k, cos, sin)
-    inv_freq = jnp.asarray(_np(hf.model.rotary_emb.inv_freq))
-    # our inverse frequencies (incl. llama3 scaling) equal HF's
-    np.testing.assert_allclose(np.asarray(rope_inv_freq(engine.cfg), np.float32), np.asarray(inv_freq), rtol=1e-6)
-    for x, ref in ((q, ref_q), (k, ref_k)):
-        ours = rope(jnp.asarray(_np(x).transpose(0, 2, 1, 3)), jnp.asarray(positions.numpy()), inv_freq)
-        np.testing.assert_allclose(np.asarray(ours), _np(ref).transpose(0, 2, 1, 3), atol=2e-5)
+    for layer in range(cfg.num_layers):
+        inv_freq, factor, cos, sin = _hf_rope(hf, cfg, layer, q, positions)
+        ref_q, ref_k = apply_rotary_pos_emb(q, k, cos, sin)
+        # HF picks LongRoPE's factors by the positions it is given (here up to 140): so does max_len
+        ours = rope_inv_freq(cfg, max_len=140, sliding=cfg.is_sliding(layer))
+        np.testing.assert_allclose(np.asarray(ours, np.float32), _np(inv_freq), rtol=1e-6)
+        assert rope_attention_factor(cfg, cfg.is_sliding(layer)) == pytest.approx(factor)
+        for x, ref in ((q, ref_q), (k, ref_k)):
+            got = rope(jnp.asarray(_np(x).transpose(0, 2, 1, 3)), jnp.asarray(positions.numpy()),
+                       jnp.asarray(_np(inv_freq)), factor)
+            np.testing.assert_allclose(np.asarray(got), _np(ref).transpose(0, 2, 1, 3), atol=2e-5)
 
 
 def test_attention(layer0):
-    """q/k/v projections (+ Qwen2 bias), RoPE, masked GQA softmax, output projection."""
+    """Every layer's attention block: q/k/v projections (+ Qwen2 bias), q/k norms (Qwen3,
+    Gemma 3), RoPE of the layer's kind, masked GQA softmax with the layer's window, the scale
+    and soft-cap (Gemma 2), output projection."""
     variant, hf, engine = layer0
-    cfg, w = engine.cfg, _layer_params(engine)
+    cfg = engine.cfg
     torch.manual_seed(1)
     t = 20
     x = torch.randn(1, t, cfg.hidden_size)
     positions = torch.arange(t)[None]
-    mask = np.array(attention_mask(jnp.asarray(positions.numpy()), jnp.arange(t), cfg.sliding_window))
-    additive = torch.where(torch.from_numpy(mask)[:, None], 0.0, torch.finfo(torch.float32).min)
-    attn = hf.model.layers[0].self_attn
-    with torch.no_grad():
-        ref = attn(x, position_embeddings=hf.model.rotary_emb(x, positions), attention_mask=additive)[0]
-
-    h = jnp.asarray(_np(x))
-    q = jnp.einsum("btd,dnh->btnh", h, w["wq"])
-    k = jnp.einsum("btd,dkh->btkh", h, w["wk"])
-    v = jnp.einsum("btd,dkh->btkh", h, w["wv"])
-    if cfg.qkv_bias:
-        q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
-    inv_freq = jnp.asarray(_np(hf.model.rotary_emb.inv_freq))
     pos = jnp.asarray(positions.numpy())
-    out = attention(rope(q, pos, inv_freq), *to_cache_layout(rope(k, pos, inv_freq), v), jnp.asarray(mask))
-    ours = jnp.einsum("btnh,nhd->btd", out, w["wo"])
-    np.testing.assert_allclose(np.asarray(ours), _np(ref), atol=1e-5 * max(1.0, np.abs(_np(ref)).max()))
-    if variant == "mistral":
-        assert not mask[0, -1, 0], "a 20-token prompt with window 8 must mask the first key"
+    for layer in range(cfg.num_layers):
+        w = _layer_params(engine, layer)
+        window = cfg.layer_windows[layer]
+        mask = np.array(attention_mask(pos, jnp.arange(t), window))
+        additive = torch.where(torch.from_numpy(mask)[:, None], 0.0, torch.finfo(torch.float32).min)
+        inv_freq, factor, cos, sin = _hf_rope(hf, cfg, layer, x, positions)
+        with torch.no_grad():
+            ref = hf.model.layers[layer].self_attn(x, position_embeddings=(cos, sin), attention_mask=additive)[0]
+
+        h = jnp.asarray(_np(x))
+        q = jnp.einsum("btd,dnh->btnh", h, w["wq"])
+        k = jnp.einsum("btd,dkh->btkh", h, w["wk"])
+        v = jnp.einsum("btd,dkh->btkh", h, w["wv"])
+        if cfg.qkv_bias:
+            q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
+        if cfg.qk_norm:
+            q = rms_norm(q, w["q_norm"], cfg.rms_norm_eps, cfg.norm_weight_offset)
+            k = rms_norm(k, w["k_norm"], cfg.rms_norm_eps, cfg.norm_weight_offset)
+        inv_freq = jnp.asarray(_np(inv_freq))
+        out = attention(rope(q, pos, inv_freq, factor), *to_cache_layout(rope(k, pos, inv_freq, factor), v),
+                        jnp.asarray(mask), scale=cfg.attn_scale, softcap=cfg.attn_logit_softcapping)
+        ours = jnp.einsum("btnh,nhd->btd", out, w["wo"])
+        np.testing.assert_allclose(np.asarray(ours), _np(ref), atol=1e-5 * max(1.0, np.abs(_np(ref)).max()),
+                                   err_msg=f"layer {layer}")
+    if variant in ("mistral", "gemma2", "phi3"):
+        windowed = np.array(attention_mask(pos, jnp.arange(t), cfg.layer_windows[0]))
+        assert not windowed[0, -1, 0], f"a 20-token prompt with window {cfg.sliding_window} must mask the first key"
 
 
 def test_mlp(layer0):

@@ -1,4 +1,5 @@
-"""The whole model against HF transformers on tiny random models of every supported architecture."""
+"""The whole model against HF transformers on tiny random models of every supported architecture;
+for the newer families (Qwen3, Gemma 2, Gemma 3, Phi-3) also on a (2, 4) mesh and with int8 weights."""
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +10,7 @@ from flax import nnx
 from hf_reference import VARIANTS, hf_greedy, hf_logits, make_hf_model, save_hf_model
 from model import Engine, SamplingParams
 from model.kv_cache import KVCache
+from model.quantize import QArray
 
 PROMPTS = [[5, 17, 42], [7] + list(range(30, 40)), list(range(100, 117)), list(range(200, 230))]
 CASES = [(v, seed) for v in VARIANTS for seed in (0, 1)]
@@ -68,3 +70,53 @@ def test_cached_decode_equals_full_forward(pair, slots, cache_len):
             ref = full[i, len(s) - 1]
             np.testing.assert_allclose(logits[i], ref, rtol=0, atol=1e-4 * np.abs(ref).max())
         seqs = [s + [int(np.argmax(logits[i]))] for i, s in enumerate(seqs)]
+
+
+# ---------------------------------------------------------------- the newer families: mesh, int8, LongRoPE
+
+NEWER = ["qwen3", "gemma2", "gemma3", "phi3"]
+GREEDY = SamplingParams(max_new_tokens=8, ignore_eos=True)
+
+
+@pytest.fixture(scope="module", params=NEWER)
+def newer(request, tmp_path_factory):
+    hf = make_hf_model(request.param, seed=2)
+    path = save_hf_model(hf, tmp_path_factory.mktemp(request.param))
+    one = Engine.from_pretrained(path, mesh_shape=(1, 1), dtype="float32", max_slots=4, max_len=64)
+    return path, one
+
+
+def test_a_2x4_mesh_gives_the_single_device_logits_and_tokens(newer):
+    path, one = newer
+    mesh = Engine.from_pretrained(path, mesh_shape=(2, 4), dtype="float32", max_slots=4, max_len=64)
+    assert mesh.params["wq"][0][...].addressable_shards[0].data.shape[1] == mesh.cfg.num_heads // 4  # heads split
+    np.testing.assert_allclose(mesh.logits(PROMPTS), one.logits(PROMPTS), atol=1e-5, equal_nan=True)
+    prompts = PROMPTS[:2]  # one prefill bucket: fewer compiles
+    assert [o.token_ids for o in mesh.generate(prompts, GREEDY)] == [o.token_ids for o in one.generate(prompts, GREEDY)]
+
+
+def test_int8_weights_load_and_stay_close(newer):
+    path, one = newer
+    q8 = Engine.from_pretrained(path, mesh_shape=(1, 1), dtype="float32", max_slots=4, max_len=64, quantize="int8")
+    weights = q8.weights()
+    assert all(isinstance(weights[n][0], QArray) for n in ("wq", "wk", "wv", "w_gate", "w_up", "w_down"))
+    assert not any(isinstance(v[0] if isinstance(v, list) else v, QArray) for n, v in weights.items() if "norm" in n)
+    ref, got = one.logits(PROMPTS), q8.logits(PROMPTS)
+    live = ~np.isnan(ref)
+    assert np.abs(got[live] - ref[live]).max() / np.abs(ref[live]).max() < 0.05
+
+
+def test_longrope_switches_to_the_long_factors_when_max_len_exceeds_the_original_context(tmp_path):
+    """HF picks the long factors for a forward over more than original_max_position_embeddings
+    (64 here) positions. An engine whose max_len exceeds 64 uses them for every sequence: its
+    logits equal HF's on such a sequence (and differ from the short-factor engine's)."""
+    hf = make_hf_model("phi3-longrope", seed=0)
+    path = save_hf_model(hf, tmp_path)
+    long = Engine.from_pretrained(path, mesh_shape=(1, 1), dtype="float32", max_slots=2, max_len=128)
+    short = Engine.from_pretrained(path, mesh_shape=(1, 1), dtype="float32", max_slots=2, max_len=64)
+    seq = [(7 * i) % 250 + 3 for i in range(100)]
+    ref = hf_logits(hf, seq)
+    np.testing.assert_allclose(long.logits([seq])[0], ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+    prefix = seq[:40]  # HF: short factors; the max_len-64 engine agrees, the max_len-128 one does not
+    np.testing.assert_allclose(short.logits([prefix])[0], hf_logits(hf, prefix), rtol=0, atol=1e-4 * np.abs(ref).max())
+    assert np.abs(long.logits([prefix])[0] - hf_logits(hf, prefix)).max() > 1e-2

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model.ragged_attention import blocks_fetched, ragged_attention, reference_ragged_attention
+from model.ragged_attention import NO_WINDOW, blocks_fetched, ragged_attention, reference_ragged_attention
 
 L, S, T, H = 2, 4, 64, 16  # layers, slots, max_len, head_dim of the small CPU cases
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
@@ -103,6 +103,48 @@ def test_blocks_outside_each_rows_live_range_are_never_computed_on():
     assert needed.sum() < needed.size / 8  # the poison covers most of the cache
 
 
+@pytest.mark.parametrize("t", [1, 16], ids=["decode", "prefill"])
+def test_a_traced_window_scale_and_softcap_match_the_reference(t):
+    """Gemma 2's options: a per-layer window passed as a traced value (NO_WINDOW: none), a score
+    scale other than head_dim's, and tanh soft-capping; one compile serves every window."""
+    q, k, v = _inputs(7, 4, t, 4, 2)
+    q = q * 4  # scores large enough for the cap to bite
+    slots, starts = jnp.array([1, 0, 3, 2]), jnp.array([0, 24, 37, 47])
+    opts = dict(scale=0.2, softcap=3.0)
+    attend = jax.jit(lambda layer, window: ragged_attention(q, k, v, layer, slots, starts, window=window, block_k=16,
+                                                            block_q=8, interpret=True, **opts))
+    outs = {}
+    for layer, window in ((0, 20), (1, NO_WINDOW), (1, 9)):
+        out = np.asarray(attend(jnp.int32(layer), jnp.int32(window)))
+        ref = reference_ragged_attention(q, k, v, layer, slots, starts, window=jnp.int32(window), **opts)
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+        outs[layer, window] = out
+    assert attend._cache_size() == 1
+    unbounded = reference_ragged_attention(q, k, v, 1, slots, starts, **opts)  # a static "no window"
+    np.testing.assert_allclose(outs[1, NO_WINDOW], unbounded, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(outs[1, 9], outs[1, NO_WINDOW])
+    uncapped = reference_ragged_attention(q, k, v, 1, slots, starts, scale=0.2)
+    assert np.abs(np.asarray(uncapped) - outs[1, NO_WINDOW]).max() > 1e-2  # the cap changed something
+
+
+def test_a_traced_window_still_skips_the_blocks_before_it():
+    """As with a static window, keys before a row's window are never read: they are NaN here."""
+    t, block_k, window = 1, 8, 12
+    q, k, v = _inputs(8, 3, t, 4, 2)
+    slots, starts = np.array([2, 0, 1]), np.array([40, 63, 20])
+    needed = np.zeros((L, S, T), bool)
+    for slot, start in zip(slots, starts):
+        needed[0, slot, max(start - window + 1, 0) // block_k * block_k:(start // block_k + 1) * block_k] = True
+    mask = jnp.asarray(needed[:, :, None, :, None])
+    poisoned = [jnp.where(mask, x, jnp.nan) for x in (k, v)]
+    attend = jax.jit(lambda w: ragged_attention(q, *poisoned, 0, jnp.asarray(slots), jnp.asarray(starts), window=w,
+                                                block_k=block_k, block_q=t, interpret=True))
+    out = attend(jnp.int32(window))
+    assert np.isfinite(np.asarray(out)).all()
+    ref = reference_ragged_attention(q, k, v, 0, jnp.asarray(slots), jnp.asarray(starts), window=window)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
 def _copies_by_interpreter(monkeypatch, q, k, v, slots, starts, **kw):
     """How many key and value blocks the TPU interpreter copied into the kernel: like the Mosaic
     pipeline, it copies an input block only when the block index changes from the previous grid
@@ -155,7 +197,7 @@ def test_blocks_fetched_by_hand():
 
 
 @needs_libtpu
-@pytest.mark.parametrize("case", ["decode", "decode-int8", "prefill"])
+@pytest.mark.parametrize("case", ["decode", "decode-int8", "prefill", "decode-traced-window-softcap"])
 def test_compiles_for_a_tpu_without_copying_the_cache(monkeypatch, case):
     # Workaround, shared hosts: libtpu takes a lock file per process; another process compiling
     # for a TPU would make this one fail. Nothing here touches a real TPU.
@@ -175,9 +217,13 @@ def test_compiles_for_a_tpu_without_copying_the_cache(monkeypatch, case):
             spec((b,), jnp.int32)]
     if case == "decode-int8":
         args += [spec((layers, slots, kv, 1, max_len), jnp.float32)] * 2
+    gemma2 = case == "decode-traced-window-softcap"
+    if gemma2:
+        args += [None, None, spec((), jnp.int32)]
 
-    def attend(q, k, v, layer, slots, starts, k_scale=None, v_scale=None):
-        return ragged_attention(q, k, v, layer, slots, starts, k_scale=k_scale, v_scale=v_scale)
+    def attend(q, k, v, layer, slots, starts, k_scale=None, v_scale=None, window=None):
+        opts = dict(window=window, scale=256 ** -0.5, softcap=50.0) if gemma2 else {}
+        return ragged_attention(q, k, v, layer, slots, starts, k_scale=k_scale, v_scale=v_scale, **opts)
 
     start = time.perf_counter()
     exe = jax.jit(attend).lower(*args).compile()

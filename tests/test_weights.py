@@ -53,7 +53,7 @@ def edited_copy(src, dst, edit) -> str:
 # ---------------------------------------------------------------- single file vs sharded
 
 
-@pytest.mark.parametrize("variant", ["llama", "qwen2", "gemma"])
+@pytest.mark.parametrize("variant", ["llama", "qwen2", "gemma", "phi3"])
 def test_single_and_sharded_checkpoints_load_the_same(variant, tmp_path):
     hf = make_hf_model(variant, seed=1)
     single = save_hf_model(hf, tmp_path / "single")
@@ -85,6 +85,57 @@ def test_weights_land_in_our_layout(llama):
     np.testing.assert_array_equal(p["wo"][0], wo0.T.reshape(n, h, -1))
     np.testing.assert_array_equal(p["w_down"][1], sd["model.layers.1.mlp.down_proj.weight"].T)
     np.testing.assert_array_equal(p["mlp_norm"][1], sd["model.layers.1.post_attention_layernorm.weight"])
+
+
+def test_fused_and_renamed_tensors_land_in_our_layout(tmp_path):
+    """Phi-3's fused qkv_proj and gate_up_proj are split into our wq/wk/wv and w_gate/w_up (each
+    read as its own rows); Gemma 2's four norms per layer map to ours by role, not by name."""
+    phi = make_hf_model("phi3", seed=1)
+    p = params_of(load(save_hf_model(phi, tmp_path / "phi")))
+    sd = {k: v.numpy() for k, v in phi.state_dict().items()}
+    n, kv, h, f = 4, 2, 16, 128
+    qkv, gate_up = sd["model.layers.1.self_attn.qkv_proj.weight"], sd["model.layers.1.mlp.gate_up_proj.weight"]
+    np.testing.assert_array_equal(p["wq"][1], qkv[: n * h].T.reshape(-1, n, h))
+    np.testing.assert_array_equal(p["wk"][1], qkv[n * h: (n + kv) * h].T.reshape(-1, kv, h))
+    np.testing.assert_array_equal(p["wv"][1], qkv[(n + kv) * h:].T.reshape(-1, kv, h))
+    np.testing.assert_array_equal(p["w_gate"][1], gate_up[:f].T)
+    np.testing.assert_array_equal(p["w_up"][1], gate_up[f:].T)
+
+    gemma = make_hf_model("gemma2", seed=1)
+    p = params_of(load(save_hf_model(gemma, tmp_path / "gemma")))
+    layer = gemma.model.layers[1]
+    for ours, theirs in (("attn_norm", layer.input_layernorm), ("post_attn_norm", layer.post_attention_layernorm),
+                         ("mlp_norm", layer.pre_feedforward_layernorm),
+                         ("post_mlp_norm", layer.post_feedforward_layernorm)):
+        np.testing.assert_array_equal(p[ours][1], theirs.weight.detach().numpy(), err_msg=ours)
+
+
+def test_a_fused_tensor_of_the_wrong_shape_is_named(tmp_path):
+    path = save_hf_model(make_hf_model("phi3", seed=0), tmp_path / "phi")
+
+    def shrink(t):
+        t["model.layers.0.self_attn.qkv_proj.weight"] = t["model.layers.0.self_attn.qkv_proj.weight"][:96]
+
+    with pytest.raises(ValueError, match=r"'model\.layers\.0\.self_attn\.qkv_proj\.weight' has shape "
+                                         r"\(96, 64\); expected \(128, 64\)"):
+        load(edited_copy(path, tmp_path / "c", shrink))
+
+
+@pytest.mark.parametrize("variant", ["qwen3", "gemma2", "gemma3", "phi3-longrope"])
+def test_saved_params_load_in_transformers_as_the_same_model(variant, tmp_path):
+    """save_params writes HF's names, packing and config.json (soft-caps, layer kinds, local RoPE,
+    LongRoPE): transformers reads it back as the model it came from."""
+    import transformers
+
+    from model.weights import save_params
+
+    hf = make_hf_model(variant, seed=3)
+    engine = load(save_hf_model(hf, tmp_path / "in"))
+    save_params(str(tmp_path / "out"), engine.cfg, engine.weights())
+    back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32).eval()
+    assert type(back) is type(hf)
+    for p in PROMPTS:
+        np.testing.assert_allclose(hf_logits(back, p), hf_logits(hf, p), atol=1e-5, rtol=0)
 
 
 # ---------------------------------------------------------------- dtypes
