@@ -131,9 +131,9 @@ def prefill_ideal_flops(cfg: ModelConfig, rows: int, length: int) -> float:
     attention (scores and values: 4 flops per query head, head dim and visible key)."""
     d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     layer = d * hd * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) + 3 * d * f
-    window = cfg.sliding_window or length
-    visible = sum(min(i + 1, window) for i in range(length))  # keys each query sees, summed
-    attention = 4 * cfg.num_layers * cfg.num_heads * hd * visible
+    def visible(window):  # keys each query of a layer sees, summed
+        return sum(min(i + 1, window or length) for i in range(length))
+    attention = 4 * cfg.num_heads * hd * sum(visible(w) for w in cfg.layer_windows)
     return rows * (2 * layer * cfg.num_layers * length + 2 * d * cfg.vocab_size + attention)
 
 
@@ -145,11 +145,11 @@ def kernel_cache_bytes(engine: Engine, starts: Sequence[int], t: int) -> int:
     k = engine.cache.k
     layers, slots, heads, max_len, head_dim = k.sharding.shard_shape(k.shape)
     block_q, block_k = ragged.default_blocks(t, max_len)
-    blocks = ragged.blocks_fetched(np.asarray(starts), t, window=engine.cfg.sliding_window, block_k=block_k,
-                                   block_q=block_q, max_len=max_len, slots=np.arange(len(starts)) % slots,
-                                   num_slots=slots)
+    blocks = sum(ragged.blocks_fetched(np.asarray(starts), t, window=window, block_k=block_k, block_q=block_q,
+                                       max_len=max_len, slots=np.arange(len(starts)) % slots, num_slots=slots)
+                 for window in engine.cfg.layer_windows)  # per layer: Gemma's alternate windows
     block = block_k * head_dim * np.dtype(k.dtype).itemsize + (4 * block_k if engine.cache.k_scale is not None else 0)
-    return layers * heads * blocks * 2 * block
+    return heads * blocks * 2 * block
 
 
 def whole_model_cost(small_engine, lower_of, num_layers: int) -> tuple[float, float, float]:
