@@ -360,6 +360,11 @@ class EngineConfig:
     max_len: int | None = None  # None: min(DEFAULT_MAX_LEN, the model's max_position_embeddings)
     decode_steps: int = 8  # decode steps per dispatch
     prefill_tokens: int = 4096  # most prompt tokens in one prefill call
+    # Chunked prefill: while any sequence decodes, each scheduler step spends at most this many
+    # prefill tokens (rows x bucket, padding included) before the next decode dispatch, and a
+    # prompt is prefilled in pieces of the largest length bucket within it, one step after
+    # another. None: every free slot is filled with whole prompts before decoding goes on.
+    prefill_chunk: int | None = 512
     kv_cache_dtype: str | None = None  # "int8": int8 KV cache
     prefix_cache_entries: int = 0  # > 0 for labeling runs: a shared instruction is prefilled once
     prefix_block: int = 64
@@ -378,6 +383,10 @@ class EngineConfig:
                                    ("prefix_cache_entries", self.prefix_cache_entries, 0)):
             if not isinstance(value, int) or value < least:
                 raise ValueError(f"{name}={value!r}; must be an integer >= {least}")
+        if self.prefill_chunk is not None and (not isinstance(self.prefill_chunk, int)
+                                               or self.prefill_chunk < MIN_BUCKET):
+            raise ValueError(f"prefill_chunk={self.prefill_chunk!r}; must be None or an integer >= {MIN_BUCKET} "
+                             "(the shortest length bucket)")
         if self.max_len is not None and (not isinstance(self.max_len, int) or self.max_len < 2):
             raise ValueError(f"max_len={self.max_len!r}; must be an integer >= 2")
         for name, value, allowed in (("kv_cache_dtype", self.kv_cache_dtype, (None, "int8")),

@@ -1,15 +1,17 @@
 """Engine: prefill into cache slots, multi-step decode, and the in-flight batching loop.
 
 Two jitted functions do all device work, each compiled once per shape:
-  prefill(bucket):  a batch of right-padded prompts of one length bucket (rows padded to a power
-                    of two) -> their KV written into chosen cache slots, their first token
-                    sampled, the slots' decode state set;
+  prefill(bucket):  a batch of right-padded prompts, or pieces of prompts, of one length bucket
+                    (rows padded to a power of two) -> their KV written into chosen cache slots;
+                    for a prompt's last piece its first token sampled and its slot's decode state set;
   decode:           `decode_steps` tokens for every slot at its own position, stop checks on device.
 The KV cache and the per-slot decode state are donated to both.
 
 One scheduler loop per engine, on its own thread, drives them: requests submitted from any thread
 (`submit`) wait in one queue, a slot is refilled as soon as its sequence finishes while the other
-slots keep their place in the cache, and each request's future is resolved when it ends.
+slots keep their place in the cache, and each request's future is resolved when it ends. Prefill
+is chunked: while rows decode, each step prefills at most `prefill_chunk` tokens before the next
+decode dispatch, and a long prompt goes in pieces over consecutive steps, holding its slot.
 `generate` submits and waits. The loop's thread exits when it has nothing to do and starts again
 with the next request, so an idle engine holds no thread.
 """
@@ -121,6 +123,9 @@ class Engine:
         self.decode_steps, self.prefill_tokens = config.decode_steps, config.prefill_tokens
         self.batching, self.order = config.batching, config.order
         self.buckets = buckets_for(self.max_len)
+        self.prefill_chunk = config.prefill_chunk
+        # tokens of one piece of a long prompt: the largest bucket within the chunk (None: whole prompts)
+        self.piece_len = max(b for b in self.buckets if b <= self.prefill_chunk) if self.prefill_chunk else None
         self.dtype = params["final_norm"].dtype  # activations and cache; weights may be int8
         self.path = dataclasses.replace(hot_path(mesh.devices.flat[0].platform, config.hot_path),
                                         cost_model=cost_model)
@@ -153,7 +158,6 @@ class Engine:
         self._waiting: list[_Sequence] = []
         self._slot_of: list[_Sequence | None] = [None] * self.max_slots
         self._in_flight: tuple[list[jax.Array], list[_Sequence | None]] | None = None
-        self._prefilling: list[_Sequence] = []
         self._stats: collections.Counter = collections.Counter()
         self._stats_lock = threading.Lock()
 
@@ -211,9 +215,14 @@ class Engine:
 
     # ------------------------------------------------------------ jitted device functions
 
-    def _prefill_fn(self, params, cache: KVCache, state: SlotState, tokens_bt, starts_b, lengths_b, slots_b, rows):
-        """tokens_bt: each prompt's tokens from starts_b on (its cached prefix ends there),
-        right-padded; lengths_b: whole prompt lengths."""
+    def _prefill_fn(self, params, cache: KVCache, state: SlotState, tokens_bt, starts_b, lengths_b, slots_b,
+                    final_b, rows):
+        """tokens_bt: row i's prompt tokens from starts_b[i] (its cached prefix or earlier pieces
+        end there) to lengths_b[i], right-padded, for cache slot slots_b[i]. final_b: the prompt
+        ends at lengths_b[i]; its first token is sampled and the slot decodes from the next
+        dispatch. Otherwise this is a piece of a longer prompt: the slot stays inactive at
+        position lengths_b[i], where the next piece starts (decode writes a padding key there,
+        which that piece overwrites)."""
         model = nnx.merge(self.graphdef, params)
         b = tokens_bt.shape[0]
         x, cache = model.prefill(tokens_bt, starts_b, slots_b, cache)
@@ -222,7 +231,7 @@ class Engine:
         token = self._sample(logits, rows.temperature, rows.top_k, rows.top_p, rows.seed, jnp.zeros_like(lengths_b))
         logprob = token_logprobs(logits, token)
         code = _finish(token, rows, jnp.ones_like(lengths_b), lengths_b, self.max_len)
-        new = dataclasses.replace(rows, token=token, position=lengths_b, active=code == RUNNING,
+        new = dataclasses.replace(rows, token=token, position=lengths_b, active=final_b & (code == RUNNING),
                                   generated=jnp.ones_like(lengths_b))
         state = jax.tree.map(lambda s, r: s.at[slots_b].set(r, mode="drop"), state, new)
         cache = jax.lax.with_sharding_constraint(cache, self._cache_sharding)
@@ -369,26 +378,14 @@ class Engine:
                                                                        q.arrival))
 
     def _step(self) -> None:
-        """Fills free slots (prefill), then dispatches the next decode and reads the last one."""
-        free = [s for s, q in enumerate(self._slot_of) if q is None]
-        if self.batching == "static" and len(free) < self.max_slots:
-            free = []
-        while free and self._waiting:
-            batch, cached = self._take_batch(len(free))
-            self._prefilling = batch
-            slots = [free.pop(0) for _ in batch]
-            first, first_lp, codes = self._run_prefill(batch, cached, slots)
-            self._prefilling = []
-            for q, s, tok, lp, code in zip(batch, slots, first, first_lp, codes):
-                q.tokens.append(int(tok))
-                q.logprobs.append(float(lp))
-                if code != RUNNING:
-                    q.finish(FINISH_REASONS[int(code)])
-                    free.append(s)
-                else:
-                    self._slot_of[s] = q
-            free += self._end_at_stop_strings(batch)
-        running = [q for q in self._slot_of if q is not None]
+        """Prefills within the step's token budget, then dispatches the next decode and reads the last one."""
+        refill = self.batching == "inflight" or not any(self._slot_of)  # static: only when every slot is free
+        decoding = any(q is not None and q.decoding for q in self._slot_of)
+        # the budget protects running rows; with none, the whole step goes to prefill
+        room = self.prefill_chunk if decoding and self.prefill_chunk else math.inf
+        while batch := self._take_batch(refill, room):
+            room -= self._run_prefill(batch)
+        running = [q for q in self._slot_of if q is not None and q.decoding]
         # Dispatch the next decode before reading the last one, so host bookkeeping overlaps
         # device work; unless the last one surely ends every running row (no wasted step).
         if self._in_flight and (not running or all(len(q.tokens) + self.decode_steps >= q.limit for q in running)):
@@ -400,7 +397,7 @@ class Engine:
             with self._timed("decode", self._decode):
                 self.cache, self.state, *out = self._decode(self.params, self.cache, self.state, self.decode_steps,
                                                             chunks)
-            dispatched = (out, list(self._slot_of))
+            dispatched = (out, [q if q is not None and q.decoding else None for q in self._slot_of])
         if self._in_flight:
             self._collect()
         self._in_flight = dispatched
@@ -431,38 +428,33 @@ class Engine:
                     break
         self._end_at_stop_strings([q for q in slot_of_then if q is not None])
 
-    def _end_at_stop_strings(self, seqs: list["_Sequence"]) -> list[int]:
+    def _end_at_stop_strings(self, seqs: list["_Sequence"]) -> None:
         """Ends the running sequences whose completion text holds one of their stop strings, so
         their slots take new work at once instead of generating tokens the job would cut off.
         The text is decoded as the job decodes it (decode_completions), once per dispatch for
-        the sequences that have stop strings. Returns the slots freed. A sequence keeps the
-        tokens of the dispatch it was in, beyond the stop string: the caller cuts the text."""
+        the sequences that have stop strings. A sequence keeps the tokens of the dispatch it
+        was in, beyond the stop string: the caller cuts the text."""
         live = [q for q in seqs if q.params.stop and not q.future.done()]
         if not live:
-            return []
+            return
         texts = decode_completions(self.tokenizer, [q.prompt for q in live], [q.tokens for q in live])
-        freed = []
         for q, text in zip(live, texts):
             if any(stop in text for stop in q.params.stop):
                 q.finish("stop")
-                slot = next((s for s, r in enumerate(self._slot_of) if r is q), None)
-                if slot is not None:
-                    self._slot_of[slot] = None
-                    freed.append(slot)
-        return freed
+                if self._slot_of[q.slot] is q:
+                    self._slot_of[q.slot] = None
 
     def _fail_all(self, error: Exception, arrivals: list["_Sequence"]) -> None:
         """A step failed: every sequence the engine holds (running, being prefilled, waiting, just
         arrived) fails with it, so no caller waits forever and the loop cannot fail on the same
         state again; the cache and slot state start afresh (they may have been donated). Callers
         resubmit what they want retried (EngineHandler retries each failed request alone)."""
-        held = [*self._slot_of, *(self._in_flight[1] if self._in_flight else []), *self._prefilling,
-                *self._waiting, *arrivals]
+        held = [*self._slot_of, *(self._in_flight[1] if self._in_flight else []), *self._waiting, *arrivals]
         log.exception("engine step failed; failing the %d sequences it held", sum(q is not None for q in held))
         for q in held:
             if q is not None and not q.future.done():
                 q.future.set_exception(error)
-        self._slot_of, self._in_flight, self._prefilling, self._waiting = [None] * self.max_slots, None, [], []
+        self._slot_of, self._in_flight, self._waiting = [None] * self.max_slots, None, []
         self.cache = type(self.cache).create(self.cfg, self.max_slots, self.max_len, self.dtype, self.mesh,
                                              int8=self.cache.k_scale is not None)
         self.state = self._place_state(SlotState.host(self.max_slots, self._n_stop))
@@ -480,63 +472,98 @@ class Engine:
         top = self.prefill_batch(bucket)
         return sorted({min(1 << i, top) for i in range(top.bit_length() + 1)})
 
-    def _take_batch(self, n_free: int) -> tuple[list["_Sequence"], list[tuple[int | None, int]]]:
-        """Takes up to n_free waiting sequences whose uncached part falls in the same bucket as the
-        first one's; returns them and, for each, (prefix store row or None, where its uncached
-        part starts). Of sequences that miss the prefix cache, one per first block goes at a
-        time: the others then find its prefix cached."""
+    def _piece_end(self, q: "_Sequence", start: int) -> int:
+        """Where the piece of q's prompt that starts at `start` ends."""
+        return len(q.prompt) if self.piece_len is None else min(len(q.prompt), start + self.piece_len)
+
+    def _take_batch(self, refill: bool, room: float) -> list[tuple["_Sequence", int | None]]:
+        """The sequences of the next prefill call, each with the prefix-store row to copy into its
+        slot first (or None). Prompts that hold a slot mid-prefill come first, then waiting ones
+        take free slots (if `refill`); all with their next piece in the first one's length bucket,
+        as many as fit `room` tokens (padded rows x bucket). Of waiting sequences that miss the
+        prefix cache, one per first block goes at a time (counting those mid-prefill): the others
+        then find its prefix cached."""
+        held = [q for q in self._slot_of if q is not None and not q.decoding]
+        free = [s for s, q in enumerate(self._slot_of) if q is None] if refill else []
+        candidates = held + (self._waiting if free else [])
+        if not candidates:
+            return []
         found = {}
 
         def start(q: _Sequence) -> int:
+            if q.slot is not None:
+                return q.filled
             if id(q) not in found:
                 found[id(q)] = self.prefix_cache.lookup(q.hashes) if self.prefix_cache is not None else (None, 0)
             return found[id(q)][1]
 
-        head = self._waiting[0]
-        bucket = self._bucket(len(head.prompt) - start(head))
-        limit = min(n_free, self.prefill_batch(bucket))
-        batch, missed_heads = [], set()
-        for q in self._waiting:
-            if len(batch) == limit:
-                break
-            if self._bucket(len(q.prompt) - start(q)) != bucket:
-                continue
-            if found[id(q)][1] == 0 and q.hashes:
-                if q.hashes[0] in missed_heads:
-                    continue
-                missed_heads.add(q.hashes[0])
-            batch.append(q)
-        taken = set(map(id, batch))
-        self._waiting = [q for q in self._waiting if id(q) not in taken]
-        return batch, [found[id(q)] for q in batch]
+        def bucket(q: _Sequence) -> int:
+            return self._bucket(self._piece_end(q, start(q)) - start(q))
 
-    def _run_prefill(self, batch: list["_Sequence"], cached, slots):
-        starts = [st for _, st in cached]
-        t = self._bucket(max(len(q.prompt) - st for q, st in zip(batch, starts)))
+        t = bucket(candidates[0])
+        fits = [r for r in self.prefill_rows(t) if r * t <= room]
+        if not fits:
+            return []
+        batch, missed_heads = [], {q.hashes[0] for q in held if q.cached == 0 and q.hashes}
+        for q in candidates:
+            if len(batch) == fits[-1] or (q.slot is None and not free):
+                break
+            if bucket(q) != t:
+                continue
+            row = None
+            if q.slot is None:  # waiting: it takes a slot
+                row, cached = found[id(q)]
+                if cached == 0 and q.hashes:
+                    if q.hashes[0] in missed_heads:
+                        continue
+                    missed_heads.add(q.hashes[0])
+                q.slot, q.filled, q.cached = free.pop(0), cached, cached
+                self._slot_of[q.slot] = q
+            batch.append((q, row))
+        taken = set(id(q) for q, _ in batch)
+        self._waiting = [q for q in self._waiting if id(q) not in taken]
+        return batch
+
+    def _run_prefill(self, batch: list[tuple["_Sequence", int | None]]) -> int:
+        """One prefill call: each sequence's next piece into its slot, after copying the given
+        prefix-store row there. A sequence whose last piece this is gets its first token and
+        decodes from the next dispatch (or ends); the others keep their slot for the next piece.
+        Returns the tokens the call ran: rows x bucket, padding included."""
+        ends = [self._piece_end(q, q.filled) for q, _ in batch]
+        t = self._bucket(max(end - q.filled for (q, _), end in zip(batch, ends)))
         b = next(r for r in self.prefill_rows(t) if r >= len(batch))
-        tokens = np.zeros((b, t), np.int32)
-        start_ids, lengths = np.zeros((b,), np.int32), np.ones((b,), np.int32)
-        slot_ids = np.full((b,), self.max_slots, np.int32)  # out of range: padding rows are dropped
-        rows = SlotState.host(b, self._n_stop)
-        for r, (q, (row, st), s) in enumerate(zip(batch, cached, slots)):
+        tokens, start_ids, lengths, slot_ids, final, rows = self._padding_prefill(b, t)
+        for r, ((q, row), end) in enumerate(zip(batch, ends)):
             if row is not None:
-                self.cache = self.prefix_cache.load(self.cache, row, s)
-            tokens[r, : len(q.prompt) - st] = q.prompt[st:]
-            start_ids[r], lengths[r], slot_ids[r] = st, len(q.prompt), s
+                self.cache = self.prefix_cache.load(self.cache, row, q.slot)
+            tokens[r, : end - q.filled] = q.prompt[q.filled:end]
+            start_ids[r], lengths[r], slot_ids[r], final[r] = q.filled, end, q.slot, end == len(q.prompt)
             sp = q.params
             rows.max_new[r], rows.temperature[r] = sp.max_new_tokens, sp.temperature
             rows.top_k[r], rows.top_p[r], rows.seed[r] = sp.top_k, sp.top_p, sp.seed
             rows.stop_ids[r, : len(q.stop_ids)] = q.stop_ids
-        first, first_lp, codes = self._call_prefill(tokens, start_ids, lengths, slot_ids, rows)
-        if self.prefix_cache is not None:
-            for q, st, s in zip(batch, starts, slots):
-                if st < len(q.hashes) * self.prefix_cache.block:  # it brings a longer prefix
-                    self.prefix_cache.insert(q.hashes, self.cache, s)
-        return first[: len(batch)], first_lp[: len(batch)], codes[: len(batch)]
+        first, first_lp, codes = self._call_prefill(tokens, start_ids, lengths, slot_ids, final, rows)
+        done = []
+        for (q, _), end, tok, lp, code in zip(batch, ends, first, first_lp, codes):
+            q.filled = end
+            if not q.decoding:
+                continue
+            done.append(q)
+            if self.prefix_cache is not None and q.cached < len(q.hashes) * self.prefix_cache.block:
+                self.prefix_cache.insert(q.hashes, self.cache, q.slot)  # it brings a longer prefix
+            q.tokens.append(int(tok))
+            q.logprobs.append(float(lp))
+            if code != RUNNING:
+                q.finish(FINISH_REASONS[int(code)])
+                self._slot_of[q.slot] = None
+        self._end_at_stop_strings(done)
+        return b * t
 
     def prefill_shapes(self) -> list[tuple[int, int]]:
-        """(rows, bucket) of every prefill the engine can run, i.e. compiles in warmup()."""
-        return [(b, t) for t in self.buckets for b in self.prefill_rows(t)]
+        """(rows, bucket) of every prefill the engine can run, i.e. compiles in warmup(): with
+        chunked prefill, only buckets up to a piece's length."""
+        return [(b, t) for t in self.buckets if self.piece_len is None or t <= self.piece_len
+                for b in self.prefill_rows(t)]
 
     def warmup(self) -> dict[str, float]:
         """Compiles every prefill shape and the decode step (for each count of live cache chunks,
@@ -593,21 +620,22 @@ class Engine:
         return self._decode.lower(self.params, self.cache, self.state, self.decode_steps, chunks)
 
     def _padding_prefill(self, b: int, t: int) -> tuple[np.ndarray, ...]:
-        """Inputs of a prefill of b padding rows of t tokens, whose writes are all dropped."""
+        """Inputs of a prefill of b padding rows of t tokens, whose writes are all dropped:
+        (tokens, starts, lengths, slots, final, rows)."""
         return (np.zeros((b, t), np.int32), np.zeros((b,), np.int32), np.ones((b,), np.int32),
-                np.full((b,), self.max_slots, np.int32), SlotState.host(b, self._n_stop))
+                np.full((b,), self.max_slots, np.int32), np.zeros((b,), bool), SlotState.host(b, self._n_stop))
 
     def _check_concrete(self, what: str) -> None:
         if self.abstract:
             raise RuntimeError(f"{what}() needs weights on devices; this Engine is abstract (Engine.abstract): "
                                "it only lowers and compiles (lower_prefill, lower_decode)")
 
-    def _call_prefill(self, tokens, starts, lengths, slot_ids, rows: SlotState):
+    def _call_prefill(self, tokens, starts, lengths, slot_ids, final, rows: SlotState):
         rows = jax.tree.map(jnp.asarray, rows)
         with self._timed("prefill", self._prefill):
             self.cache, self.state, first, logprob, codes = self._prefill(
                 self.params, self.cache, self.state, jnp.asarray(tokens), jnp.asarray(starts),
-                jnp.asarray(lengths), jnp.asarray(slot_ids), rows)
+                jnp.asarray(lengths), jnp.asarray(slot_ids), jnp.asarray(final), rows)
             return np.asarray(first), np.asarray(logprob), np.asarray(codes)
 
     def _stop_ids(self, sp: SamplingParams) -> tuple[int, ...]:
@@ -657,9 +685,17 @@ class _Sequence:
     limit: int  # most tokens it may generate: max_new_tokens, cut to what the cache holds
     hashes: list[bytes]  # the prompt's prefix-cache block hashes
     arrival: int = 0
+    slot: int | None = None  # the cache slot it holds, from its first prefill piece on
+    filled: int = 0  # prompt tokens in its slot's cache: where its next prefill piece starts
+    cached: int = 0  # of those, the prefix copied in from the prefix cache
     tokens: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)
     future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
+
+    @property
+    def decoding(self) -> bool:
+        """Its whole prompt is in its slot: it decodes (or has ended)."""
+        return self.slot is not None and self.filled == len(self.prompt)
 
     def finish(self, reason: str) -> None:
         self.future.set_result(GenerationOutput(self.tokens, reason, len(self.prompt), self.logprobs))

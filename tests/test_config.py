@@ -192,6 +192,7 @@ def test_engine_config_is_the_one_source_of_serving_defaults():
     with pytest.raises(ValueError, match="max_len=100000 exceeds"):
         EngineConfig(max_len=100_000).context_length(cfg)
     for bad, match in (({"max_slots": 0}, "max_slots=0"), ({"order": "random"}, "order='random'"),
-                       ({"kv_cache_dtype": "int4"}, "kv_cache_dtype='int4'"), ({"max_len": 1}, "max_len=1")):
+                       ({"kv_cache_dtype": "int4"}, "kv_cache_dtype='int4'"), ({"max_len": 1}, "max_len=1"),
+                       ({"prefill_chunk": 8}, "prefill_chunk=8; must be None or an integer >= 16")):
         with pytest.raises(ValueError, match=match):
             EngineConfig(**bad)
