@@ -22,6 +22,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -321,11 +322,14 @@ class Engine:
         return [f.result() for f in self.submit(prompts, sampling)]
 
     def submit(self, prompts: Sequence[Sequence[int]],
-               sampling: SamplingParams | Sequence[SamplingParams] | None = None
-               ) -> list[concurrent.futures.Future]:
+               sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+               on_tokens: Any = None) -> list[concurrent.futures.Future]:
         """Queues prompts for the scheduler loop; returns a future per prompt, resolved with its
         GenerationOutput when it ends (or with the exception that failed it). Bad input raises
-        ValueError here, for the whole call, before anything is queued."""
+        ValueError here, for the whole call, before anything is queued. on_tokens(i, token_ids),
+        if given, streams: it is called on the loop's thread with prompt i's new tokens as they
+        arrive (the first after its prefill, then per decode dispatch), before its future is
+        resolved; keep it quick."""
         self._check_concrete("generate")
         prompts = self._check_prompts(prompts, limit=self.max_len - 1)
         if sampling is None:
@@ -337,8 +341,9 @@ class Engine:
         if self.tokenizer is None and any(sp.stop for sp in params):
             raise ValueError("stop strings need the checkpoint's tokenizer; this engine has none (a preset)")
         seqs = [_Sequence(p, sp, st, min(sp.max_new_tokens, self.max_len - len(p)),
-                          self.prefix_cache.hashes(p) if self.prefix_cache is not None else [])
-                for p, sp, st in zip(prompts, params, stops)]
+                          self.prefix_cache.hashes(p) if self.prefix_cache is not None else [],
+                          on_tokens=None if on_tokens is None else functools.partial(on_tokens, i))
+                for i, (p, sp, st) in enumerate(zip(prompts, params, stops))]
         with self._cond:
             for q in seqs:
                 q.arrival, self._arrivals = self._arrivals, self._arrivals + 1
@@ -418,14 +423,18 @@ class Engine:
         for s, q in enumerate(slot_of_then):
             if q is None or q.future.done():  # done: ended at a stop string since this was dispatched
                 continue
+            before, code = len(q.tokens), RUNNING
             for step in range(self.decode_steps):
                 if emitted[step, s]:
                     q.tokens.append(int(tokens[step, s]))
                     q.logprobs.append(float(lps[step, s]))
                 if codes[step, s] != RUNNING:
-                    q.finish(FINISH_REASONS[int(codes[step, s])])
-                    self._slot_of[s] = None
+                    code = int(codes[step, s])
                     break
+            q.emit(before)
+            if code != RUNNING:
+                q.finish(FINISH_REASONS[code])
+                self._slot_of[s] = None
         self._end_at_stop_strings([q for q in slot_of_then if q is not None])
 
     def _end_at_stop_strings(self, seqs: list["_Sequence"]) -> None:
@@ -553,6 +562,7 @@ class Engine:
                 self.prefix_cache.insert(q.hashes, self.cache, q.slot)  # it brings a longer prefix
             q.tokens.append(int(tok))
             q.logprobs.append(float(lp))
+            q.emit(len(q.tokens) - 1)
             if code != RUNNING:
                 q.finish(FINISH_REASONS[int(code)])
                 self._slot_of[q.slot] = None
@@ -691,6 +701,15 @@ class _Sequence:
     tokens: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)
     future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
+    on_tokens: Any = None  # called on the loop's thread with each batch of new token ids, before the end
+
+    def emit(self, before: int) -> None:
+        """Hands the tokens generated since `before` to on_tokens; a callback's error ends nothing."""
+        if self.on_tokens is not None and len(self.tokens) > before:
+            try:
+                self.on_tokens(self.tokens[before:])
+            except Exception:  # noqa: BLE001 (a listener must not fail the engine loop)
+                log.exception("an on_tokens callback failed")
 
     @property
     def decoding(self) -> bool:

@@ -3,6 +3,7 @@
     from pipeline.preview import generate
     generate(["Once upon a time", "The hacker"], max_tokens=40, temperature=0.8)
     for record in stream(prompts, max_tokens=40): ...   # each record as soon as it finishes
+    for piece in stream_text("Once upon a time", max_tokens=40): print(piece, end="")  # as generated
 
 or from a shell:  python -m pipeline.preview --model demo "Once upon a time"
 """
@@ -14,6 +15,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import os
+import queue
 import sys
 import time
 from typing import Any, Iterator, Sequence
@@ -84,6 +86,35 @@ def stream(prompts: str | Sequence[str], model: str = "demo", max_tokens: int = 
             text, reason = text[:cut], "stop"
         yield {"index": i, "prompt": prompts[i], "completion": text, "prompt_tokens": len(token_ids[i]),
                "completion_tokens": len(out.token_ids), "finish_reason": reason}
+
+
+def stream_text(prompt: str, model: str = "demo", max_tokens: int = 64, temperature: float = 0.0,
+                top_p: float = 1.0, top_k: int = 0, seed: int = 0, stop: Sequence[str] = (),
+                dtype: str = "float32", max_len: int | None = None, max_slots: int = 16) -> Iterator[str]:
+    """Yields one prompt's completion as it is generated: pieces of text that add up to
+    `generate`'s completion for the same arguments (a piece arrives per decode dispatch of the
+    engine, `decode_steps` tokens). The text up to a stop string, without it."""
+    engine = _engine(model, dtype, max_len, max_slots)
+    if engine.tokenizer is None:
+        raise ValueError(f"model {model!r} has no tokenizer; preview needs text in and out")
+    [ids] = engine.tokenizer.encode_batch([prompt])
+    sampling = SamplingParams(max_new_tokens=max(1, min(max_tokens, engine.max_len - len(ids))),
+                              temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=tuple(stop))
+    arrived: queue.Queue = queue.Queue()
+    [future] = engine.submit([ids], sampling, on_tokens=lambda _, tokens: arrived.put(list(tokens)))
+    future.add_done_callback(lambda _: arrived.put(None))
+    tokens, sent = [], ""
+    while (new := arrived.get()) is not None:
+        tokens += new
+        [text] = decode_completions(engine.tokenizer, [ids], [tokens])
+        cut = min((c for c in (text.find(s) for s in stop) if c >= 0), default=-1)
+        text = text[:cut] if cut >= 0 else text.rstrip("\ufffd")  # hold back a split UTF-8 character
+        if len(text) > len(sent) and text.startswith(sent):
+            yield text[len(sent):]
+            sent = text
+        if cut >= 0:
+            break
+    future.result()  # raises what failed it
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -151,6 +151,26 @@ def test_stream_yields_every_record_once_as_generate_has_it():
     assert sorted(got, key=lambda r: prompts.index(r["prompt"])) == expected
 
 
+@pytest.mark.parametrize("stop", [(), ("the",)])
+def test_stream_text_yields_one_completion_as_it_is_generated(stop):
+    pieces = list(preview.stream_text("Once upon a time", max_tokens=40, stop=stop))
+    [expected] = preview.generate(["Once upon a time"], max_tokens=40, stop=stop, progress=False)
+    assert "".join(pieces) == expected["completion"] and all(pieces)
+    if not stop:  # 40 tokens arrive over several decode dispatches, not at the end
+        assert len(pieces) > 2
+
+
+def test_engine_on_tokens_streams_each_prompts_tokens_before_its_future_resolves():
+    engine = preview._engine("demo", "float32", None, 16)
+    prompts = [engine.tokenizer.encode("The hacker"), engine.tokenizer.encode("In the beginning")]
+    seen = {0: [], 1: []}
+    order = []
+    futures = engine.submit(prompts, SamplingParams(max_new_tokens=20, ignore_eos=True),
+                            on_tokens=lambda i, toks: (seen[i].extend(toks), order.append(i)))
+    outs = [f.result() for f in futures]
+    assert [seen[0], seen[1]] == [o.token_ids for o in outs] and len(order) > 2
+
+
 def test_model_yaml_is_flat_and_resolves_its_checkpoint_next_to_itself(tmp_path):
     from model import EngineConfig
     from pipeline.handler import ModelSpec
