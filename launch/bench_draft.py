@@ -65,23 +65,22 @@ def greedy_accepted(target: LogitsFn, drafts: dict[str, LogitsFn], tokens: np.nd
 
 
 def sampled_accepted(target: LogitsFn, draft: LogitsFn, tokens: np.ndarray, lengths: np.ndarray, k: int,
-                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(expected tokens accepted [n] of k proposals sampled at temperature 1, each row's first
-    position's acceptance probability alpha [n]), after each context tokens[i, :lengths[i]]."""
+                     rng: np.random.Generator) -> np.ndarray:
+    """Expected tokens accepted [n, k] of j + 1 proposals sampled at temperature 1 (column j), after
+    each context tokens[i, :lengths[i]]; column 0 is the first proposal's acceptance probability."""
     buf, rows = tokens.copy(), np.arange(len(tokens))
-    reach, expected, first = np.ones(len(tokens)), np.zeros(len(tokens)), None
+    reach, expected = np.ones(len(tokens)), np.zeros((len(tokens), k))
     for j in range(k):
         index = lengths + j - 1
         overlap = np.minimum(_softmax(target(buf, index)), _softmax(draft(buf, index)))
         alpha = overlap.sum(axis=-1)
-        reach = reach * alpha  # P(positions 0..j all accepted), along this path
-        expected += reach
-        first = alpha if first is None else first
+        reach = reach * alpha  # P(proposals 0..j all accepted), along this path
+        expected[:, j] = reach if j == 0 else expected[:, j - 1] + reach
         if j + 1 < k:
             cdf = np.cumsum(overlap / alpha[:, None], axis=-1)
             buf[rows, lengths + j] = np.minimum((cdf < rng.random(len(rows))[:, None]).sum(axis=-1),
                                                 overlap.shape[-1] - 1)
-    return expected, first
+    return expected
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -158,30 +157,42 @@ def main(argv: list[str] | None = None) -> None:
                    target=dict(path=args.target, params=target_cfg.num_params), drafts={})
     timing = {} if args.no_timing else {path: decode_ms_per_token(path) for path in [args.target, *args.drafts]}
     for i, (path, draft) in enumerate(drafts.items()):
-        sampled, alpha = sampled_accepted(target, draft, tokens, lengths, args.k, np.random.default_rng(args.seed + i))
+        sampled = sampled_accepted(target, draft, tokens, lengths, args.k, np.random.default_rng(args.seed + i))
+        g, s = greedy[path], sampled[:, -1]
         r = dict(params=sizes[path], params_ratio=round(target_cfg.num_params / sizes[path], 2),
-                 greedy_accepted=float(greedy[path].mean()), greedy_rate=float(greedy[path].mean() / args.k),
-                 greedy_rate_stderr=float(greedy[path].std() / np.sqrt(len(tokens)) / args.k),
-                 greedy_first=float((greedy[path] > 0).mean()),
-                 sampled_accepted=float(sampled.mean()), sampled_rate=float(sampled.mean() / args.k),
-                 sampled_rate_stderr=float(sampled.std() / np.sqrt(len(sampled)) / args.k),
-                 sampled_first=float(alpha.mean()))
+                 greedy_accepted=float(g.mean()), greedy_rate=float(g.mean() / args.k),
+                 greedy_rate_stderr=float(g.std() / np.sqrt(len(g)) / args.k), greedy_first=float((g > 0).mean()),
+                 sampled_accepted=float(s.mean()), sampled_rate=float(s.mean() / args.k),
+                 sampled_rate_stderr=float(s.std() / np.sqrt(len(s)) / args.k),
+                 sampled_first=float(sampled[:, 0].mean()),
+                 # fewer proposals: the first j of these k (acceptance of a prefix does not depend on k)
+                 greedy_accepted_by_k=[float(np.minimum(g, j).mean()) for j in range(1, args.k + 1)],
+                 sampled_accepted_by_k=[float(x) for x in sampled.mean(axis=0)])
         if timing:
-            r.update(decode_ms=round(timing[path], 3), cost_ratio=round(timing[path] / timing[args.target], 3))
+            c = timing[path] / timing[args.target]
+            # tokens per verification over its cost in target decode steps, if verifying k + 1
+            # positions costs one decode step (memory-bound): an upper bound on the speedup
+            r.update(decode_ms=round(timing[path], 3), cost_ratio=round(c, 3),
+                     greedy_speedup_bound_by_k=[round((a + 1) / (j * c + 1), 2)
+                                                for j, a in enumerate(r["greedy_accepted_by_k"], 1)])
         results["drafts"][path] = r
     if timing:
         results["target"]["decode_ms"] = round(timing[args.target], 3)
     results["wall_s"] = round(time.time() - t_start, 1)
 
+    fmt = lambda xs: " ".join(f"{x:.2f}" for x in xs)  # noqa: E731
     print(f"k={args.k}, {args.rows} held-out contexts; target {args.target}: {target_cfg.num_params:,} params"
           + (f", {timing[args.target]:.2f} ms/token" if timing else ""))
     for path, r in results["drafts"].items():
-        cost = f"  cost {r['decode_ms']:.2f} ms/token = {r['cost_ratio']:.2f}x target" if timing else ""
+        cost = (f"\n  cost {r['decode_ms']:.2f} ms/token = {r['cost_ratio']:.2f}x target; greedy speedup "
+                f"bound by k: {fmt(r['greedy_speedup_bound_by_k'])}") if timing else ""
         print(f"{path}: {r['params']:,} params ({r['params_ratio']}x fewer)\n"
               f"  greedy:  rate {r['greedy_rate']:.3f} +- {r['greedy_rate_stderr']:.3f} "
               f"({r['greedy_accepted']:.2f}/{args.k}, first {r['greedy_first']:.3f})\n"
               f"  sampled: rate {r['sampled_rate']:.3f} +- {r['sampled_rate_stderr']:.3f} "
-              f"({r['sampled_accepted']:.2f}/{args.k}, first {r['sampled_first']:.3f}){cost}")
+              f"({r['sampled_accepted']:.2f}/{args.k}, first {r['sampled_first']:.3f})\n"
+              f"  accepted with k = 1..{args.k}: greedy {fmt(r['greedy_accepted_by_k'])}, "
+              f"sampled {fmt(r['sampled_accepted_by_k'])}{cost}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -8,9 +8,10 @@ distribution matches the target's:
   --loss ce  plain next-token cross-entropy on the text (the baseline the distillation is
              measured against).
 The draft's tied embedding starts as the target's, projected onto its top singular directions
-(--init target; --init random starts from init_params alone). Everything else is launch/train_demo.py's: the same text (Jargon File + KJV, every 20th chunk
-held out), encoded with the target's own tokenizer.model; the same batches (16 random 256-token
-windows), AdamW schedule and export (`model.weights.save_params`, float32, HF layout, plus the
+(--init target; --init random starts from init_params alone). Everything else is
+launch/train_demo.py's: the same text (Jargon File + KJV, every 20th chunk held out), encoded
+with the target's own tokenizer.model; the same batches (16 random 256-token windows), AdamW
+schedule and export (`model.weights.save_params`, float32, HF layout, plus the
 target's tokenizer.model), so the draft loads in `Engine.from_pretrained` and in transformers.
 
 Run (needs `apt-get install jargon-text bible-kjv-text`, like train_demo):
