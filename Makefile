@@ -22,6 +22,9 @@ install-dev: $(VENV)/.installed-dev
 
 demo: install
 	$(PYTHON) -m pipeline.run --input 'configs/demo/*.jsonl' --output out/demo --model configs/models/demo.yaml --overwrite
+	$(PYTHON) -m pipeline.run --input 'configs/demo/labeling/*.jsonl' --output out/demo-labeling \
+		--model configs/models/demo.yaml --overwrite
+	head -n 3 out/demo-labeling/labels-00000.jsonl
 
 # The README's picture of the run report: the demo's report in headless Chromium (Debian's package).
 report-screenshot: demo

@@ -372,6 +372,11 @@ class EngineConfig:
     order: str = "longest_first"  # or "arrival": which waiting prompt takes a free slot
     hbm_utilization: float = 0.9  # with max_slots "auto": the share of device memory weights and cache may take
     hot_path: str = "auto"  # the devices' own (model/platform.py); "tpu" on a CPU runs the TPU code, kernels interpreted
+    # Structured outputs: the device table of the automata running rows follow (model/constraints.py),
+    # its capacity in states, token classes and automata. It grows (a recompile) when rows need more.
+    constraint_states: int = 4096
+    constraint_classes: int = 512
+    constraint_automata: int = 8
 
     def __post_init__(self):
         if self.max_slots != "auto" and (not isinstance(self.max_slots, int) or self.max_slots < 1):
@@ -380,7 +385,10 @@ class EngineConfig:
             raise ValueError(f"hbm_utilization={self.hbm_utilization!r}; must be a number in (0, 1]")
         for name, value, least in (("decode_steps", self.decode_steps, 1),
                                    ("prefill_tokens", self.prefill_tokens, 1), ("prefix_block", self.prefix_block, 1),
-                                   ("prefix_cache_entries", self.prefix_cache_entries, 0)):
+                                   ("prefix_cache_entries", self.prefix_cache_entries, 0),
+                                   ("constraint_states", self.constraint_states, 1),
+                                   ("constraint_classes", self.constraint_classes, 1),
+                                   ("constraint_automata", self.constraint_automata, 1)):
             if not isinstance(value, int) or value < least:
                 raise ValueError(f"{name}={value!r}; must be an integer >= {least}")
         if self.prefill_chunk is not None and (not isinstance(self.prefill_chunk, int)

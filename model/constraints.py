@@ -44,6 +44,8 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
+import math
 import re
 import threading
 import weakref
@@ -52,6 +54,8 @@ from typing import Any, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 KINDS = ("json_schema", "json_object", "regex", "choice")
 MAX_TABLE_ENTRIES = 1 << 24  # states x classes of one automaton: 64 MB of int32
@@ -205,7 +209,7 @@ def _canonical(kind: str, spec: Any) -> str | tuple | None:
                 raise ValueError(f"json_schema is not valid JSON: {e}") from None
         if not isinstance(spec, dict):
             raise ValueError(f"json_schema must be a JSON object; got {type(spec).__name__}")
-        return json.dumps(spec, separators=(",", ":"), ensure_ascii=False)
+        return json.dumps(_enforceable(spec, "schema"), separators=(",", ":"), ensure_ascii=False)
     if kind == "json_object":
         return None
     if kind == "regex":
@@ -222,6 +226,56 @@ def _canonical(kind: str, spec: Any) -> str | tuple | None:
             raise ValueError(f"choice must be a list of strings; {bad[0]!r} is a {type(bad[0]).__name__}")
         return tuple(spec)
     raise ValueError(f"constraint kind {kind!r}; expected one of {KINDS}")
+
+
+# Keywords outlines-core's schema compiler accepts but does not enforce (checked against 0.2.14): an
+# output could break them, so a schema using them is refused rather than silently not followed.
+# (additionalProperties is enforced by construction: only the listed properties are generated.)
+_NOT_ENFORCED = ("uniqueItems", "contains", "minContains", "maxContains", "minProperties", "maxProperties",
+                 "patternProperties", "propertyNames", "dependentRequired", "dependentSchemas", "contentEncoding",
+                 "contentMediaType")
+_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf")
+MAX_INTEGER_RANGE = 1024  # an integer range with bounds becomes an enum of its values, up to this many
+
+
+def _enforceable(node: Any, path: str) -> Any:
+    """The schema with integer bounds rewritten as enums (outlines-core ignores numeric bounds);
+    ValueError naming the keyword and where it is for what cannot be enforced."""
+    if isinstance(node, list):
+        return [_enforceable(x, f"{path}[{i}]") for i, x in enumerate(node)]
+    if not isinstance(node, dict):
+        return node
+    for key in _NOT_ENFORCED:
+        if key in node and node[key] not in (False, None):
+            raise ValueError(f"json_schema: {key!r} at {path} is not supported (the constraint compiler cannot "
+                             "enforce it); leave it out")
+    out = {k: (v if k in ("enum", "const", "default", "examples") else _enforceable(v, f"{path}.{k}"))
+           for k, v in node.items()}
+    bounds = [k for k in _BOUNDS if k in node]
+    if bounds:
+        if node.get("type") != "integer" or "enum" in node or "const" in node:
+            if "enum" in node or "const" in node:
+                return out
+            raise ValueError(f"json_schema: {bounds[0]!r} at {path} is only supported on an integer with both "
+                             f"bounds (at most {MAX_INTEGER_RANGE} values); use an enum or a string pattern")
+        low = node.get("minimum", -math.inf)
+        if "exclusiveMinimum" in node:
+            low = max(low, node["exclusiveMinimum"] + 1)
+        high = node.get("maximum", math.inf)
+        if "exclusiveMaximum" in node:
+            high = min(high, node["exclusiveMaximum"] - 1)
+        step = node.get("multipleOf", 1)
+        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (low, high, step)) or step <= 0:
+            raise ValueError(f"json_schema: the bounds at {path} must be numbers (multipleOf > 0)")
+        if not math.isfinite(low) or not math.isfinite(high) or high - low >= MAX_INTEGER_RANGE * step:
+            raise ValueError(f"json_schema: the integer at {path} needs both bounds and at most "
+                             f"{MAX_INTEGER_RANGE} values to be enforced; got {bounds}")
+        values = [v for v in range(math.ceil(low), math.floor(high) + 1) if v % step == 0]
+        if not values:
+            raise ValueError(f"json_schema: no integer at {path} satisfies {bounds}")
+        out = {k: v for k, v in out.items() if k not in _BOUNDS}
+        out["enum"] = values
+    return out
 
 
 @functools.cache
@@ -475,3 +529,67 @@ def advance(state_b: jax.Array, token_b: jax.Array, table: AutomatonTable,
     class_b = table.token_class[table.automaton_of[state_b], token_b]
     next_b = table.next_state[state_b, class_b]
     return jnp.where(constrained_b & (next_b >= 0), next_b, state_b)
+
+
+class TableManager:
+    """The automata an engine's rows use, packed into one fixed-capacity AutomatonTable.
+
+    `offsets(automata, in_use)` makes room for the automata a batch of rows needs and returns each
+    one's initial (global) state. An automaton stays in the table while any row uses it, and after,
+    until its room is needed; then the automata no row uses are dropped and the rest repacked, and
+    `remap` (old global state -> new) must be applied to the rows' states. The capacity (states,
+    classes, automata) only grows, by powers of two, when the automata in use need more: a new
+    shape, so the engine's functions compile again (once per growth).
+    """
+
+    def __init__(self, vocab_size: int, states: int, classes: int, automata: int):
+        self.vocab_size = vocab_size
+        self.capacity = (states, classes, automata)
+        self.loaded: list[TokenAutomaton] = []
+        self.table, self._offsets = self._pack()
+
+    def _pack(self):
+        table, offsets = pack(self.loaded, *self.capacity, vocab_size=self.vocab_size)
+        return table, {id(a): int(o) for a, o in zip(self.loaded, offsets)}
+
+    def offsets(self, automata: Sequence[TokenAutomaton], in_use: Sequence[TokenAutomaton]
+                ) -> tuple[list[int], np.ndarray | None]:
+        """(initial state of each of `automata`, remap or None). in_use: the automata of rows
+        still running, which keep their place or are moved with the remap."""
+        new = list({id(a): a for a in automata if id(a) not in self._offsets}.values())
+        if not new:
+            return [self._offsets[id(a)] for a in automata], None
+        for a in new:
+            if a.vocab_size > self.vocab_size:
+                raise ValueError(f"a constraint covers {a.vocab_size} token ids; the model's vocabulary has "
+                                 f"{self.vocab_size}")
+        old_table, old_offsets = self.table, self._offsets
+        if self._fits(self.loaded + new):
+            self.loaded += new  # appended: the others keep their offsets
+        else:
+            keep = {id(a) for a in in_use} | {id(a) for a in automata}
+            self.loaded = [a for a in self.loaded if id(a) in keep] + new
+            need = self._need(self.loaded)
+            if not self._fits(self.loaded):
+                self.capacity = tuple(max(c, 1 << math.ceil(math.log2(max(n, 1))))
+                                      for c, n in zip(self.capacity, need))
+                log.warning("constraint table grows to %s (states, classes, automata): the engine compiles again",
+                            self.capacity)
+        self.table, self._offsets = self._pack()
+        moved = any(self._offsets.get(i, o) != o for i, o in old_offsets.items())
+        if moved:  # (growing alone moves nothing: the capacity only grows)
+            remap = np.zeros(old_table.next_state.shape[0], np.int32)
+            for a in self.loaded:
+                if id(a) in old_offsets:
+                    o, n = old_offsets[id(a)], self._offsets[id(a)]
+                    remap[o:o + a.num_states] = np.arange(n, n + a.num_states, dtype=np.int32)
+        else:
+            remap = None
+        return [self._offsets[id(a)] for a in automata], remap
+
+    def _need(self, automata) -> tuple[int, int, int]:
+        return (sum(a.num_states for a in automata), max((a.num_classes for a in automata), default=1),
+                len(automata))
+
+    def _fits(self, automata) -> bool:
+        return all(n <= c for n, c in zip(self._need(automata), self.capacity))

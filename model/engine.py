@@ -36,6 +36,7 @@ import numpy as np
 from flax import nnx
 
 from model.config import PRESETS, EngineConfig, ModelConfig, buckets_for
+from model.constraints import TableManager, TokenAutomaton, advance, compile_constraint, mask_logits
 from model.decoder import Decoder, abstract_params, init_params, param_shardings, stack_layers
 from model.kv_cache import KVCache, StackedKVCache
 from model.platform import hot_path
@@ -66,7 +67,9 @@ class GenerationOutput:
     # reached, or prompt + completion reached max_len)
     prompt_len: int = 0
     logprobs: list[float] = dataclasses.field(default_factory=list)  # log p of each generated token
-    # under the model's unmodified distribution (before temperature, top-k and top-p)
+    # under the model's unmodified distribution (before temperature, top-k, top-p and a constraint)
+    constraint_satisfied: bool | None = None  # with a constraint: the output is complete (its
+    # automaton accepts it); False only when finish_reason is "length". None: no constraint.
 
 
 @jax.tree_util.register_dataclass
@@ -84,6 +87,8 @@ class SlotState:
     top_p: jax.Array
     seed: jax.Array
     stop_ids: jax.Array  # -1 pads
+    cstate: jax.Array  # a constrained row's automaton state (global, in the engine's table)
+    constrained: jax.Array  # bool: the row follows a constraint
 
     @classmethod
     def host(cls, slots: int, n_stop: int) -> "SlotState":
@@ -93,7 +98,7 @@ class SlotState:
         return cls(token=z(np.int32), position=z(np.int32), active=z(bool), generated=z(np.int32),
                    max_new=np.ones((slots,), np.int32), temperature=z(np.float32), top_k=z(np.int32),
                    top_p=np.ones((slots,), np.float32), seed=z(np.uint32),
-                   stop_ids=np.full((slots, n_stop), -1, np.int32))
+                   stop_ids=np.full((slots, n_stop), -1, np.int32), cstate=z(np.int32), constrained=z(bool))
 
 
 def _finish(token: jax.Array, state_like: SlotState, generated: jax.Array, position: jax.Array,
@@ -144,11 +149,15 @@ class Engine:
         self.prefix_cache = PrefixCache(new_cache(cfg, config.prefix_cache_entries, self.max_len, self.dtype, mesh,
                                                   int8=int8), config.prefix_block) if config.prefix_cache_entries else None
         self._n_stop = 8
+        self._constraints = TableManager(cfg.vocab_size, config.constraint_states, config.constraint_classes,
+                                         config.constraint_automata)
+        self._table = self._place_table()
         self._cache_sharding = self.cache.shardings(mesh)
         state = SlotState.host(self.max_slots, self._n_stop)
         self.state = self._place_state(jax.tree.map(_abstract, state) if self.abstract else state)
         self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1, 2))
-        self._decode = jax.jit(self._decode_fn, donate_argnums=(1, 2), static_argnums=(3, 4))
+        self._decode = jax.jit(self._decode_fn, donate_argnums=(1, 2), static_argnums=(4, 5))
+        self._remap = jax.jit(self._remap_fn, donate_argnums=(0,))
         self._forward = jax.jit(self._forward_fn)
         # The scheduler: `_cond` guards `_incoming` and `_thread`; the rest is the loop's own.
         # `_device` is held while the cache and slot state are in use (the loop's step, warmup).
@@ -217,7 +226,7 @@ class Engine:
     # ------------------------------------------------------------ jitted device functions
 
     def _prefill_fn(self, params, cache: KVCache, state: SlotState, tokens_bt, starts_b, lengths_b, slots_b,
-                    final_b, rows):
+                    final_b, rows, table):
         """tokens_bt: row i's prompt tokens from starts_b[i] (its cached prefix or earlier pieces
         end there) to lengths_b[i], right-padded, for cache slot slots_b[i]. final_b: the prompt
         ends at lengths_b[i]; its first token is sampled and the slot decodes from the next
@@ -229,16 +238,18 @@ class Engine:
         x, cache = model.prefill(tokens_bt, starts_b, slots_b, cache)
         last = x[jnp.arange(b), lengths_b - starts_b - 1][:, None]
         logits = model.head(last)[:, 0]
-        token = self._sample(logits, rows.temperature, rows.top_k, rows.top_p, rows.seed, jnp.zeros_like(lengths_b))
+        masked = mask_logits(logits, rows.cstate, table, rows.constrained)
+        token = self._sample(masked, rows.temperature, rows.top_k, rows.top_p, rows.seed, jnp.zeros_like(lengths_b))
         logprob = token_logprobs(logits, token)
         code = _finish(token, rows, jnp.ones_like(lengths_b), lengths_b, self.max_len)
         new = dataclasses.replace(rows, token=token, position=lengths_b, active=final_b & (code == RUNNING),
-                                  generated=jnp.ones_like(lengths_b))
+                                  generated=jnp.ones_like(lengths_b),
+                                  cstate=advance(rows.cstate, token, table, rows.constrained))
         state = jax.tree.map(lambda s, r: s.at[slots_b].set(r, mode="drop"), state, new)
         cache = jax.lax.with_sharding_constraint(cache, self._cache_sharding)
         return cache, self._place_state(state), token, logprob, code
 
-    def _decode_fn(self, params, cache: KVCache, state: SlotState, steps: int, chunks: int):
+    def _decode_fn(self, params, cache: KVCache, state: SlotState, table, steps: int, chunks: int):
         """`steps` tokens for every active slot, attending over the cache's first `chunks` chunks
         (compiled once per count: the cost of a step follows the live length, not max_len)."""
         model = nnx.merge(self.graphdef, params)
@@ -247,19 +258,34 @@ class Engine:
             cache, s = carry
             pos = jnp.minimum(s.position, self.max_len - 1)
             logits, cache = model.decode_step(s.token, pos, cache, chunks)
-            token = self._sample(logits, s.temperature, s.top_k, s.top_p, s.seed, s.generated)
+            constrained = s.constrained & s.active
+            masked = mask_logits(logits, s.cstate, table, constrained)
+            token = self._sample(masked, s.temperature, s.top_k, s.top_p, s.seed, s.generated)
             logprob = token_logprobs(logits, token)
             emitted = s.active
             generated = s.generated + emitted
             position = s.position + emitted
             code = jnp.where(emitted, _finish(token, s, generated, position, self.max_len), RUNNING)
             s = dataclasses.replace(s, token=jnp.where(emitted, token, s.token), position=position,
-                                    generated=generated, active=s.active & (code == RUNNING))
+                                    generated=generated, active=s.active & (code == RUNNING),
+                                    cstate=advance(s.cstate, token, table, constrained))
             return (cache, s), (token, logprob, emitted, code)
 
         (cache, state), (tokens, logprobs, emitted, codes) = jax.lax.scan(step, (cache, state), length=steps)
         cache = jax.lax.with_sharding_constraint(cache, self._cache_sharding)
         return cache, self._place_state(state), tokens, logprobs, emitted, codes
+
+    def _remap_fn(self, state: SlotState, remap):
+        """Constrained rows' states after the constraint table was repacked (TableManager)."""
+        cstate = jnp.where(state.constrained, remap[jnp.minimum(state.cstate, remap.shape[0] - 1)], state.cstate)
+        return self._place_state(dataclasses.replace(state, cstate=cstate))
+
+    def _place_table(self):
+        """The constraint table on the devices, whole on each (it is small)."""
+        table = self._constraints.table
+        if self.abstract:
+            return jax.tree.map(_abstract, table)
+        return jax.device_put(table, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
 
     def _sample(self, logits, *rows):
         if self.path.cost_model:
@@ -400,8 +426,8 @@ class Engine:
         if running:
             chunks = self.decode_chunks(max(len(q.prompt) + len(q.tokens) for q in running))
             with self._timed("decode", self._decode):
-                self.cache, self.state, *out = self._decode(self.params, self.cache, self.state, self.decode_steps,
-                                                            chunks)
+                self.cache, self.state, *out = self._decode(self.params, self.cache, self.state, self._table,
+                                                            self.decode_steps, chunks)
             dispatched = (out, [q if q is not None and q.decoding else None for q in self._slot_of])
         if self._in_flight:
             self._collect()
@@ -542,6 +568,7 @@ class Engine:
         t = self._bucket(max(end - q.filled for (q, _), end in zip(batch, ends)))
         b = next(r for r in self.prefill_rows(t) if r >= len(batch))
         tokens, start_ids, lengths, slot_ids, final, rows = self._padding_prefill(b, t)
+        starts_of = self._constraint_starts([q for (q, _), end in zip(batch, ends) if end == len(q.prompt)])
         for r, ((q, row), end) in enumerate(zip(batch, ends)):
             if row is not None:
                 self.cache = self.prefix_cache.load(self.cache, row, q.slot)
@@ -551,6 +578,8 @@ class Engine:
             rows.max_new[r], rows.temperature[r] = sp.max_new_tokens, sp.temperature
             rows.top_k[r], rows.top_p[r], rows.seed[r] = sp.top_k, sp.top_p, sp.seed
             rows.stop_ids[r, : len(q.stop_ids)] = q.stop_ids
+            if id(q) in starts_of:
+                rows.cstate[r], rows.constrained[r] = starts_of[id(q)], True
         first, first_lp, codes = self._call_prefill(tokens, start_ids, lengths, slot_ids, final, rows)
         done = []
         for (q, _), end, tok, lp, code in zip(batch, ends, first, first_lp, codes):
@@ -568,6 +597,33 @@ class Engine:
                 self._slot_of[q.slot] = None
         self._end_at_stop_strings(done)
         return b * t
+
+    def _constraint_starts(self, seqs: list["_Sequence"]) -> dict[int, int]:
+        """The initial table state of each constrained sequence about to start decoding (by id),
+        after making room for their automata in the device table."""
+        seqs = [q for q in seqs if q.params.constraint is not None]
+        if not seqs:
+            return {}
+        in_use = [q.params.constraint for q in self._slot_of
+                  if q is not None and q.decoding and q.params.constraint is not None]
+        before = self._constraints.table
+        starts, remap = self._constraints.offsets([q.params.constraint for q in seqs], in_use)
+        if remap is not None:
+            self.state = self._remap(self.state, jnp.asarray(remap))
+        if self._constraints.table is not before:
+            self._table = self._place_table()
+        return {id(q): s for q, s in zip(seqs, starts)}
+
+    def constraint(self, kind: str, spec: Any = None) -> TokenAutomaton:
+        """A constraint for SamplingParams(constraint=...), compiled for this engine's tokenizer,
+        EOS ids and vocabulary (cached: the same kind and spec compile once). kind: "json_schema"
+        (spec: a schema, dict or JSON text), "json_object" (any JSON object), "regex" (spec: a
+        pattern the whole output matches) or "choice" (spec: a list of strings). Raises ValueError
+        naming the reason when the spec cannot be compiled."""
+        if self.tokenizer is None:
+            raise ValueError("constraints need the checkpoint's tokenizer; this engine has none (a preset)")
+        return compile_constraint(kind, spec, self.tokenizer, eos_ids=self.cfg.eos_token_ids,
+                                  vocab_size=self.cfg.vocab_size)
 
     def prefill_shapes(self) -> list[tuple[int, int]]:
         """(rows, bucket) of every prefill the engine can run, i.e. compiles in warmup(): with
@@ -588,7 +644,7 @@ class Engine:
             if not bool(jnp.any(self.state.active)):
                 for chunks in range(1, len(self.cache.sizes) + 1):
                     with self._timed("decode", self._decode):
-                        self.cache, self.state, *_ = self._decode(self.params, self.cache, self.state,
+                        self.cache, self.state, *_ = self._decode(self.params, self.cache, self.state, self._table,
                                                                   self.decode_steps, chunks)
                 jax.block_until_ready(self.state)
         return {"functions": sum(self.compile_counts.values()) - before,
@@ -622,12 +678,12 @@ class Engine:
         (as warmup() would call it); `.compile()` it for cost and memory figures."""
         *arrays, rows_host = self._padding_prefill(rows, bucket)
         return self._prefill.lower(self.params, self.cache, self.state, *map(_abstract, arrays),
-                                   jax.tree.map(_abstract, rows_host))
+                                   jax.tree.map(_abstract, rows_host), self._table)
 
     def lower_decode(self, chunks: int) -> jax.stages.Lowered:
         """The decode dispatch (`decode_steps` tokens per slot) over the cache's first `chunks`
         chunks, lowered for the engine's mesh."""
-        return self._decode.lower(self.params, self.cache, self.state, self.decode_steps, chunks)
+        return self._decode.lower(self.params, self.cache, self.state, self._table, self.decode_steps, chunks)
 
     def _padding_prefill(self, b: int, t: int) -> tuple[np.ndarray, ...]:
         """Inputs of a prefill of b padding rows of t tokens, whose writes are all dropped:
@@ -645,7 +701,7 @@ class Engine:
         with self._timed("prefill", self._prefill):
             self.cache, self.state, first, logprob, codes = self._prefill(
                 self.params, self.cache, self.state, jnp.asarray(tokens), jnp.asarray(starts),
-                jnp.asarray(lengths), jnp.asarray(slot_ids), jnp.asarray(final), rows)
+                jnp.asarray(lengths), jnp.asarray(slot_ids), jnp.asarray(final), rows, self._table)
             return np.asarray(first), np.asarray(logprob), np.asarray(codes)
 
     def _stop_ids(self, sp: SamplingParams) -> tuple[int, ...]:
@@ -717,7 +773,21 @@ class _Sequence:
         return self.slot is not None and self.filled == len(self.prompt)
 
     def finish(self, reason: str) -> None:
-        self.future.set_result(GenerationOutput(self.tokens, reason, len(self.prompt), self.logprobs))
+        satisfied = None
+        if self.params.constraint is not None:
+            satisfied = _accepts(self.params.constraint, self.tokens, self.stop_ids)
+        self.future.set_result(GenerationOutput(self.tokens, reason, len(self.prompt), self.logprobs, satisfied))
+
+
+def _accepts(automaton: TokenAutomaton, tokens: list[int], stop_ids: tuple[int, ...]) -> bool:
+    """Whether the tokens (up to a stop id) are a complete output of the automaton."""
+    state = 0
+    for t in tokens:
+        if t in stop_ids:
+            break
+        if not 0 <= t < automaton.vocab_size or (state := automaton.step(state, t)) < 0:
+            return False
+    return bool(automaton.accepting[state])
 
 
 def _check_dtype_and_quantize(dtype: str, quantize: str | None) -> None:

@@ -8,6 +8,7 @@ seed and how many tokens it has generated, so its output does not depend on its 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     stop: tuple[str, ...] = ()  # strings: the engine ends the sequence once its text holds one
+    # A model.constraints.TokenAutomaton (Engine.constraint makes one) the output must follow: each
+    # token is drawn from the tokens its state allows, and EOS only where the output is complete.
+    constraint: Any = dataclasses.field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         if not isinstance(self.max_new_tokens, int) or not 1 <= self.max_new_tokens < 2**31:
@@ -43,6 +47,13 @@ class SamplingParams:
         if not all(isinstance(x, str) and x for x in stop):
             raise ValueError(f"stop={self.stop!r}; must be non-empty strings")
         object.__setattr__(self, "stop", stop)
+        if self.constraint is not None:
+            if not hasattr(self.constraint, "next_state"):
+                raise ValueError(f"constraint={type(self.constraint).__name__}; expected a TokenAutomaton "
+                                 "(Engine.constraint or model.constraints.compile_constraint)")
+            if self.ignore_eos:
+                raise ValueError("ignore_eos=True with a constraint: a constrained output ends with EOS where it "
+                                 "is complete, so EOS cannot be ignored")
 
 
 CANDIDATES = 256  # tokens the sampler ranks with lax.top_k instead of sorting the vocabulary

@@ -142,17 +142,28 @@ class EngineHandler(ModelHandler[Sequence[Request], Result, Engine]):
             finally:
                 waited += time.perf_counter() - t
 
+        refused, sampling = {}, []
+        for i, r in enumerate(requests):
+            try:
+                sampling.append(r.sampling(engine))
+            except ValueError as e:  # a constraint that does not compile fails its own record
+                refused[i] = r.fail("invalid_parameter", f"{_constraint_field(r)}: {e}")
+        ready = [r for i, r in enumerate(requests) if i not in refused]
         try:
-            futures = engine.submit([r.token_ids for r in requests], [r.sampling() for r in requests])
+            futures = iter(engine.submit([r.token_ids for r in ready], sampling) if ready else [])
         except Exception:  # noqa: BLE001 (one bad request refuses the whole call: submit one by one)
-            futures = [self._submit_one(r, engine) for r in requests]
+            futures = iter([self._submit_one(r, engine, sp) for r, sp in zip(ready, sampling)])
         results = []
-        for r, f in zip(requests, futures):
+        for i, r in enumerate(requests):
+            if i in refused:
+                results.append(refused[i])
+                continue
+            f = next(futures)
             try:
                 out = wait(f)
             except Exception:  # noqa: BLE001 (a failed step fails all it held: retry this one alone)
                 try:
-                    out = wait(self._submit_one(r, engine))
+                    out = wait(self._submit_one(r, engine, r.sampling(engine)))
                 except Exception as e:  # noqa: BLE001
                     log.warning("record %s failed: %s: %s", r.id, type(e).__name__, e)
                     results.append(r.fail("generation_failed", f"{type(e).__name__}: {e}"))
@@ -170,13 +181,19 @@ class EngineHandler(ModelHandler[Sequence[Request], Result, Engine]):
         return results
 
     @staticmethod
-    def _submit_one(r: Request, engine: Engine) -> concurrent.futures.Future:
+    def _submit_one(r: Request, engine: Engine, sampling) -> concurrent.futures.Future:
         try:
-            return engine.submit([r.token_ids], r.sampling())[0]
+            return engine.submit([r.token_ids], sampling)[0]
         except Exception as e:  # noqa: BLE001
             failed = concurrent.futures.Future()
             failed.set_exception(e)
             return failed
+
+
+def _constraint_field(r: Request) -> str:
+    """How a request's constraint was asked for, for its error message."""
+    kind, _ = r.constraint
+    return {"regex": "guided_regex", "choice": "guided_choice"}.get(kind, "the JSON schema")
 
 
 def engine_numbers(engine: Any, load_s: float | None) -> dict[str, int]:

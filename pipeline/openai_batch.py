@@ -3,8 +3,9 @@
 A request line:
   {"custom_id": "r1", "method": "POST", "url": "/v1/completions" | "/v1/chat/completions",
    "body": {"model", "prompt" | "messages", "max_tokens" (or "max_completion_tokens"), "temperature",
-            "top_p", "seed", "stop", "logprobs", "top_logprobs", and vLLM's "top_k",
-            "include_stop_str_in_output"}}
+            "top_p", "seed", "stop", "logprobs", "top_logprobs", "response_format" (json_schema,
+            json_object, text), and vLLM's "top_k", "include_stop_str_in_output", "guided_json",
+            "guided_regex", "guided_choice"}}
 Its answer:
   {"id": "batch_req_...", "custom_id": "r1", "response": {"status_code": 200, "request_id": "req_...",
    "body": {"id", "object": "text_completion" | "chat.completion", "created", "model", "choices": [...],
@@ -28,7 +29,7 @@ import time
 from typing import Any
 
 from pipeline.formats import UNSUPPORTED_FIELDS, BadRecord
-from pipeline.records import API_FORMATS, Request, Result, short_repr, error, loads, make_request, not_utf8
+from pipeline.records import API_FORMATS, CONSTRAINT_FIELDS, Request, Result, short_repr, error, loads, make_request, not_utf8
 
 ENDPOINTS = {"/v1/completions": "text_completion", "/v1/chat/completions": "chat.completion"}
 SERVER_ERRORS = ("generation_failed", "internal_error")
@@ -71,7 +72,7 @@ def parse(raw: bytes | BadRecord, shard: int, rid: str, line: int, defaults: dic
 def _request(cid: str, shard: int, line: int, url: str, body: dict, defaults: dict, refuse) -> Request | Result:
     chat = url == "/v1/chat/completions"
     fields = {k: body.get(k) for k in ("temperature", "top_p", "top_k", "seed", "stop", "include_stop_str_in_output",
-                                       *UNSUPPORTED_FIELDS)}
+                                       *CONSTRAINT_FIELDS, *UNSUPPORTED_FIELDS)}
     fields["max_tokens"] = body.get("max_completion_tokens") if chat and body.get(
         "max_completion_tokens") is not None else body.get("max_tokens")
     logprobs = body.get("logprobs")

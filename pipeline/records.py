@@ -2,11 +2,14 @@
 
 Input record (a JSONL line, a Parquet row or a TFRecord Example; see pipeline/formats.py):
   {"id", "prompt" | "messages", optional "max_tokens", "temperature", "top_p", "top_k", "seed",
-   "stop", "include_stop_str_in_output", "logprobs"}
+   "stop", "include_stop_str_in_output", "logprobs", and one constraint on the output: "response_format"
+   ({"type": "json_schema", "json_schema": {"schema": ...}} | {"type": "json_object"} | {"type": "text"}),
+   "guided_json" (a schema), "guided_regex" (a pattern) or "guided_choice" (a list of strings)}
   text: the whole line is the prompt; its id is "<shard name>:<line number>"
 OpenAI Batch API lines are read and answered by pipeline/openai_batch.py.
 Output, one JSON line per input record:
-  {"id", "completion", "prompt_tokens", "completion_tokens", "finish_reason"[, "logprobs"]}  or
+  {"id", "completion", "prompt_tokens", "completion_tokens", "finish_reason"[, "logprobs"]
+   [, "constraint_satisfied": whether a constrained completion is complete (false: max_tokens cut it short)]}  or
   {"id", "error": {"type", "message"}}
 """
 
@@ -32,6 +35,7 @@ API_FORMATS: dict[str, Any] = {}
 
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
 FLAG_FIELDS = ("include_stop_str_in_output", "logprobs")
+CONSTRAINT_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice")
 
 
 @dataclasses.dataclass
@@ -53,10 +57,14 @@ class Request:
     api: str | None = None  # OpenAI endpoint URL for an OpenAI Batch record; None: the project's shape
     model: str = ""  # the served model's name, for OpenAI responses
     token_ids: list[int] = dataclasses.field(default_factory=list)
+    constraint: tuple[str, Any] | None = None  # (kind, spec) for Engine.constraint: see parse_constraint
 
-    def sampling(self) -> SamplingParams:
+    def sampling(self, engine: Any = None) -> SamplingParams:
+        """The engine's parameters for this request. A constraint is compiled for `engine` (cached
+        by spec, so rows sharing a schema compile it once); ValueError if it cannot be."""
+        constraint = engine.constraint(*self.constraint) if self.constraint is not None else None
         return SamplingParams(max_new_tokens=self.max_tokens, temperature=self.temperature, top_k=self.top_k,
-                              top_p=self.top_p, seed=self.seed, stop=self.stop)
+                              top_p=self.top_p, seed=self.seed, stop=self.stop, constraint=constraint)
 
     def result(self, out: GenerationOutput) -> Result:
         """The engine's output for this request, to be finished by `finish_completions`."""
@@ -64,7 +72,8 @@ class Request:
                       completion_tokens=len(out.token_ids), finish_reason=out.finish_reason,
                       token_ids=list(out.token_ids), prompt_ids=self.token_ids, stop=self.stop,
                       include_stop=self.include_stop, want_logprobs=self.logprobs,
-                      logprobs=list(out.logprobs) if self.logprobs else None, api=self.api, model=self.model)
+                      logprobs=list(out.logprobs) if self.logprobs else None, api=self.api, model=self.model,
+                      constraint_satisfied=out.constraint_satisfied)
 
     def fail(self, kind: str, message: str) -> Result:
         return error(self.id, self.shard, self.line, kind, message, api=self.api, model=self.model)
@@ -92,6 +101,7 @@ class Result:
     token_texts: list[str] | None = None  # the text of each of those tokens (OpenAI logprobs)
     api: str | None = None  # see Request.api; "" for an OpenAI line that is not a request
     model: str = ""
+    constraint_satisfied: bool | None = None  # see GenerationOutput; None: no constraint
 
     def to_json(self) -> str:
         if self.api is not None:
@@ -103,6 +113,8 @@ class Result:
                    "completion_tokens": self.completion_tokens, "finish_reason": self.finish_reason}
             if self.want_logprobs:
                 out["logprobs"] = self.logprobs
+            if self.constraint_satisfied is not None:
+                out["constraint_satisfied"] = self.constraint_satisfied
         return json.dumps(out, ensure_ascii=False)
 
 
@@ -220,6 +232,9 @@ def make_request(rid: str, shard: int, line: int, prompt: Any, messages: Any, ob
     stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
     if (bad := next((b for s in stop if (b := not_utf8(s))), None)) is not None:
         return fail("invalid_parameter", f"stop {bad}")
+    constraint = parse_constraint(obj)
+    if isinstance(constraint, str):
+        return fail("invalid_parameter", constraint)
     if values["temperature"] < MIN_TEMPERATURE:  # float32 logits / a tiny temperature overflow to inf
         values["temperature"] = 0.0
     return Request(id=rid, shard=shard, line=line, prompt=None if messages is not None else prompt,
@@ -227,7 +242,50 @@ def make_request(rid: str, shard: int, line: int, prompt: Any, messages: Any, ob
                    max_tokens_given=obj.get("max_tokens") is not None, temperature=float(values["temperature"]),
                    top_p=float(values["top_p"]), top_k=int(values["top_k"]), seed=int(values["seed"]), stop=stop,
                    include_stop=flags["include_stop_str_in_output"], logprobs=flags["logprobs"], api=api,
-                   model=model)
+                   model=model, constraint=constraint)
+
+
+def parse_constraint(obj: dict[str, Any]) -> tuple[str, Any] | None | str:
+    """The record's constraint on its output as (kind, spec) for Engine.constraint, None, or a
+    message saying what is wrong. Schemas may be given as objects or as JSON text (Parquet and
+    TFRecord columns hold text). Whether a schema or regex compiles is found at generation."""
+    given = [k for k in CONSTRAINT_FIELDS if obj.get(k) is not None
+             and not (k == "response_format" and obj[k] in ({"type": "text"}, '{"type": "text"}'))]
+    if not given:
+        return None
+    if len(given) > 1:
+        return f"{' and '.join(given)} are both set; give one constraint on the output"
+    key = given[0]
+    value = obj[key]
+    if key in ("response_format", "guided_json") and isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as e:
+            return f"{key} is not valid JSON: {e}"
+    if key == "response_format":
+        if not isinstance(value, dict) or value.get("type") not in ("json_schema", "json_object", "text"):
+            return (f"response_format must be {{\"type\": \"json_schema\", \"json_schema\": {{\"schema\": ...}}}}, "
+                    f"{{\"type\": \"json_object\"}} or {{\"type\": \"text\"}}; got {short_repr(value)}")
+        if value["type"] == "json_object":
+            return "json_object", None
+        wrapper = value.get("json_schema")
+        if not isinstance(wrapper, dict) or not isinstance(wrapper.get("schema"), dict):
+            return f"response_format.json_schema must be an object with a 'schema' object; got {short_repr(wrapper)}"
+        return "json_schema", wrapper["schema"]
+    if key == "guided_json":
+        if not isinstance(value, dict):
+            return f"guided_json must be a JSON schema (an object, or its JSON text); got {short_repr(value)}"
+        return "json_schema", value
+    if key == "guided_regex":
+        if not isinstance(value, str) or not value:
+            return f"guided_regex must be a non-empty string; got {short_repr(value)}"
+        if (bad := not_utf8(value)) is not None:
+            return f"guided_regex {bad}"
+        return "regex", value
+    if (not isinstance(value, list) or not value
+            or not all(isinstance(c, str) and c and not_utf8(c) is None for c in value)):
+        return f"guided_choice must be a non-empty list of non-empty strings; got {short_repr(value)}"
+    return "choice", list(value)
 
 
 # What the device holds: max_tokens, top_k and token counts are int32, seeds uint32, and

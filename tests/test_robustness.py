@@ -45,8 +45,10 @@ def read_out(path) -> list[dict]:
     (b'{"prompt": "p", "top_k": 1000000000000}', "invalid_parameter", "top_k must be an integer in [0, 2**31)"),
     (b'{"prompt": "p", "temperature": ' + b"9" * 400 + b"}", "invalid_parameter", "temperature"),
     (b'{"prompt": "p", "max_tokens": 1e400}', "invalid_parameter", "max_tokens"),
-    (b'{"prompt": "p", "response_format": {"type": "json_object"}}', "unsupported_parameter", "response_format"),
-    (b'{"prompt": "p", "guided_choice": ["a", "b"]}', "unsupported_parameter", "guided_choice"),
+    (b'{"prompt": "p", "response_format": {"type": "xml"}}', "invalid_parameter", "response_format must be"),
+    (b'{"prompt": "p", "guided_choice": []}', "invalid_parameter", "guided_choice must be a non-empty list"),
+    (b'{"prompt": "p", "guided_regex": "a", "guided_choice": ["a"]}', "invalid_parameter", "give one constraint"),
+    (b'{"prompt": "p", "guided_grammar": "root ::= x"}', "unsupported_parameter", "guided_grammar"),
     (b'{"prompt": "p", "n": 3}', "unsupported_parameter", "n=3"),
     (b'{"prompt": "p", "presence_penalty": 0.5}', "unsupported_parameter", "presence_penalty"),
 ])
@@ -78,7 +80,7 @@ def test_an_openai_request_with_a_bad_custom_id_or_vllm_extras():
     assert bad.error_type == "invalid_record" and bad.api == "" and "custom_id holds" in bad.error
     assert json.loads(serialize(bad)[0])["custom_id"] is None
     r = one(line(custom_id="c", method="POST", url="/v1/completions",
-                 body={"prompt": "p", "guided_regex": "[ab]"}).encode(), "openai")
+                 body={"prompt": "p", "guided_grammar": "root ::= x"}).encode(), "openai")
     out = json.loads(serialize(r)[0])
     assert out["response"]["status_code"] == 400 and out["response"]["body"]["error"]["code"] == "unsupported_parameter"
     deep = one(b'{"custom_id": ' + b"[" * 50_000, "openai")
@@ -191,9 +193,11 @@ def test_a_deeply_nested_first_line_does_not_break_format_detection(tmp_path):
 
 
 def test_unsupported_fields_in_parquet_and_tfrecord_are_refused(tmp_path):
-    pq.write_table(pa.table({"prompt": ["a", "b"], "guided_choice": [None, "yes"]}), tmp_path / "p.parquet")
-    assert [getattr(r, "error_type", None) for _, r in records_of(tmp_path / "p.parquet")] == [
-        None, "unsupported_parameter"]
+    pq.write_table(pa.table({"prompt": ["a", "b", "c"], "guided_grammar": [None, "root ::= x", None],
+                             "guided_choice": [None, None, ["yes", "no"]]}), tmp_path / "p.parquet")
+    rows = [r for _, r in records_of(tmp_path / "p.parquet")]
+    assert [getattr(r, "error_type", None) for r in rows] == [None, "unsupported_parameter", None]
+    assert rows[2].constraint == ("choice", ["yes", "no"])
     write_tfrecord(tmp_path / "t.tfrecord", [{"prompt": "a", "n": 2}])
     [(_, r)] = records_of(tmp_path / "t.tfrecord")
     assert r.error_type == "unsupported_parameter" and "n=2" in r.error
@@ -224,7 +228,8 @@ def test_a_job_over_hostile_shards_accounts_for_every_record(tmp_path):
     kinds = {k: (r.get("error") or {}).get("type") for k, r in a.items()}
     assert kinds == {"surrogate": "invalid_prompt", "a.jsonl:2": "invalid_record", "a.jsonl:3": "invalid_json",
                      "a.jsonl:4": "invalid_json", "big-k": "invalid_parameter", "vocab-k": None, "tiny-t": None,
-                     "schema": "unsupported_parameter", "ok": None}
+                     "schema": None, "ok": None}
+    assert a["schema"]["constraint_satisfied"] is False and a["schema"]["finish_reason"] == "length"  # 3 tokens
     b = read_out(tmp_path / "out" / "b.jsonl")
     assert b[-1]["error"]["type"] == "unreadable_shard" and all("completion" in r for r in b[:-1]) and len(b) > 50
     assert summary["records"] == len(a) + len(b) + 1 == summary["completions"] + summary["errors"]
