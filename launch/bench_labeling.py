@@ -7,6 +7,9 @@ On the demo model, in one run, over the same labeling prompts (an instruction pr
   cost      the same records with every row generating exactly --cost_tokens (ignore_eos, or a
             constraint that cannot end sooner), with none, half or all of the rows masked: the
             throughput the masks cost, at equal work (medians of --repeats)
+  scoring   score_choices with 8 labels per record (Engine.score: the prompt and its labels in one
+            packed row) against a single prefill of the same prompts (generation of 1 token),
+            medians of --repeats
 The engine is warm (every function compiled first).
 
     python -m launch.bench_labeling                     # ~5 minutes on 2 CPU cores; writes bench_labeling.json
@@ -69,6 +72,7 @@ def main(argv=None) -> dict:
     p.add_argument("--cost_records", type=int, default=128, help="records of each cost run")
     p.add_argument("--cost_tokens", type=int, default=64, help="tokens every row of a cost run generates")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--score_records", type=int, default=256, help="records of each scoring run")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--json", default="bench_labeling.json")
     args = p.parse_args(argv)
@@ -109,12 +113,37 @@ def main(argv=None) -> dict:
             assert tokens == len(cost_ids) * args.cost_tokens, tokens
             cost[name].append(seconds)
     med = {name: statistics.median(v) for name, v in cost.items()}
+
+    # 3. label scoring against one prefill of the prompt
+    score_texts = prompts(args.score_records)
+    score_ids = ids[:args.score_records] if args.score_records <= len(ids) else [tok.encode(t) for t in score_texts]
+    labels = ["positive", "negative", "neutral", "mixed", "angry", "happy", "sad", "unclear"]
+    cands = []
+    for text, p_ids in zip(score_texts, score_ids):
+        joined = tok.encode_batch([f"{text} {label}" for label in labels])
+        cands.append([j[len(p_ids):] for j in joined])
+    one_token = SamplingParams(max_new_tokens=1)
+    engine.score(score_ids, cands), engine.generate(score_ids, one_token)  # compile both
+    scoring = {"score 8 labels": [], "prefill (1 token)": []}
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        engine.score(score_ids, cands)
+        scoring["score 8 labels"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        engine.generate(score_ids, one_token)
+        scoring["prefill (1 token)"].append(time.perf_counter() - start)
+    score_med = {k: statistics.median(v) for k, v in scoring.items()}
+    label_tokens = statistics.mean(sum(map(len, c)) for c in cands)
+    prompt_tokens = statistics.mean(map(len, score_ids))
     ratios = {"validity_run_tokens_per_s_schema_vs_unconstrained":
               validity_runs["schema on every row"]["tokens_per_s"] / validity_runs["unconstrained"]["tokens_per_s"],
               "equal_length_all_rows_masked_throughput_vs_none": med["none"] / med["all"],
-              "equal_length_half_rows_masked_throughput_vs_none": med["none"] / med["half"]}
+              "equal_length_half_rows_masked_throughput_vs_none": med["none"] / med["half"],
+              "score_8_labels_vs_prefill": score_med["score 8 labels"] / score_med["prefill (1 token)"]}
     result = {"args": vars(args), "schema_compile_s": compile_s, "validity": validity_runs,
-              "cost_seconds": cost, "cost_median_s": med, "ratios": ratios}
+              "cost_seconds": cost, "cost_median_s": med, "scoring_seconds": scoring, "scoring_median_s": score_med,
+              "scoring_prompt_tokens_mean": prompt_tokens, "scoring_label_tokens_mean": label_tokens,
+              "ratios": ratios}
 
     print(f"labeling schema compiled in {compile_s:.3f} s; temperature {args.temperature}")
     print(f"validity run: {args.records} records, max_tokens {args.max_tokens}")
@@ -125,7 +154,11 @@ def main(argv=None) -> dict:
     print(f"cost runs: {len(cost_ids)} records x exactly {args.cost_tokens} tokens, medians of {args.repeats}")
     for name in cost_runs:
         print(f"  rows masked: {name:<5} {med[name]:7.2f} s   throughput vs none {med['none'] / med[name]:.2f}x")
-    print(f"targets: schema on every row >= 0.7x ({ratios['equal_length_all_rows_masked_throughput_vs_none']:.2f}x at "
+    print(f"scoring: {len(score_ids)} records, prompts of {prompt_tokens:.0f} tokens on average, 8 labels of "
+          f"{label_tokens:.1f} tokens together, medians of {args.repeats}")
+    for name, v in score_med.items():
+        print(f"  {name:<18} {v:7.2f} s")
+    print(f"targets: scoring 8 labels <= 1.5x a prefill ({ratios['score_8_labels_vs_prefill']:.2f}x); schema on every row >= 0.7x ({ratios['equal_length_all_rows_masked_throughput_vs_none']:.2f}x at "
           f"equal lengths; {ratios['validity_run_tokens_per_s_schema_vs_unconstrained']:.2f}x tokens/s in the "
           f"validity run), half the rows >= 0.95x ({ratios['equal_length_half_rows_masked_throughput_vs_none']:.2f}x)")
     with open(args.json, "w") as f:

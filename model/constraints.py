@@ -152,6 +152,11 @@ class _Vocab:
     fingerprint: str
 
 
+def token_bytes(tokenizer) -> list:
+    """The bytes of each token id (None for control pieces), computed once per tokenizer object."""
+    return _vocab(tokenizer).token_bytes
+
+
 def _vocab(tokenizer) -> _Vocab:
     """The tokenizer's token bytes and their hash, computed once per tokenizer object: the cache key
     uses the hash, so two loads of one tokenizer share compiled automata."""

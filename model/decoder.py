@@ -259,6 +259,17 @@ def attention_mask(q_pos_bt: Array, k_pos_s: Array, window: int | Array | None) 
     return mask
 
 
+def packed_mask(positions_bt: Array, segments_bt: Array, window: int | Array | None) -> Array:
+    """[b, t, t]: a query sees earlier keys of the prompt (segment 0) and of its own segment (and
+    within the sliding window, by position)."""
+    index = jnp.arange(positions_bt.shape[1])
+    seg_q, seg_k = segments_bt[:, :, None], segments_bt[:, None, :]
+    mask = (index[None, None, :] <= index[None, :, None]) & ((seg_k == 0) | (seg_k == seg_q))
+    if window is not None:
+        mask &= positions_bt[:, None, :] > positions_bt[:, :, None] - window
+    return mask
+
+
 def gated_mlp(x_btd: Array, w_gate, w_up, w_down, activation: str) -> Array:
     act = jax.nn.silu if activation == "silu" else lambda a: jax.nn.gelu(a, approximate=True)
     gate = linear("btd,df->btf", x_btd, w_gate)
@@ -408,10 +419,17 @@ class Decoder(nnx.Module):
         (x, carry), _ = jax.lax.scan(body, (x, carry), (self._layer_weights(None), jnp.arange(self.cfg.num_layers)))
         return x, carry
 
-    def forward(self, tokens_bt: Array, positions_bt: Array) -> Array:
-        """Causal forward over whole sequences, no cache: hidden states [b, t, d]."""
+    def forward(self, tokens_bt: Array, positions_bt: Array, segments_bt: Array | None = None) -> Array:
+        """Causal forward over whole sequences, no cache: hidden states [b, t, d].
+
+        segments_bt packs several continuations of one prompt into a row: segment 0 is the
+        prompt (positions 0..n-1), segment j > 0 a continuation at positions n.. of its own.
+        A token sees the prompt and the earlier tokens of its own segment only (label scoring)."""
         def attend(layer, q, k, v, cache):
-            mask = attention_mask(positions_bt, jnp.arange(tokens_bt.shape[1]), self._window(layer))
+            if segments_bt is None:
+                mask = attention_mask(positions_bt, jnp.arange(tokens_bt.shape[1]), self._window(layer))
+            else:
+                mask = packed_mask(positions_bt, segments_bt, self._window(layer))
             return attention(q, *to_cache_layout(k, v), mask, **self._scores()), cache
 
         return self._run_layers(self.embed_tokens(tokens_bt), positions_bt, attend, None)[0]

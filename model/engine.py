@@ -42,7 +42,7 @@ from model.kv_cache import KVCache, StackedKVCache
 from model.platform import hot_path
 from model.prefix_cache import PrefixCache
 from model.quantize import quantize_params
-from model.sampling import SamplingParams, sample, token_logprobs
+from model.sampling import MAX_TOP_LOGPROBS, SamplingParams, sample, token_logprobs, top_logprobs
 from model.sharding import bytes_per_device, make_mesh, named_sharding
 from model.tokenizer import decode_completions, load_tokenizer
 from model.weights import load_params, read_hf_config
@@ -70,6 +70,17 @@ class GenerationOutput:
     # under the model's unmodified distribution (before temperature, top-k, top-p and a constraint)
     constraint_satisfied: bool | None = None  # with a constraint: the output is complete (its
     # automaton accepts it); False only when finish_reason is "length". None: no constraint.
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # with SamplingParams.top_logprobs = k:
+    # per generated token, the k most likely (id, log p) under the model's own distribution, best first
+
+
+@dataclasses.dataclass
+class ScoreOutput:
+    """Label scoring: how likely each candidate continuation of a prompt is."""
+
+    scores: list[float]  # log p(candidate | prompt) per candidate, summed over its tokens
+    best: int  # the index of the highest score (the first, on ties)
+    prompt_len: int = 0
 
 
 @jax.tree_util.register_dataclass
@@ -89,6 +100,7 @@ class SlotState:
     stop_ids: jax.Array  # -1 pads
     cstate: jax.Array  # a constrained row's automaton state (global, in the engine's table)
     constrained: jax.Array  # bool: the row follows a constraint
+    want_top: jax.Array  # bool: the row returns its top logprobs
 
     @classmethod
     def host(cls, slots: int, n_stop: int) -> "SlotState":
@@ -98,7 +110,8 @@ class SlotState:
         return cls(token=z(np.int32), position=z(np.int32), active=z(bool), generated=z(np.int32),
                    max_new=np.ones((slots,), np.int32), temperature=z(np.float32), top_k=z(np.int32),
                    top_p=np.ones((slots,), np.float32), seed=z(np.uint32),
-                   stop_ids=np.full((slots, n_stop), -1, np.int32), cstate=z(np.int32), constrained=z(bool))
+                   stop_ids=np.full((slots, n_stop), -1, np.int32), cstate=z(np.int32), constrained=z(bool),
+                   want_top=z(bool))
 
 
 def _finish(token: jax.Array, state_like: SlotState, generated: jax.Array, position: jax.Array,
@@ -159,6 +172,7 @@ class Engine:
         self._decode = jax.jit(self._decode_fn, donate_argnums=(1, 2), static_argnums=(4, 5))
         self._remap = jax.jit(self._remap_fn, donate_argnums=(0,))
         self._forward = jax.jit(self._forward_fn)
+        self._score = jax.jit(self._score_fn)
         # The scheduler: `_cond` guards `_incoming` and `_thread`; the rest is the loop's own.
         # `_device` is held while the cache and slot state are in use (the loop's step, warmup).
         self._cond, self._device = threading.Condition(), threading.RLock()
@@ -241,13 +255,14 @@ class Engine:
         masked = mask_logits(logits, rows.cstate, table, rows.constrained)
         token = self._sample(masked, rows.temperature, rows.top_k, rows.top_p, rows.seed, jnp.zeros_like(lengths_b))
         logprob = token_logprobs(logits, token)
+        top = top_logprobs(logits, rows.want_top)
         code = _finish(token, rows, jnp.ones_like(lengths_b), lengths_b, self.max_len)
         new = dataclasses.replace(rows, token=token, position=lengths_b, active=final_b & (code == RUNNING),
                                   generated=jnp.ones_like(lengths_b),
                                   cstate=advance(rows.cstate, token, table, rows.constrained))
         state = jax.tree.map(lambda s, r: s.at[slots_b].set(r, mode="drop"), state, new)
         cache = jax.lax.with_sharding_constraint(cache, self._cache_sharding)
-        return cache, self._place_state(state), token, logprob, code
+        return cache, self._place_state(state), token, logprob, code, top
 
     def _decode_fn(self, params, cache: KVCache, state: SlotState, table, steps: int, chunks: int):
         """`steps` tokens for every active slot, attending over the cache's first `chunks` chunks
@@ -262,6 +277,7 @@ class Engine:
             masked = mask_logits(logits, s.cstate, table, constrained)
             token = self._sample(masked, s.temperature, s.top_k, s.top_p, s.seed, s.generated)
             logprob = token_logprobs(logits, token)
+            top = top_logprobs(logits, s.want_top & s.active)
             emitted = s.active
             generated = s.generated + emitted
             position = s.position + emitted
@@ -269,11 +285,11 @@ class Engine:
             s = dataclasses.replace(s, token=jnp.where(emitted, token, s.token), position=position,
                                     generated=generated, active=s.active & (code == RUNNING),
                                     cstate=advance(s.cstate, token, table, constrained))
-            return (cache, s), (token, logprob, emitted, code)
+            return (cache, s), (token, logprob, emitted, code, top)
 
-        (cache, state), (tokens, logprobs, emitted, codes) = jax.lax.scan(step, (cache, state), length=steps)
+        (cache, state), (tokens, logprobs, emitted, codes, top) = jax.lax.scan(step, (cache, state), length=steps)
         cache = jax.lax.with_sharding_constraint(cache, self._cache_sharding)
-        return cache, self._place_state(state), tokens, logprobs, emitted, codes
+        return cache, self._place_state(state), tokens, logprobs, emitted, codes, top
 
     def _remap_fn(self, state: SlotState, remap):
         """Constrained rows' states after the constraint table was repacked (TableManager)."""
@@ -309,6 +325,15 @@ class Engine:
         b, t = tokens_bt.shape
         return model.head(model.forward(tokens_bt, jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))))
 
+    def _score_fn(self, params, tokens_bt, positions_bt, segments_bt, source_bm, target_bm):
+        """log p(target_bm[i, j]) given the row up to its token at index source_bm[i, j], in rows
+        that pack a prompt and its candidates (Decoder.forward's segments)."""
+        model = nnx.merge(self.graphdef, params)
+        x = model.forward(tokens_bt, positions_bt, segments_bt)
+        h = jnp.take_along_axis(x, source_bm[:, :, None], axis=1)
+        return token_logprobs(model.head(h).reshape(-1, self.cfg.vocab_size), target_bm.reshape(-1)).reshape(
+            target_bm.shape)
+
     # ------------------------------------------------------------ public API
 
     def weights(self) -> dict[str, Any]:
@@ -330,12 +355,88 @@ class Engine:
             out[i, len(p):] = np.nan
         return out
 
+    def score(self, prompts: Sequence[Sequence[int]],
+              candidates: Sequence[Sequence[Sequence[int]]]) -> list[ScoreOutput]:
+        """Label scoring: for each prompt, the log-probability of each of its candidate
+        continuations (token-id lists; encode them as continuations of the prompt's text), summed
+        over the candidate's tokens. The prompt and all its candidates run as one packed row, so
+        the prompt is computed once: a candidate sees the prompt and its own earlier tokens only.
+        Rows of similar length are batched within the prefill token budget. Runs beside the
+        generation loop (it reads only the weights)."""
+        self._check_concrete("score")
+        prompts = self._check_prompts(prompts, limit=self.max_len - 1)
+        if len(candidates) != len(prompts):
+            raise ValueError(f"{len(candidates)} candidate lists for {len(prompts)} prompts; give one list each")
+        rows = []
+        for i, (p, cands) in enumerate(zip(prompts, candidates)):
+            if isinstance(cands, (str, bytes)) or not cands:
+                raise ValueError(f"prompt {i}: candidates must be a non-empty list of token-id lists")
+            cands = self._check_prompts(cands, limit=self.max_len)
+            if len(p) + sum(map(len, cands)) > self.max_len:
+                raise ValueError(f"prompt {i} with its candidates holds {len(p) + sum(map(len, cands))} tokens; "
+                                 f"max_len is {self.max_len}")
+            rows.append((i, p, cands))
+        out: list[ScoreOutput | None] = [None] * len(prompts)
+        rows.sort(key=lambda r: len(r[1]) + sum(map(len, r[2])))
+        while rows:
+            t = self._bucket(len(rows[0][1]) + sum(map(len, rows[0][2])))
+            group = [r for r in rows if self._bucket(len(r[1]) + sum(map(len, r[2]))) == t][:self.prefill_batch(t)]
+            rows = rows[len(group):]
+            b = next(n for n in self.prefill_rows(t) if n >= len(group))
+            m = max(8, 1 << math.ceil(math.log2(max(sum(map(len, c)) for _, _, c in group))))
+            tokens, positions = np.zeros((b, t), np.int32), np.zeros((b, t), np.int32)
+            segments = np.full((b, t), -1, np.int32)
+            source, target = np.zeros((b, m), np.int32), np.zeros((b, m), np.int32)
+            for r, (_, p, cands) in enumerate(group):
+                n = len(p)
+                tokens[r, :n], positions[r, :n], segments[r, :n] = p, np.arange(n), 0
+                at, j = n, 0
+                for s, c in enumerate(cands, start=1):
+                    tokens[r, at:at + len(c)], positions[r, at:at + len(c)] = c, np.arange(n, n + len(c))
+                    segments[r, at:at + len(c)] = s
+                    source[r, j:j + len(c)] = [n - 1] + list(range(at, at + len(c) - 1))
+                    target[r, j:j + len(c)] = c
+                    at, j = at + len(c), j + len(c)
+            with self._timed("score", self._score):
+                lps = np.asarray(self._score(self.params, *map(jnp.asarray, (tokens, positions, segments, source,
+                                                                             target))))
+            for r, (i, p, cands) in enumerate(group):
+                ends = np.cumsum([len(c) for c in cands])
+                scores = [float(lps[r, e - len(c):e].sum()) for c, e in zip(cands, ends)]
+                out[i] = ScoreOutput(scores, int(np.argmax(scores)), len(p))
+        return out
+
+    def prompt_logprobs(self, prompts: Sequence[Sequence[int]]) -> list[list[float | None]]:
+        """log p of each prompt token given the tokens before it (None for the first), as vLLM's
+        prompt_logprobs: a full forward per batch of prompts of one length bucket."""
+        self._check_concrete("prompt_logprobs")
+        prompts = self._check_prompts(prompts, limit=self.max_len)
+        out: list[list[float | None]] = [[None] for _ in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        while order:
+            t = self._bucket(len(prompts[order[0]]))
+            group = [i for i in order if self._bucket(len(prompts[i])) == t][:self.prefill_batch(t)]
+            order = order[len(group):]
+            b = next(n for n in self.prefill_rows(t) if n >= len(group))
+            tokens, source, target = (np.zeros((b, t), np.int32) for _ in range(3))
+            for r, i in enumerate(group):
+                p = prompts[i]
+                tokens[r, :len(p)], source[r, :len(p) - 1], target[r, :len(p) - 1] = p, np.arange(len(p) - 1), p[1:]
+            positions = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))
+            with self._timed("score", self._score):
+                lps = np.asarray(self._score(self.params, *map(jnp.asarray, (tokens, positions, np.zeros_like(tokens),
+                                                                             source, target))))
+            for r, i in enumerate(group):
+                out[i] += [float(x) for x in lps[r, :len(prompts[i]) - 1]]
+        return out
+
     @property
     def compile_counts(self) -> dict[str, int]:
         """How many variants of each device function have been compiled (or loaded from the
         persistent cache): JAX's own count of each jitted function's cache entries."""
         count = lambda fn: getattr(fn, "_cache_size", lambda: 0)()  # noqa: E731
-        return {"prefill": count(self._prefill), "decode": count(self._decode), "forward": count(self._forward)}
+        return {"prefill": count(self._prefill), "decode": count(self._decode), "forward": count(self._forward),
+                "score": count(self._score)}
 
     def generate(self, prompts: Sequence[Sequence[int]],
                  sampling: SamplingParams | Sequence[SamplingParams] | None = None) -> list[GenerationOutput]:
@@ -445,7 +546,9 @@ class Engine:
         out, slot_of_then = self._in_flight
         self._in_flight = None
         with self._timed("decode_wait"):
-            tokens, lps, emitted, codes = (np.asarray(x) for x in out)
+            tokens, lps, emitted, codes = (np.asarray(x) for x in out[:4])
+            top = jax.tree.map(np.asarray, out[4]) if any(q is not None and q.params.top_logprobs
+                                                           for q in slot_of_then) else None
         for s, q in enumerate(slot_of_then):
             if q is None or q.future.done():  # done: ended at a stop string since this was dispatched
                 continue
@@ -454,6 +557,8 @@ class Engine:
                 if emitted[step, s]:
                     q.tokens.append(int(tokens[step, s]))
                     q.logprobs.append(float(lps[step, s]))
+                    if q.top is not None:
+                        q.add_top(top[0][step, s], top[1][step, s])
                 if codes[step, s] != RUNNING:
                     code = int(codes[step, s])
                     break
@@ -578,11 +683,13 @@ class Engine:
             rows.max_new[r], rows.temperature[r] = sp.max_new_tokens, sp.temperature
             rows.top_k[r], rows.top_p[r], rows.seed[r] = sp.top_k, sp.top_p, sp.seed
             rows.stop_ids[r, : len(q.stop_ids)] = q.stop_ids
+            rows.want_top[r] = sp.top_logprobs > 0
             if id(q) in starts_of:
                 rows.cstate[r], rows.constrained[r] = starts_of[id(q)], True
-        first, first_lp, codes = self._call_prefill(tokens, start_ids, lengths, slot_ids, final, rows)
+        first, first_lp, codes, (top_ids, top_lps) = self._call_prefill(tokens, start_ids, lengths, slot_ids, final,
+                                                                        rows)
         done = []
-        for (q, _), end, tok, lp, code in zip(batch, ends, first, first_lp, codes):
+        for r, ((q, _), end, tok, lp, code) in enumerate(zip(batch, ends, first, first_lp, codes)):
             q.filled = end
             if not q.decoding:
                 continue
@@ -591,6 +698,8 @@ class Engine:
                 self.prefix_cache.insert(q.hashes, self.cache, q.slot)  # it brings a longer prefix
             q.tokens.append(int(tok))
             q.logprobs.append(float(lp))
+            if q.top is not None:
+                q.add_top(top_ids[r], top_lps[r])
             q.emit(len(q.tokens) - 1)
             if code != RUNNING:
                 q.finish(FINISH_REASONS[int(code)])
@@ -699,10 +808,10 @@ class Engine:
     def _call_prefill(self, tokens, starts, lengths, slot_ids, final, rows: SlotState):
         rows = jax.tree.map(jnp.asarray, rows)
         with self._timed("prefill", self._prefill):
-            self.cache, self.state, first, logprob, codes = self._prefill(
+            self.cache, self.state, first, logprob, codes, top = self._prefill(
                 self.params, self.cache, self.state, jnp.asarray(tokens), jnp.asarray(starts),
                 jnp.asarray(lengths), jnp.asarray(slot_ids), jnp.asarray(final), rows, self._table)
-            return np.asarray(first), np.asarray(logprob), np.asarray(codes)
+            return np.asarray(first), np.asarray(logprob), np.asarray(codes), jax.tree.map(np.asarray, top)
 
     def _stop_ids(self, sp: SamplingParams) -> tuple[int, ...]:
         ids = tuple(sp.stop_token_ids) + (() if sp.ignore_eos else self.cfg.eos_token_ids)
@@ -756,8 +865,17 @@ class _Sequence:
     cached: int = 0  # of those, the prefix copied in from the prefix cache
     tokens: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)
+    top: list[list[tuple[int, float]]] | None = None  # per token, when params.top_logprobs > 0
     future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
     on_tokens: Any = None  # called on the loop's thread with each batch of new token ids, before the end
+
+    def __post_init__(self):
+        if self.params.top_logprobs:
+            self.top = []
+
+    def add_top(self, ids: np.ndarray, lps: np.ndarray) -> None:
+        k = self.params.top_logprobs
+        self.top.append([(int(i), float(lp)) for i, lp in zip(ids[:k], lps[:k])])
 
     def emit(self, before: int) -> None:
         """Hands the tokens generated since `before` to on_tokens; a callback's error ends nothing."""
@@ -776,7 +894,8 @@ class _Sequence:
         satisfied = None
         if self.params.constraint is not None:
             satisfied = _accepts(self.params.constraint, self.tokens, self.stop_ids)
-        self.future.set_result(GenerationOutput(self.tokens, reason, len(self.prompt), self.logprobs, satisfied))
+        self.future.set_result(GenerationOutput(self.tokens, reason, len(self.prompt), self.logprobs, satisfied,
+                                                self.top))
 
 
 def _accepts(automaton: TokenAutomaton, tokens: list[int], stop_ids: tuple[int, ...]) -> bool:

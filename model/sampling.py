@@ -29,6 +29,7 @@ class SamplingParams:
     # A model.constraints.TokenAutomaton (Engine.constraint makes one) the output must follow: each
     # token is drawn from the tokens its state allows, and EOS only where the output is complete.
     constraint: Any = dataclasses.field(default=None, compare=False, repr=False)
+    top_logprobs: int = 0  # return the k <= MAX_TOP_LOGPROBS most likely tokens at each step, with log p
 
     def __post_init__(self):
         if not isinstance(self.max_new_tokens, int) or not 1 <= self.max_new_tokens < 2**31:
@@ -47,6 +48,8 @@ class SamplingParams:
         if not all(isinstance(x, str) and x for x in stop):
             raise ValueError(f"stop={self.stop!r}; must be non-empty strings")
         object.__setattr__(self, "stop", stop)
+        if not isinstance(self.top_logprobs, int) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs={self.top_logprobs!r}; must be an integer in [0, {MAX_TOP_LOGPROBS}]")
         if self.constraint is not None:
             if not hasattr(self.constraint, "next_state"):
                 raise ValueError(f"constraint={type(self.constraint).__name__}; expected a TokenAutomaton "
@@ -56,6 +59,7 @@ class SamplingParams:
                                  "is complete, so EOS cannot be ignored")
 
 
+MAX_TOP_LOGPROBS = 20  # as OpenAI's API allows
 CANDIDATES = 256  # tokens the sampler ranks with lax.top_k instead of sorting the vocabulary
 
 
@@ -121,3 +125,18 @@ def token_logprobs(logits_bv: jax.Array, token_b: jax.Array) -> jax.Array:
     logits = logits_bv.astype(jnp.float32)
     chosen = jnp.take_along_axis(logits, token_b[:, None], axis=-1)[:, 0]
     return chosen - jax.nn.logsumexp(logits, axis=-1)
+
+
+def top_logprobs(logits_bv: jax.Array, want_b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The MAX_TOP_LOGPROBS most likely token ids [b, K] and their log p [b, K] under the model's
+    own distribution, best first; computed only when some row wants them (zeros otherwise)."""
+    k = min(MAX_TOP_LOGPROBS, logits_bv.shape[-1])
+
+    def top(logits):
+        logits = logits.astype(jnp.float32)
+        values, ids = jax.lax.top_k(logits, k)
+        return ids.astype(jnp.int32), values - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+
+    b = logits_bv.shape[0]
+    none = lambda _: (jnp.zeros((b, k), jnp.int32), jnp.zeros((b, k), jnp.float32))  # noqa: E731
+    return jax.lax.cond(want_b.any(), top, none, logits_bv)

@@ -28,7 +28,7 @@ from pipeline import io
 FORMATS = ("auto", "jsonl", "openai", "text", "parquet", "tfrecord")
 # columns / features read under their own names, besides the prompt and id
 OPTIONAL_FIELDS = ("messages", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "logprobs",
-                   "include_stop_str_in_output", "response_format", "guided_json", "guided_regex", "guided_choice")
+                   "include_stop_str_in_output", "top_logprobs", "prompt_logprobs", "score_choices", "response_format", "guided_json", "guided_regex", "guided_choice")
 # Fields the job does not implement yet but a user plausibly means (OpenAI's and vLLM's names), with
 # the values that ask for nothing (null always does). Any other value is refused per record with
 # unsupported_parameter rather than silently ignored; fields outside the vocabulary are ignored.
@@ -36,11 +36,11 @@ UNSUPPORTED_FIELDS: dict[str, tuple] = {
     "n": (1,), "best_of": (1,), "echo": (False,), "suffix": ("",), "stream": (False,),
     "presence_penalty": (0,), "frequency_penalty": (0,), "repetition_penalty": (1,), "logit_bias": ({},),
     "tools": ([],), "functions": ([],), "tool_choice": ("none",), "guided_grammar": (), "structured_outputs": (),
-    "top_logprobs": (0,), "prompt_logprobs": (0,), "min_p": (0,), "min_tokens": (0,), "stop_token_ids": ([],),
+    "min_p": (0,), "min_tokens": (0,), "stop_token_ids": ([],),
     "ignore_eos": (False,), "use_beam_search": (False,), "length_penalty": (1,), "logits_processors": ([],),
 }
 BOOL_FIELDS = ("logprobs", "include_stop_str_in_output")
-LIST_FIELDS = ("stop", "guided_choice")
+LIST_FIELDS = ("stop", "guided_choice", "score_choices")
 PARQUET_BATCH = 1024
 
 

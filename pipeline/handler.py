@@ -142,21 +142,24 @@ class EngineHandler(ModelHandler[Sequence[Request], Result, Engine]):
             finally:
                 waited += time.perf_counter() - t
 
-        refused, sampling = {}, []
+        scoring = [(i, r) for i, r in enumerate(requests) if r.score_choices is not None]
+        done, sampling = self._score(scoring, engine), []  # results of requests that need no generation
         for i, r in enumerate(requests):
+            if i in done:
+                continue
             try:
                 sampling.append(r.sampling(engine))
             except ValueError as e:  # a constraint that does not compile fails its own record
-                refused[i] = r.fail("invalid_parameter", f"{_constraint_field(r)}: {e}")
-        ready = [r for i, r in enumerate(requests) if i not in refused]
+                done[i] = r.fail("invalid_parameter", f"{_constraint_field(r)}: {e}")
+        ready = [r for i, r in enumerate(requests) if i not in done]
         try:
             futures = iter(engine.submit([r.token_ids for r in ready], sampling) if ready else [])
         except Exception:  # noqa: BLE001 (one bad request refuses the whole call: submit one by one)
             futures = iter([self._submit_one(r, engine, sp) for r, sp in zip(ready, sampling)])
         results = []
         for i, r in enumerate(requests):
-            if i in refused:
-                results.append(refused[i])
+            if i in done:
+                results.append(done[i])
                 continue
             f = next(futures)
             try:
@@ -169,6 +172,7 @@ class EngineHandler(ModelHandler[Sequence[Request], Result, Engine]):
                     results.append(r.fail("generation_failed", f"{type(e).__name__}: {e}"))
                     continue
             results.append(r.result(out))
+        self._prompt_logprobs(requests, results, engine)
         elapsed = time.perf_counter() - start
         generated = sum(res.completion_tokens for res in results)
         self._latency.update(int(elapsed * 1000))
@@ -178,6 +182,40 @@ class EngineHandler(ModelHandler[Sequence[Request], Result, Engine]):
         self._host.update(round((elapsed - waited) * 1e6))
         for name, n in _new_engine_numbers(engine, self.run_id).items():
             Metrics.counter(NAMESPACE, name).inc(n)
+        return results
+
+    @staticmethod
+    def _prompt_logprobs(requests: list[Request], results: list[Result], engine: Engine) -> None:
+        """Adds the prompt tokens' log-probabilities to the results of the requests that asked."""
+        want = [(r, res) for r, res in zip(requests, results) if r.prompt_logprobs and res.error is None]
+        if not want:
+            return
+        try:
+            found = engine.prompt_logprobs([r.token_ids for r, _ in want])
+        except Exception as e:  # noqa: BLE001 (the completions stand; the error is logged)
+            log.warning("prompt_logprobs failed for %d records: %s: %s", len(want), type(e).__name__, e)
+            return
+        for (_, res), lps in zip(want, found):
+            res.prompt_logprobs = lps
+
+    @staticmethod
+    def _score(scoring: list[tuple[int, Request]], engine: Engine) -> dict[int, Result]:
+        """The results of the score_choices requests, by index: scored together, or if that
+        fails, one by one, so a request that breaks scoring fails alone."""
+        if not scoring:
+            return {}
+        try:
+            outs = engine.score([r.token_ids for _, r in scoring], [r.choice_ids for _, r in scoring])
+            return {i: r.scored(out) for (i, r), out in zip(scoring, outs)}
+        except Exception:  # noqa: BLE001
+            pass
+        results = {}
+        for i, r in scoring:
+            try:
+                results[i] = r.scored(engine.score([r.token_ids], [r.choice_ids])[0])
+            except Exception as e:  # noqa: BLE001
+                log.warning("record %s failed: %s: %s", r.id, type(e).__name__, e)
+                results[i] = r.fail("generation_failed", f"{type(e).__name__}: {e}")
         return results
 
     @staticmethod

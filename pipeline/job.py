@@ -35,8 +35,8 @@ from pipeline.errors import JobError
 from pipeline.handler import NAMESPACE, EngineHandler, ModelSpec
 from pipeline.options import DEFAULT_RUNNER, JobOptions
 from pipeline.progress import CountResults
-from pipeline.records import (Request, Result, chat_template_for, check_sampling, finish_completions, model_name,
-                              output_view, parse, prompt_token_ids, serialize)
+from pipeline.records import (Request, Result, chat_template_for, check_sampling, choice_token_ids, finish_completions,
+                              model_name, output_view, parse, prompt_token_ids, serialize)
 
 log = logging.getLogger(__name__)
 LOCAL_WORKER_THREADS = 4  # the in-process runner's default: bundles feeding the engine at once
@@ -107,6 +107,17 @@ class ReadAndTokenize(beam.DoFn):
                 yield beam.pvalue.TaggedOutput(self.ERRORS, ids)
                 continue
             req.token_ids = ids
+            if req.score_choices is not None:
+                req.choice_ids = choice_token_ids(self.tokenizer, req)
+                held = len(ids) + sum(map(len, req.choice_ids))
+                if held > self.max_len:
+                    yield beam.pvalue.TaggedOutput(self.ERRORS, req.fail(
+                        "prompt_too_long", f"the prompt's {len(ids)} tokens and its score_choices' "
+                        f"{held - len(ids)} take {held}; the model's context is {self.max_len}"))
+                else:
+                    self.prompt_tokens.inc(len(ids))
+                    yield req
+                continue
             room = self.max_len - len(ids)
             if not ids:  # a tokenizer without BOS can turn a prompt of, say, only a zero-width space into nothing
                 yield beam.pvalue.TaggedOutput(self.ERRORS, req.fail("invalid_prompt", "the prompt has no tokens"))

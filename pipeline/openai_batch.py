@@ -72,7 +72,7 @@ def parse(raw: bytes | BadRecord, shard: int, rid: str, line: int, defaults: dic
 def _request(cid: str, shard: int, line: int, url: str, body: dict, defaults: dict, refuse) -> Request | Result:
     chat = url == "/v1/chat/completions"
     fields = {k: body.get(k) for k in ("temperature", "top_p", "top_k", "seed", "stop", "include_stop_str_in_output",
-                                       *CONSTRAINT_FIELDS, *UNSUPPORTED_FIELDS)}
+                                       "prompt_logprobs", *CONSTRAINT_FIELDS, *UNSUPPORTED_FIELDS)}
     fields["max_tokens"] = body.get("max_completion_tokens") if chat and body.get(
         "max_completion_tokens") is not None else body.get("max_tokens")
     logprobs = body.get("logprobs")
@@ -80,17 +80,13 @@ def _request(cid: str, shard: int, line: int, url: str, body: dict, defaults: di
         if logprobs is not None and not isinstance(logprobs, bool):
             return refuse("invalid_parameter", f"logprobs must be true or false; got {logprobs!r}")
         top = body.get("top_logprobs")
-        if top not in (None, 0):
-            return refuse("unsupported_parameter", f"top_logprobs={top!r} is not supported: only the chosen "
-                          "tokens' logprobs are returned (top_logprobs 0 or absent)")
-        fields["logprobs"] = bool(logprobs)
+        if top not in (None, 0) and not logprobs:
+            return refuse("invalid_parameter", "top_logprobs needs logprobs: true")
+        fields["logprobs"], fields["top_logprobs"] = bool(logprobs), top
     else:
         if logprobs is not None and (not isinstance(logprobs, int) or isinstance(logprobs, bool) or logprobs < 0):
             return refuse("invalid_parameter", f"logprobs must be an integer >= 0; got {logprobs!r}")
-        if logprobs:
-            return refuse("unsupported_parameter", f"logprobs={logprobs} asks for {logprobs} alternatives per "
-                          "token; only the chosen tokens' logprobs are returned (logprobs: 0)")
-        fields["logprobs"] = logprobs is not None
+        fields["logprobs"], fields["top_logprobs"] = logprobs is not None, logprobs
     if chat:
         if "messages" not in body:
             return refuse("invalid_request", "a chat completion body needs 'messages'")
@@ -128,6 +124,8 @@ def _body(r: Result, key: str) -> dict[str, Any]:
         choice = {"index": 0, "text": r.completion}
     choice["logprobs"] = _logprobs(r, chat) if r.want_logprobs else None
     choice["finish_reason"] = r.finish_reason
+    if r.prompt_logprobs is not None:  # vLLM's extension
+        choice["prompt_logprobs"] = r.prompt_logprobs
     return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{key}", "object": ENDPOINTS[r.api], "created": int(time.time()),
             "model": r.model, "choices": [choice],
             "usage": {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
@@ -136,15 +134,19 @@ def _body(r: Result, key: str) -> dict[str, Any]:
 
 def _logprobs(r: Result, chat: bool) -> dict[str, Any]:
     texts, lps = r.token_texts or [], r.logprobs or []
+    tops = r.top_logprobs or [[] for _ in texts]
     if chat:
-        return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode("utf-8")), "top_logprobs": []}
-                            for t, lp in zip(texts, lps)], "refusal": None}
+        return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode("utf-8")),
+                             "top_logprobs": [{"token": a, "logprob": alp, "bytes": list(ab)} for a, ab, _, alp in top]}
+                            for t, lp, top in zip(texts, lps, tops)], "refusal": None}
     offsets, at = [], 0
     for t in texts:
         offsets.append(at)
         at += len(t)
-    return {"tokens": texts, "token_logprobs": lps, "top_logprobs": [{t: lp} for t, lp in zip(texts, lps)],
-            "text_offset": offsets}
+    # one entry per token: its k alternatives by text (the chosen one too, as OpenAI's API adds it)
+    alternatives = [{**{a: alp for a, _, _, alp in top}, t: lp} if r.top_logprobs else {t: lp}
+                    for t, lp, top in zip(texts, lps, tops)]
+    return {"tokens": texts, "token_logprobs": lps, "top_logprobs": alternatives, "text_offset": offsets}
 
 
 def output_view(rec: dict[str, Any]) -> dict[str, Any]:

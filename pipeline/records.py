@@ -2,14 +2,18 @@
 
 Input record (a JSONL line, a Parquet row or a TFRecord Example; see pipeline/formats.py):
   {"id", "prompt" | "messages", optional "max_tokens", "temperature", "top_p", "top_k", "seed",
-   "stop", "include_stop_str_in_output", "logprobs", and one constraint on the output: "response_format"
+   "stop", "include_stop_str_in_output", "logprobs", "top_logprobs" (k <= 20), "prompt_logprobs" (0), and one constraint on the output: "response_format"
    ({"type": "json_schema", "json_schema": {"schema": ...}} | {"type": "json_object"} | {"type": "text"}),
-   "guided_json" (a schema), "guided_regex" (a pattern) or "guided_choice" (a list of strings)}
+   "guided_json" (a schema), "guided_regex" (a pattern) or "guided_choice" (a list of strings);
+   or "score_choices" (a list of labels) to score each label as a continuation instead of generating}
   text: the whole line is the prompt; its id is "<shard name>:<line number>"
 OpenAI Batch API lines are read and answered by pipeline/openai_batch.py.
 Output, one JSON line per input record:
   {"id", "completion", "prompt_tokens", "completion_tokens", "finish_reason"[, "logprobs"]
+   [, "top_logprobs": per token, the k likeliest [{"token", "id", "logprob"}, ...]]
+   [, "prompt_logprobs": [null, log p of each later prompt token given those before it]]
    [, "constraint_satisfied": whether a constrained completion is complete (false: max_tokens cut it short)]}  or
+  {"id", "label", "scores": {label: log p(label | prompt)}, "prompt_tokens"}  (score_choices)  or
   {"id", "error": {"type", "message"}}
 """
 
@@ -23,8 +27,10 @@ import zlib
 from typing import Any, Sequence
 
 from model import GenerationOutput, SamplingParams
+from model.sampling import MAX_TOP_LOGPROBS
 from model.chat_template import (ChatTemplate, ChatTemplateError, check_messages, load_chat_template,
                                   special_token_strings)
+from model.constraints import token_bytes
 from model.tokenizer import Tokenizer, decode_completions
 from pipeline.formats import UNSUPPORTED_FIELDS, BadRecord
 
@@ -58,13 +64,18 @@ class Request:
     model: str = ""  # the served model's name, for OpenAI responses
     token_ids: list[int] = dataclasses.field(default_factory=list)
     constraint: tuple[str, Any] | None = None  # (kind, spec) for Engine.constraint: see parse_constraint
+    top_logprobs: int = 0
+    score_choices: list[str] | None = None  # labels to score instead of generating
+    prompt_logprobs: bool = False
+    choice_ids: list[list[int]] = dataclasses.field(default_factory=list)  # their tokens, after the prompt's
 
     def sampling(self, engine: Any = None) -> SamplingParams:
         """The engine's parameters for this request. A constraint is compiled for `engine` (cached
         by spec, so rows sharing a schema compile it once); ValueError if it cannot be."""
         constraint = engine.constraint(*self.constraint) if self.constraint is not None else None
         return SamplingParams(max_new_tokens=self.max_tokens, temperature=self.temperature, top_k=self.top_k,
-                              top_p=self.top_p, seed=self.seed, stop=self.stop, constraint=constraint)
+                              top_p=self.top_p, seed=self.seed, stop=self.stop, constraint=constraint,
+                              top_logprobs=self.top_logprobs)
 
     def result(self, out: GenerationOutput) -> Result:
         """The engine's output for this request, to be finished by `finish_completions`."""
@@ -73,7 +84,13 @@ class Request:
                       token_ids=list(out.token_ids), prompt_ids=self.token_ids, stop=self.stop,
                       include_stop=self.include_stop, want_logprobs=self.logprobs,
                       logprobs=list(out.logprobs) if self.logprobs else None, api=self.api, model=self.model,
-                      constraint_satisfied=out.constraint_satisfied)
+                      constraint_satisfied=out.constraint_satisfied, top_ids=out.top_logprobs)
+
+    def scored(self, out: Any) -> Result:
+        """The engine's ScoreOutput for this request."""
+        return Result(id=self.id, shard=self.shard, line=self.line, prompt_tokens=len(self.token_ids),
+                      scores=dict(zip(self.score_choices, out.scores)), label=self.score_choices[out.best],
+                      api=self.api, model=self.model)
 
     def fail(self, kind: str, message: str) -> Result:
         return error(self.id, self.shard, self.line, kind, message, api=self.api, model=self.model)
@@ -102,19 +119,31 @@ class Result:
     api: str | None = None  # see Request.api; "" for an OpenAI line that is not a request
     model: str = ""
     constraint_satisfied: bool | None = None  # see GenerationOutput; None: no constraint
+    top_ids: list[list[tuple[int, float]]] | None = None  # per token, the likeliest (id, logprob)
+    top_logprobs: list[list[tuple[str, bytes, int, float]]] | None = None  # the same with (text, bytes)
+    scores: dict[str, float] | None = None  # score_choices: log p of each label
+    prompt_logprobs: list[float | None] | None = None
+    label: str | None = None  # the most likely label
 
     def to_json(self) -> str:
         if self.api is not None:
             return API_FORMATS["openai"].to_json(self)
         if self.error is not None:
             out = {"id": self.id, "error": {"type": self.error_type, "message": self.error}}
+        elif self.scores is not None:
+            out = {"id": self.id, "label": self.label, "scores": self.scores, "prompt_tokens": self.prompt_tokens}
         else:
             out = {"id": self.id, "completion": self.completion, "prompt_tokens": self.prompt_tokens,
                    "completion_tokens": self.completion_tokens, "finish_reason": self.finish_reason}
             if self.want_logprobs:
                 out["logprobs"] = self.logprobs
+            if self.top_logprobs is not None:
+                out["top_logprobs"] = [[{"token": t, "id": i, "logprob": lp} for t, _, i, lp in alts]
+                                       for alts in self.top_logprobs]
             if self.constraint_satisfied is not None:
                 out["constraint_satisfied"] = self.constraint_satisfied
+            if self.prompt_logprobs is not None:
+                out["prompt_logprobs"] = self.prompt_logprobs
         return json.dumps(out, ensure_ascii=False)
 
 
@@ -235,6 +264,27 @@ def make_request(rid: str, shard: int, line: int, prompt: Any, messages: Any, ob
     constraint = parse_constraint(obj)
     if isinstance(constraint, str):
         return fail("invalid_parameter", constraint)
+    choices = obj.get("score_choices")
+    if choices is not None:
+        if (not isinstance(choices, list) or not choices or len(choices) > MAX_SCORE_CHOICES
+                or not all(isinstance(c, str) and c and not_utf8(c) is None for c in choices)):
+            return fail("invalid_parameter", f"score_choices must be a list of 1 to {MAX_SCORE_CHOICES} non-empty "
+                        f"strings; got {short_repr(choices)}")
+        if len(set(choices)) < len(choices):
+            return fail("invalid_parameter", f"score_choices has duplicates: {short_repr(choices)}")
+        if constraint is not None:
+            return fail("invalid_parameter", "score_choices scores labels instead of generating; it cannot be "
+                        "combined with a constraint on the output")
+    prompt_lp = obj.get("prompt_logprobs")
+    if prompt_lp is not None and (not _is_int(prompt_lp) or prompt_lp < 0):
+        return fail("invalid_parameter", f"prompt_logprobs must be an integer >= 0; got {short_repr(prompt_lp)}")
+    if prompt_lp:
+        return fail("unsupported_parameter", f"prompt_logprobs={prompt_lp} asks for {prompt_lp} alternatives per "
+                    "prompt token; only the prompt tokens' own log-probabilities are returned (prompt_logprobs: 0)")
+    top = obj.get("top_logprobs") or 0
+    if not _is_int(top) or not 0 <= top <= MAX_TOP_LOGPROBS:
+        return fail("invalid_parameter", f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}]; "
+                    f"got {short_repr(top)}")
     if values["temperature"] < MIN_TEMPERATURE:  # float32 logits / a tiny temperature overflow to inf
         values["temperature"] = 0.0
     return Request(id=rid, shard=shard, line=line, prompt=None if messages is not None else prompt,
@@ -242,7 +292,8 @@ def make_request(rid: str, shard: int, line: int, prompt: Any, messages: Any, ob
                    max_tokens_given=obj.get("max_tokens") is not None, temperature=float(values["temperature"]),
                    top_p=float(values["top_p"]), top_k=int(values["top_k"]), seed=int(values["seed"]), stop=stop,
                    include_stop=flags["include_stop_str_in_output"], logprobs=flags["logprobs"], api=api,
-                   model=model, constraint=constraint)
+                   model=model, constraint=constraint, top_logprobs=top, score_choices=choices,
+                   prompt_logprobs=prompt_lp is not None)
 
 
 def parse_constraint(obj: dict[str, Any]) -> tuple[str, Any] | None | str:
@@ -292,6 +343,7 @@ def parse_constraint(obj: dict[str, Any]) -> tuple[str, Any] | None | str:
 # temperature and top_p float32. A temperature below MIN_TEMPERATURE is greedy (as in vLLM): the
 # logits divided by it would overflow float32.
 INT32_MAX = 2**31 - 1
+MAX_SCORE_CHOICES = 64
 FLOAT32_MAX = 3.4028234663852886e38
 MIN_TEMPERATURE = 1e-5
 
@@ -371,6 +423,19 @@ def _check_flags(flags: dict[str, Any]) -> str | None:
 
 
 # ------------------------------------------------------------------ prompts -> token ids
+
+
+def choice_token_ids(tokenizer: Tokenizer, req: Request) -> list[list[int]]:
+    """Each of a request's score_choices as tokens that continue its prompt: the tokens its prompt
+    text + the choice encode to past the prompt's own, where the prompt's tokens are a prefix of
+    them (so a label is scored as the tokenizer would split it after that prompt); otherwise, and
+    for chat records, the choice encoded on its own."""
+    alone = tokenizer.encode_batch(req.score_choices, add_bos=False)
+    if req.prompt is None:
+        return alone
+    n = len(req.token_ids)
+    joined = tokenizer.encode_batch([req.prompt + c for c in req.score_choices])
+    return [j[n:] if j[:n] == req.token_ids and len(j) > n else a for j, a in zip(joined, alone)]
 
 
 def chat_template_for(checkpoint: str, tokenizer: Tokenizer) -> ChatTemplate | ChatTemplateError:
@@ -483,9 +548,22 @@ def _finish_completions(tokenizer: Tokenizer, results: list[Result]) -> list[Res
             r.logprobs = r.logprobs[:kept]
         if r.want_logprobs and r.api:
             r.token_texts = pieces[i][:kept]
+        if r.top_ids is not None:
+            r.top_logprobs = [[(*_token_text(tokenizer, t), t, lp) for t, lp in alts] for alts in r.top_ids[:kept]]
+            r.top_ids = None
     for r in results:
         r.token_ids, r.prompt_ids = [], []
     return results
+
+
+def _token_text(tokenizer: Tokenizer, token: int) -> tuple[str, bytes]:
+    """(text, bytes) of one token id on its own, as an alternative in top_logprobs: the bytes it adds
+    to a text (a byte piece may be part of a UTF-8 character: its text then holds U+FFFD)."""
+    raw = token_bytes(tokenizer)[token] if token < tokenizer.vocab_size else None
+    if raw is None:
+        text = tokenizer.decode([token])
+        return text, text.encode("utf-8")
+    return raw.decode("utf-8", "replace"), raw
 
 
 def _find_stop(text: str, stops: Sequence[str]) -> tuple[int, int] | None:

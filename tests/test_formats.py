@@ -210,9 +210,9 @@ def test_openai_requests_map_to_the_records_vocabulary():
 
 @pytest.mark.parametrize("raw, kind, words", [
     (oa(prompt="p", n=2), "unsupported_parameter", "n=2"),
-    (oa(prompt="p", logprobs=3), "unsupported_parameter", "logprobs=3"),
+    (oa(prompt="p", logprobs=21), "invalid_parameter", "top_logprobs must be an integer in [0, 20]"),
     (oa(url="/v1/chat/completions", messages=[{"role": "user", "content": "x"}], top_logprobs=2),
-     "unsupported_parameter", "top_logprobs=2"),
+     "invalid_parameter", "top_logprobs needs logprobs: true"),
     (oa(prompt=["a", "b"]), "unsupported_parameter", "one string"),
     (oa(prompt="p", temperature=-1), "invalid_parameter", "temperature"),
     (oa(url="/v1/embeddings", input="x"), "invalid_request", "url must be one of"),

@@ -205,3 +205,125 @@ def test_a_job_returns_valid_structured_records_and_refuses_bad_ones_alone(tmp_p
     body = answer["response"]["body"]
     assert answer["response"]["status_code"] == 200 and body["choices"][0]["finish_reason"] == "stop", answer
     jsonschema.validate(json.loads(body["choices"][0]["text"]), SCHEMA)
+
+
+def full_logprobs(engine, prompt, completion):
+    logits = engine.logits([prompt + completion])[0].astype(np.float64)
+    return logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+
+
+def test_top_logprobs_equal_a_full_forwards_top_k(demo):
+    prompts = [demo.tokenizer.encode(t) for t in ["The hacker", "And God said unto"]]
+    sampling = [SamplingParams(max_new_tokens=20, top_logprobs=5),
+                SamplingParams(max_new_tokens=12, top_logprobs=20, temperature=0.9, seed=2)]
+    outs = demo.generate(prompts + prompts[:1], sampling + [SamplingParams(max_new_tokens=4)])
+    assert outs[2].top_logprobs is None
+    for p, sp, out in zip(prompts, sampling, outs):
+        assert len(out.top_logprobs) == len(out.token_ids)
+        full = full_logprobs(demo, p, out.token_ids)
+        for i, alts in enumerate(out.top_logprobs):
+            row = full[len(p) - 1 + i]
+            assert len(alts) == sp.top_logprobs
+            np.testing.assert_allclose([lp for _, lp in alts], np.sort(row)[::-1][:sp.top_logprobs], atol=2e-4)
+            np.testing.assert_allclose([row[t] for t, _ in alts], [lp for _, lp in alts], atol=2e-4)
+        if sp.temperature == 0:  # greedy: the chosen token is the top one
+            assert [alts[0][0] for alts in out.top_logprobs] == out.token_ids
+    with pytest.raises(ValueError, match="top_logprobs"):
+        SamplingParams(top_logprobs=21)
+
+
+def test_top_logprobs_in_records_and_openai_answers(tmp_path):
+    from pipeline.job import run
+
+    (tmp_path / "in.jsonl").write_text(json.dumps({"id": "a", "prompt": "The hacker", "max_tokens": 4,
+                                                   "top_logprobs": 3}) + "\n")
+    (tmp_path / "api.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"custom_id": "c", "method": "POST", "url": "/v1/completions",
+         "body": {"prompt": "The hacker", "max_tokens": 4, "logprobs": 2}}]))
+    run(["--input", str(tmp_path / "*.jsonl"), "--output", str(tmp_path / "out"), "--model", "demo",
+         "--max_len", "128"])
+    [rec] = map(json.loads, (tmp_path / "out" / "in.jsonl").read_text().splitlines())
+    assert len(rec["top_logprobs"]) == 4 and all(len(alts) == 3 for alts in rec["top_logprobs"])
+    assert {"token", "id", "logprob"} == set(rec["top_logprobs"][0][0])
+    [answer] = map(json.loads, (tmp_path / "out" / "api.jsonl").read_text().splitlines())
+    lp = answer["response"]["body"]["choices"][0]["logprobs"]
+    assert len(lp["top_logprobs"]) == 4 and all(2 <= len(alts) <= 3 for alts in lp["top_logprobs"])
+    assert all(lp["tokens"][i] in alts for i, alts in enumerate(lp["top_logprobs"]))
+
+
+@pytest.mark.parametrize("hot_path", ["cpu", "tpu"])
+def test_scores_equal_log_probabilities_from_a_full_forward(hot_path):
+    engine = Engine.from_pretrained("demo", max_slots=4, max_len=128, dtype="float32", hot_path=hot_path)
+    tok = engine.tokenizer
+    prompts = [tok.encode(t) for t in ["Label the text: the build broke again. Label:", "And God said", "x"]]
+    cands = [[tok.encode(w, add_bos=False) for w in (" positive", " negative", " neutral", " mixed feelings")],
+             [tok.encode(w, add_bos=False) for w in (" Let there be light", " unto Moses")],
+             [[5], [6, 7], [8, 9, 10]]]
+    outs = engine.score(prompts, cands)
+    for p, cs, out in zip(prompts, cands, outs):
+        want = []
+        for c in cs:
+            full = full_logprobs(engine, p, c)
+            want.append(sum(full[len(p) - 1 + i, t] for i, t in enumerate(c)))
+        np.testing.assert_allclose(out.scores, want, rtol=1e-4, atol=1e-3)
+        assert out.best == int(np.argmax(want)) and out.prompt_len == len(p)
+    with pytest.raises(ValueError, match="candidates must be a non-empty list"):
+        engine.score(prompts[:1], [[]])
+    with pytest.raises(ValueError, match="max_len"):
+        engine.score(prompts[:1], [[[5] * 120]])
+
+
+def test_score_choices_records_return_each_labels_log_probability(tmp_path):
+    from pipeline.job import run
+
+    labels = ["positive", "negative", "neutral"]
+    recs = [{"id": "a", "prompt": "Label the text: the build broke again.\nLabel:", "score_choices": labels},
+            {"id": "b", "prompt": "And God said", "score_choices": [" Let there be light", " unto Moses"]},
+            {"id": "dup", "prompt": "x", "score_choices": ["a", "a"]},
+            {"id": "both", "prompt": "x", "score_choices": ["a"], "guided_choice": ["a"]},
+            {"id": "long", "prompt": "x", "score_choices": ["word " * 200]},
+            {"id": "gen", "prompt": "In the beginning", "max_tokens": 3}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    run(["--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out"), "--model", "demo",
+         "--max_len", "128", "--dtype", "float32"])
+    out = {r["id"]: r for r in map(json.loads, (tmp_path / "out" / "in.jsonl").read_text().splitlines())}
+    engine = Engine.from_pretrained("demo", max_slots=2, max_len=128, dtype="float32")
+    tok = engine.tokenizer
+    for rid in ("a", "b"):
+        rec = next(r for r in recs if r["id"] == rid)
+        assert set(out[rid]) == {"id", "label", "scores", "prompt_tokens"}
+        assert list(out[rid]["scores"]) == rec["score_choices"]
+        assert out[rid]["label"] == max(out[rid]["scores"], key=out[rid]["scores"].get)
+        prompt = tok.encode(rec["prompt"])
+        for label, got in out[rid]["scores"].items():  # the label as it continues the prompt's text
+            ids = tok.encode(rec["prompt"] + label)
+            assert ids[:len(prompt)] == prompt
+            full = full_logprobs(engine, prompt, ids[len(prompt):])
+            want = sum(full[len(prompt) - 1 + i, t] for i, t in enumerate(ids[len(prompt):]))
+            assert got == pytest.approx(want, abs=1e-3)
+    assert out["dup"]["error"]["type"] == "invalid_parameter" and "duplicates" in out["dup"]["error"]["message"]
+    assert out["both"]["error"]["type"] == "invalid_parameter"
+    assert out["long"]["error"]["type"] == "prompt_too_long"
+    assert out["gen"]["completion_tokens"] == 3
+
+
+def test_prompt_logprobs_equal_a_full_forward(demo, tmp_path):
+    prompts = [demo.tokenizer.encode(t) for t in ["The hacker in the house", "And God said unto Moses, go forth", "A"]]
+    got = demo.prompt_logprobs(prompts)
+    for p, lps in zip(prompts, got):
+        full = full_logprobs(demo, p[:1], p[1:])
+        assert lps[0] is None and len(lps) == len(p)
+        np.testing.assert_allclose(lps[1:], [full[i, t] for i, t in enumerate(p[1:])], atol=1e-4)
+    from pipeline.job import run
+
+    (tmp_path / "in.jsonl").write_text(json.dumps({"id": "a", "prompt": "The hacker", "max_tokens": 2,
+                                                   "prompt_logprobs": 0}) + "\n"
+                                       + json.dumps({"id": "b", "prompt": "x", "prompt_logprobs": 3}) + "\n")
+    run(["--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out"), "--model", "demo",
+         "--max_len", "128", "--dtype", "float32"])
+    out = {r["id"]: r for r in map(json.loads, (tmp_path / "out" / "in.jsonl").read_text().splitlines())}
+    p = demo.tokenizer.encode("The hacker")
+    assert out["a"]["prompt_logprobs"][0] is None and len(out["a"]["prompt_logprobs"]) == len(p)
+    np.testing.assert_allclose(out["a"]["prompt_logprobs"][1:], demo.prompt_logprobs([p])[0][1:], atol=1e-4)
+    assert out["b"]["error"]["type"] == "unsupported_parameter"
