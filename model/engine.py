@@ -252,10 +252,10 @@ class Engine:
         x, cache = model.prefill(tokens_bt, starts_b, slots_b, cache)
         last = x[jnp.arange(b), lengths_b - starts_b - 1][:, None]
         logits = model.head(last)[:, 0]
-        masked = mask_logits(logits, rows.cstate, table, rows.constrained)
+        masked = self._mask(logits, rows.cstate, table, rows.constrained)
         token = self._sample(masked, rows.temperature, rows.top_k, rows.top_p, rows.seed, jnp.zeros_like(lengths_b))
         logprob = token_logprobs(logits, token)
-        top = top_logprobs(logits, rows.want_top)
+        top = self._top(logits, rows.want_top)
         code = _finish(token, rows, jnp.ones_like(lengths_b), lengths_b, self.max_len)
         new = dataclasses.replace(rows, token=token, position=lengths_b, active=final_b & (code == RUNNING),
                                   generated=jnp.ones_like(lengths_b),
@@ -274,10 +274,10 @@ class Engine:
             pos = jnp.minimum(s.position, self.max_len - 1)
             logits, cache = model.decode_step(s.token, pos, cache, chunks)
             constrained = s.constrained & s.active
-            masked = mask_logits(logits, s.cstate, table, constrained)
+            masked = self._mask(logits, s.cstate, table, constrained)
             token = self._sample(masked, s.temperature, s.top_k, s.top_p, s.seed, s.generated)
             logprob = token_logprobs(logits, token)
-            top = top_logprobs(logits, s.want_top & s.active)
+            top = self._top(logits, s.want_top & s.active)
             emitted = s.active
             generated = s.generated + emitted
             position = s.position + emitted
@@ -302,6 +302,17 @@ class Engine:
         if self.abstract:
             return jax.tree.map(_abstract, table)
         return jax.device_put(table, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
+
+    # The cost model (launch/aot.py) costs the common step: no row constrained, none asking for top
+    # logprobs. Both run under lax.cond, so a step without them skips them on the device too.
+    def _mask(self, logits, cstate, table, constrained):
+        return logits if self.path.cost_model else mask_logits(logits, cstate, table, constrained)
+
+    def _top(self, logits, want):
+        if self.path.cost_model:
+            k = min(MAX_TOP_LOGPROBS, logits.shape[-1])
+            return jnp.zeros((logits.shape[0], k), jnp.int32), jnp.zeros((logits.shape[0], k), jnp.float32)
+        return top_logprobs(logits, want)
 
     def _sample(self, logits, *rows):
         if self.path.cost_model:
