@@ -36,8 +36,9 @@ import numpy as np
 from flax import nnx
 
 from model.config import PRESETS, EngineConfig, ModelConfig, buckets_for
-from model.decoder import Decoder, abstract_params, init_params, param_shardings, stack_layers
+from model.decoder import Decoder, stack_layers
 from model.kv_cache import KVCache, StackedKVCache
+from model.params import abstract_params, init_params, param_shardings
 from model.platform import hot_path
 from model.prefix_cache import PrefixCache
 from model.quantize import quantize_params
