@@ -20,7 +20,6 @@ heads, k kv heads, g query heads per kv head, h head dim, f MLP width, v vocabul
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import itertools
 from typing import Any, Callable, Sequence
