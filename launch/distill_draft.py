@@ -39,7 +39,8 @@ import sentencepiece as spm
 
 from launch import train_demo as demo
 from model.config import ModelConfig
-from model.decoder import Decoder, init_params
+from model.decoder import Decoder
+from model.params import init_params
 from model.sharding import make_mesh
 from model.weights import load_params, read_hf_config
 

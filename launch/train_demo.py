@@ -52,7 +52,8 @@ import optax
 import sentencepiece as spm
 
 from model.config import ModelConfig
-from model.decoder import Decoder, init_params, param_specs
+from model.decoder import Decoder
+from model.params import init_params, param_specs
 from model.weights import save_params
 
 JARGON_TXT = "/usr/share/doc/jargon-text/jargon.txt.gz"

@@ -8,8 +8,9 @@ Two jitted functions do all device work, each compiled once per shape:
 The KV cache and the per-slot decode state are donated to both.
 
 One scheduler loop per engine, on its own thread, drives them: requests submitted from any thread
-(`submit`) wait in one queue, a slot is refilled as soon as its sequence finishes while the other
-slots keep their place in the cache, and each request's future is resolved when it ends. Prefill
+(`submit`) wait in one queue, a slot is refilled as soon as its sequence finishes (or, when its
+length limit ends it within the decode dispatch in flight, right behind that dispatch) while the
+other slots keep their place in the cache, and each request's future is resolved when it ends. Prefill
 is chunked: while rows decode, each step prefills at most `prefill_chunk` tokens before the next
 decode dispatch, and a long prompt goes in pieces over consecutive steps, holding its slot.
 `generate` submits and waits. The loop's thread exits when it has nothing to do and starts again
@@ -37,8 +38,9 @@ from flax import nnx
 
 from model.config import PRESETS, EngineConfig, ModelConfig, buckets_for
 from model.constraints import TableManager, TokenAutomaton, advance, compile_constraint, mask_logits
-from model.decoder import Decoder, abstract_params, init_params, param_shardings, stack_layers
+from model.decoder import Decoder, stack_layers
 from model.kv_cache import KVCache, StackedKVCache
+from model.params import abstract_params, init_params, param_shardings
 from model.platform import hot_path
 from model.prefix_cache import PrefixCache
 from model.quantize import quantize_params
@@ -574,9 +576,13 @@ class Engine:
                     code = int(codes[step, s])
                     break
             q.emit(before)
+            if code == RUNNING and self._slot_of[s] is not q:
+                raise RuntimeError(f"slot {s} was refilled, but its sequence did not end in the dispatch it was "
+                                   "expected to end in")
             if code != RUNNING:
                 q.finish(FINISH_REASONS[code])
-                self._slot_of[s] = None
+                if self._slot_of[s] is q:  # else a prefill took the slot when this dispatch was queued
+                    self._slot_of[s] = None
         self._end_at_stop_strings([q for q in slot_of_then if q is not None])
 
     def _end_at_stop_strings(self, seqs: list["_Sequence"]) -> None:
@@ -627,6 +633,19 @@ class Engine:
         """Where the piece of q's prompt that starts at `start` ends."""
         return len(q.prompt) if self.piece_len is None else min(len(q.prompt), start + self.piece_len)
 
+    def _free_slots(self) -> list[int]:
+        """The slots a prefill may fill now: empty ones, then (in-flight batching) those whose
+        sequence surely ends within the decode dispatch in flight, by its length limit. Device work
+        runs in the order it is queued, so a prefill queued now writes such a slot after that
+        dispatch is done with it, and the new sequence decodes from the next dispatch on instead
+        of one dispatch later (when the end would be read back)."""
+        empty = [s for s, q in enumerate(self._slot_of) if q is None]
+        if self.batching != "inflight" or not self._in_flight:
+            return empty
+        ending = [s for s, q in enumerate(self._in_flight[1]) if q is not None and self._slot_of[s] is q
+                  and len(q.tokens) + self.decode_steps >= q.limit]
+        return empty + ending
+
     def _take_batch(self, refill: bool, room: float) -> list[tuple["_Sequence", int | None]]:
         """The sequences of the next prefill call, each with the prefix-store row to copy into its
         slot first (or None). Prompts that hold a slot mid-prefill come first, then waiting ones
@@ -635,7 +654,7 @@ class Engine:
         prefix cache, one per first block goes at a time (counting those mid-prefill): the others
         then find its prefix cached."""
         held = [q for q in self._slot_of if q is not None and not q.decoding]
-        free = [s for s, q in enumerate(self._slot_of) if q is None] if refill else []
+        free = self._free_slots() if refill else []
         candidates = held + (self._waiting if free else [])
         if not candidates:
             return []

@@ -13,6 +13,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from model.params import param_specs
 from model.sharding import named_sharding
 
 # The logical axes each weight's matmul contracts. The embedding table is quantized per row (per
@@ -57,9 +58,7 @@ def quantize(w: jax.Array, contracted: tuple[int, ...]) -> QArray:
 def quantize_params(params: dict, cfg, mesh: jax.sharding.Mesh) -> dict:
     """int8 copies of the matmul weights, placed like the originals; norms and biases stay as they are.
     One weight at a time, so peak memory is the model plus one weight. Abstract weights
-    (jax.ShapeDtypeStructs, see decoder.abstract_params) give abstract int8 weights."""
-    from model.decoder import param_specs  # the decoder imports QArray from here
-
+    (jax.ShapeDtypeStructs, see params.abstract_params) give abstract int8 weights."""
     specs = param_specs(cfg)
     out = {}
     for name, value in params.items():

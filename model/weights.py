@@ -21,7 +21,7 @@ import ml_dtypes
 import numpy as np
 
 from model.config import ModelConfig, supported_architecture
-from model.decoder import param_specs
+from model.params import param_specs
 from model.sharding import named_sharding
 
 _DTYPES = {

@@ -9,7 +9,7 @@ import pytest
 
 from hf_reference import make_hf_model
 from model.config import FULL, PRESETS, PUBLISHED, SLIDING, ModelConfig, RopeScaling, rope_inv_freq
-from model.decoder import init_params, param_specs
+from model.params import init_params, param_specs
 
 
 def _cfg(variant, **kw):

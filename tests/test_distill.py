@@ -13,7 +13,7 @@ import pytest
 from launch import bench_draft, distill_draft
 from launch import train_demo as demo
 from model.config import ModelConfig
-from model.decoder import init_params
+from model.params import init_params
 
 DEMO = os.path.join(os.path.dirname(__file__), "..", "model", "assets", "demo")
 DEMO_DRAFT = os.path.join(os.path.dirname(__file__), "..", "model", "assets", "demo-draft")

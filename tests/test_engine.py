@@ -120,6 +120,22 @@ def test_longest_first_starts_the_long_sequence_at_once():
     assert steps["longest_first"] <= 11 < steps["arrival"], steps
 
 
+def test_a_slot_is_refilled_within_the_dispatch_its_sequence_ends_in():
+    """Two slots: A (3 tokens) ends within the first decode dispatch, C (5 tokens) within the
+    second. B waits for a slot; it is prefilled into A's as soon as that first dispatch is queued
+    (A's end is certain from its length), so B decodes beside C in the second dispatch: two
+    dispatches in all, not a third one for B alone once A's end has been read back."""
+    eng = Engine.from_pretrained("tiny-llama", mesh_shape=(1, 1), dtype="float32", max_slots=2, max_len=64,
+                                 decode_steps=2, seed=1, order="arrival")
+    prompts = [rng.integers(3, 256, size=5).tolist() for _ in range(3)]
+    params = [greedy(3), greedy(5), greedy(3)]
+    alone = [eng.generate([p], sp)[0].token_ids for p, sp in zip(prompts, params)]
+    before = eng.stats()["decode_calls"]
+    outs = eng.generate(prompts, params)
+    assert eng.stats()["decode_calls"] - before == 2
+    assert [o.token_ids for o in outs] == alone and [len(t) for t in alone] == [3, 5, 3]
+
+
 def test_compiles_once_per_prefill_shape_plus_one_decode():
     eng = Engine.from_pretrained("tiny-llama", mesh_shape=(1, 1), dtype="float32", max_slots=8, max_len=128)
     prompts = [rng.integers(3, 256, size=int(n)).tolist() for n in rng.integers(1, 120, size=50)]

@@ -12,7 +12,7 @@ from safetensors.numpy import load_file, save_file
 
 from hf_reference import hf_logits, make_hf_model, save_hf_model
 from model import Engine
-from model.decoder import param_specs
+from model.params import param_specs
 from model.sharding import logical_to_spec
 
 PROMPTS = [[5, 17, 42, 3, 99, 250, 7], list(range(100, 120))]
