@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from model.config import PRESETS, EngineConfig, ModelConfig, buckets_for
+from model.config import MIN_BUCKET, PRESETS, EngineConfig, ModelConfig, buckets_for
 from model.constraints import TableManager, TokenAutomaton, advance, compile_constraint, mask_logits
 from model.decoder import Decoder, stack_layers
 from model.kv_cache import KVCache, StackedKVCache
@@ -392,8 +392,8 @@ class Engine:
         out: list[ScoreOutput | None] = [None] * len(prompts)
         rows.sort(key=lambda r: len(r[1]) + sum(map(len, r[2])))
         while rows:
-            t = self._bucket(len(rows[0][1]) + sum(map(len, rows[0][2])))
-            group = [r for r in rows if self._bucket(len(r[1]) + sum(map(len, r[2]))) == t][:self.prefill_batch(t)]
+            t = self._score_len(len(rows[0][1]) + sum(map(len, rows[0][2])))
+            group = [r for r in rows if self._score_len(len(r[1]) + sum(map(len, r[2]))) == t][:self.prefill_batch(t)]
             rows = rows[len(group):]
             b = next(n for n in self.prefill_rows(t) if n >= len(group))
             m = max(8, 1 << math.ceil(math.log2(max(sum(map(len, c)) for _, _, c in group))))
@@ -418,6 +418,13 @@ class Engine:
                 scores = [float(lps[r, e - len(c):e].sum()) for c, e in zip(cands, ends)]
                 out[i] = ScoreOutput(scores, int(np.argmax(scores)), len(p))
         return out
+
+    def _score_len(self, n: int) -> int:
+        """A packed scoring row's padded length: quarter steps between the length buckets (a
+        prompt and its labels often just pass a power of two; 4 shapes per octave, not 1)."""
+        below = max([b for b in self.buckets if b < n] or [MIN_BUCKET])
+        step = max(MIN_BUCKET, below // 4)
+        return min(self.max_len, -(-n // step) * step)
 
     def prompt_logprobs(self, prompts: Sequence[Sequence[int]]) -> list[list[float | None]]:
         """log p of each prompt token given the tokens before it (None for the first), as vLLM's
