@@ -475,6 +475,9 @@ class EngineConfig:
 
 PRESETS: dict[str, ModelConfig] = {
     "tiny-llama": llama_preset(vocab=256, hidden=64, layers=2, heads=4, kv_heads=2, ffw=128),
+    # a mixture of experts of tiny-llama's shape: 8 experts of width 64, 2 per token (Mixtral's router)
+    "tiny-mixtral": llama_preset(vocab=256, hidden=64, layers=2, heads=4, kv_heads=2, ffw=64, num_experts=8,
+                                 num_experts_per_tok=2, architecture="MixtralForCausalLM"),
     "llama-100m": llama_preset(vocab=32000, hidden=768, layers=8, heads=12, kv_heads=4, ffw=2048,
                                max_position_embeddings=4096),
     "llama-1b": llama_preset(vocab=128256, hidden=2048, layers=16, heads=32, kv_heads=8, ffw=8192,
