@@ -283,24 +283,26 @@ def route(x_td: Array, router_de: Array, top_k: int, renormalize: bool) -> tuple
     return experts.astype(jnp.int32), weights
 
 
-def grouped_linear(x_md: Array, w: Array | QArray, group_sizes_e: Array, expert_m: Array) -> Array:
+def grouped_linear(x_md: Array, w: Array | QArray, group_sizes_e: Array, expert_m: Array,
+                   out_dtype: jnp.dtype | None = None) -> Array:
     """Rows of x sorted by expert, each times its expert's matrix: jax.lax.ragged_dot of x [m, d]
-    and w [e, d, f] with group_sizes_e rows per expert -> [m, f]. An int8 w is converted to x's
-    dtype as `linear` does, and its per-expert, per-output-channel scale [e, f] applied to each
-    row's output (expert_m: each row's expert)."""
+    and w [e, d, f] with group_sizes_e rows per expert -> [m, f] (in out_dtype, default x's). An
+    int8 w is converted to x's dtype as `linear` does, and its per-expert, per-output-channel
+    scale [e, f] applied to each row's output (expert_m: each row's expert)."""
     q = w.q.astype(x_md.dtype) if isinstance(w, QArray) else w
     out = jax.lax.ragged_dot(x_md, q, group_sizes_e, preferred_element_type=jnp.float32)
     if isinstance(w, QArray):
         out = out * w.scale[expert_m]
-    return out.astype(x_md.dtype)
+    return out.astype(out_dtype or x_md.dtype)
 
 
 def moe_mlp(x_btd: Array, router_de: Array, w_gate, w_up, w_down, top_k: int, renormalize: bool,
             activation: str) -> Array:
-    """Mixture of experts [b, t, d] -> [b, t, d]: each token runs through its top_k experts' gated
-    MLPs (w_gate, w_up [e, d, f], w_down [e, f, d]), their outputs summed with the router's
-    weights. The t*k (token, expert) pairs are sorted by expert so that each expert's matmul is one
-    group of a ragged_dot: every pair is computed, none dropped, no capacity limit."""
+    """Mixture of experts [b, t, d] -> float32 [b, t, d]: each token runs through its top_k
+    experts' gated MLPs (w_gate, w_up [e, d, f], w_down [e, f, d]), their outputs summed with the
+    router's weights (in float32, so that partial sums over devices add up before rounding). The
+    t*k (token, expert) pairs are sorted by expert so that each expert's matmul is one group of a
+    ragged_dot: every pair is computed, none dropped, no capacity limit."""
     b, t, d = x_btd.shape
     x_td = x_btd.reshape(b * t, d)
     experts_tk, weights_tk = route(x_td, router_de, top_k, renormalize)
@@ -313,10 +315,10 @@ def moe_mlp(x_btd: Array, router_de: Array, w_gate, w_up, w_down, top_k: int, re
     act = jax.nn.silu if activation == "silu" else lambda a: jax.nn.gelu(a, approximate=True)
     h_mf = act(grouped_linear(xs_md, w_gate, group_sizes_e, sorted_expert_m)) * grouped_linear(
         xs_md, w_up, group_sizes_e, sorted_expert_m)
-    out_md = grouped_linear(h_mf, w_down, group_sizes_e, sorted_expert_m)
+    out_md = grouped_linear(h_mf, w_down, group_sizes_e, sorted_expert_m, jnp.float32)
     out_md = jnp.zeros_like(out_md).at[order_m].set(out_md)  # back to token-major order
-    out_tkd = out_md.reshape(b * t, top_k, d).astype(jnp.float32) * weights_tk[..., None]
-    return jnp.sum(out_tkd, axis=1).astype(x_btd.dtype).reshape(b, t, d)
+    out_tkd = out_md.reshape(b * t, top_k, d) * weights_tk[..., None]
+    return jnp.sum(out_tkd, axis=1).reshape(b, t, d)
 
 
 def _merge_leading(w: Array | QArray, n: int) -> Array | QArray:
@@ -457,15 +459,14 @@ class Decoder(nnx.Module):
                                 activation=cfg.activation)
         names = ("router", "w_gate", "w_up", "w_down")
         if self.mesh is None or self.mesh.size == 1:
-            return moe(x_btd, *(w[n] for n in names))
-        return self._moe_sharded(moe, x_btd, {n: w[n] for n in names})
+            return moe(x_btd, *(w[n] for n in names)).astype(x_btd.dtype)
+        return self._moe_sharded(moe, x_btd, {n: w[n] for n in names}).astype(x_btd.dtype)
 
     def _moe_sharded(self, moe: Callable, x_btd: Array, w: dict[str, Array | QArray]) -> Array:
         """moe_mlp per device under shard_map, each with its rows (split over "data" as the
         activations are) and its share of every expert's weights, as RULES places them (each
         expert's MLP width split over "model": see docs/moe.md). Routing is computed on every
         device alike; the down projections' partial sums are added over "model"."""
-        from jax.sharding import PartitionSpec as P
         specs = param_specs(self.cfg)
 
         def spec(name, x):

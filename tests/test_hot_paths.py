@@ -108,7 +108,8 @@ def test_newer_families_give_the_cpu_paths_tokens_on_the_stacked_paths(newer_che
 
 @pytest.mark.parametrize("variant,path,mesh,kw", [
     ("mixtral", "tpu", (1, 1), {}),            # the scan over stacked [layers, experts, ...] weights
-    ("qwen3-moe", "tpu", (2, 2), {}),          # slots and heads split, each expert's width over "model"
+    pytest.param("qwen3-moe", "tpu", (2, 2), {},  # slots and heads split, each expert's width over "model"
+                 marks=pytest.mark.slow),
     ("qwen3-moe", "gpu", (1, 2), {"quantize": "int8"}),  # int8 expert weights, stacked per layer
 ])
 def test_mixtures_of_experts_give_the_cpu_paths_tokens_on_the_stacked_paths(newer_checkpoints, variant, path,
