@@ -336,7 +336,7 @@ def bench_moe(args: argparse.Namespace) -> dict:
                   f"warm-up {warmup:.1f} s", flush=True)
             del engine
     ratios = {str(b): rows[2 * i]["tokens_s"] / rows[2 * i + 1]["tokens_s"] for i, b in enumerate(args.batches)}
-    lines = ["| model | batch | params | active params | tokens/s (median of %d) |" % args.runs, "|---|---|---|---|---|"]
+    lines = [f"| model | batch | params | active params | tokens/s (median of {args.runs}) |", "|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['batch']} | {r['params'] / 1e6:.1f}M | {r['active_params'] / 1e6:.1f}M | "
               f"{r['tokens_s']:.1f} |" for r in rows]
     print("\n" + "\n".join(lines))
