@@ -118,19 +118,36 @@ def model_config(name_or_path: str) -> ModelConfig:
 
 def decode_weight_bytes(engine: Engine) -> int:
     """Weight bytes per chip a decode step reads: all of them, except that an untied embedding
-    table is only gathered from (one row per slot)."""
+    table is only gathered from (one row per slot), and of a mixture of experts only the experts
+    some row of the chip picks (expected_experts_hit)."""
     total = bytes_per_device(engine.params)
     if not engine.cfg.tie_word_embeddings:
         total -= bytes_per_device(engine.params["embed"])
+    cfg = engine.cfg
+    if cfg.num_experts:
+        experts = bytes_per_device([engine.params[n] for n in ("w_gate", "w_up", "w_down")])
+        hit = expected_experts_hit(cfg, engine.max_slots // engine.mesh.shape["data"])
+        total -= round(experts * (1 - hit / cfg.num_experts))
     return total
+
+
+def expected_experts_hit(cfg: ModelConfig, rows: int) -> float:
+    """Distinct experts per layer that `rows` tokens pick, num_experts_per_tok each, if the router
+    picked uniformly: E (1 - (1 - k/E)^rows). Mixtral (top-2 of 8) at 64 rows: 8.0 (all of them);
+    Qwen3-30B-A3B (top-8 of 128): 125.9. A trained router is not uniform, so the real count is
+    somewhat lower."""
+    e, k = cfg.num_experts, cfg.num_experts_per_tok
+    return e * (1 - (1 - k / e) ** rows)
 
 
 def prefill_ideal_flops(cfg: ModelConfig, rows: int, length: int) -> float:
     """The flops a prefill of `rows` prompts of `length` tokens must do: 2 per weight per token in
-    the layers' matmuls, the head on each row's last token only (as the engine does), and causal
-    attention (scores and values: 4 flops per query head, head dim and visible key)."""
+    the layers' matmuls (of a mixture of experts, the router's and the chosen experts'), the head
+    on each row's last token only (as the engine does), and causal attention (scores and values:
+    4 flops per query head, head dim and visible key)."""
     d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    layer = d * hd * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) + 3 * d * f
+    mlp = 3 * d * f * cfg.num_experts_per_tok + d * cfg.num_experts if cfg.num_experts else 3 * d * f  # + router
+    layer = d * hd * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) + mlp
     def visible(window):  # keys each query of a layer sees, summed
         return sum(min(i + 1, window or length) for i in range(length))
     attention = 4 * cfg.num_heads * hd * sum(visible(w) for w in cfg.layer_windows)
@@ -285,6 +302,10 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
         "resident_bytes_per_chip": {"weights": weights, "kv_cache": cache, "slot_state": state, "total": resident},
         "decode_weight_bytes_per_chip": step_weights,
     }
+    if cfg.num_experts:
+        result.update(active_params=cfg.num_active_params, experts=cfg.num_experts,
+                      experts_per_token=cfg.num_experts_per_tok,
+                      expected_experts_hit_per_step=expected_experts_hit(cfg, engine.max_slots // mesh.shape["data"]))
     errors = []
     if resident > chip.hbm_bytes:
         errors.append(f"weights {_gib(weights)} + KV cache {_gib(cache)} + slot state {_gib(state)} per chip "
@@ -393,6 +414,10 @@ def format_report(r: dict[str, Any]) -> str:
         f"per {r['chip']} chip: {_gib(r['hbm_bytes_per_chip'])} HBM, {r['hbm_bytes_per_s'] / 1e9:.0f} GB/s, "
         f"{r['peak_bf16_flops_per_chip'] / 1e12:.0f} TFLOP/s bf16",
         f"{r['note']}.",
+    ] + ([f"mixture of experts: {r['experts_per_token']} of {r['experts']} experts per token, "
+           f"{r['active_params'] / 1e9:.2f}B active params; a decode step's ideal bytes count the "
+           f"{r['expected_experts_hit_per_step']:.1f} experts per layer its rows are expected to hit (uniform routing)"]
+         if "experts" in r else []) + [
         f"resident per chip: weights {_gib(res['weights'])} + KV cache {_gib(res['kv_cache'])} "
         f"+ slot state {_gib(res['slot_state'])} = {_gib(res['total'])}",
     ]

@@ -17,9 +17,15 @@ What it measures, in one process on the local machine:
 
 torch runs with torch.set_num_threads(cpu count); XLA uses all cores by default.
 
+--moe compares instead a random mixture of experts (Mixtral's architecture: --experts experts of
+width --ffw, --top-k per token) with the dense model of the same active parameters (Llama, MLP
+width top_k * ffw; the same attention, embedding and head), in this engine only, side by side in
+one run: greedy tokens/s, medians of --runs runs, and their ratio.
+
 Run:  python -m launch.bench_engine                 # full run: batches 1 and 16, 128 + 128 tokens
       python -m launch.bench_engine --quick         # tiny smoke run, < 1 minute
       python -m launch.bench_engine --batches 1 4 --runs 5 --out /tmp/bench.json
+      python -m launch.bench_engine --moe           # MoE vs its dense active-parameter equivalent, batch 16
 """
 
 from __future__ import annotations
@@ -67,10 +73,21 @@ def parse_preset_args(p: argparse.ArgumentParser, full: dict, quick: dict, argv:
     return args
 
 
+MOE_FULL = dict(vocab=8000, hidden=512, layers=4, heads=8, kv_heads=4, ffw=1024, experts=8, top_k=2, batches=[16],
+                prompt_len=16, new_tokens=64, runs=3)
+MOE_QUICK = dict(vocab=512, hidden=128, layers=2, heads=4, kv_heads=2, ffw=128, experts=8, top_k=2, batches=[16],
+                 prompt_len=16, new_tokens=16, runs=3)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench_engine.json", help="where the JSON results go")
+    p.add_argument("--moe", action="store_true", help="a mixture of experts vs its dense active-parameter equivalent")
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--moe", action="store_true")
+    if first.parse_known_args(argv)[0].moe:  # its own shape flags and defaults
+        return parse_preset_args(p, MOE_FULL, MOE_QUICK, argv)
     return parse_preset_args(p, FULL, QUICK, argv)
 
 
@@ -285,8 +302,59 @@ def bench_all(args: argparse.Namespace, bw_gbs: float, gflops: float) -> tuple[l
     return rows, roofs, model.config._attn_implementation
 
 
+# ---------------------------------------------------------------- --moe: a mixture of experts vs dense
+
+def moe_configs(args: argparse.Namespace) -> dict[str, ModelConfig]:
+    """The random mixture of experts and the dense model with its active parameters."""
+    from model.config import llama_preset
+    shape = dict(vocab=args.vocab, hidden=args.hidden, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,
+                 max_position_embeddings=4096, eos_token_ids=(EOS_ID,))
+    return {
+        f"moe {args.experts} experts top-{args.top_k}": llama_preset(
+            ffw=args.ffw, num_experts=args.experts, num_experts_per_tok=args.top_k,
+            architecture="MixtralForCausalLM", **shape),
+        "dense, same active params": llama_preset(ffw=args.top_k * args.ffw, **shape),
+    }
+
+
+def bench_moe(args: argparse.Namespace) -> dict:
+    from model.config import EngineConfig
+    from model.engine import random_params
+    from model.sharding import make_mesh
+
+    mesh, rows = make_mesh((1, 1)), []
+    for batch in args.batches:
+        prompts = random_prompts(args, batch)
+        for name, cfg in moe_configs(args).items():
+            config = EngineConfig(max_slots=batch, max_len=args.prompt_len + args.new_tokens)
+            engine = Engine(cfg, random_params(cfg, jnp.float32, mesh, args.seed), mesh, config)
+            _, warmup, times = timed_runs(engine_generate(engine, prompts, args.new_tokens), args.runs)
+            tokens_s = batch * args.new_tokens / statistics.median(times)
+            rows.append(dict(model=name, batch=batch, params=cfg.num_params, active_params=cfg.num_active_params,
+                             tokens_s=tokens_s, times_s=times, warmup_s=warmup))
+            print(f"  batch {batch} {name}: {tokens_s:.1f} tokens/s, runs {[round(t, 3) for t in times]} s, "
+                  f"warm-up {warmup:.1f} s", flush=True)
+            del engine
+    ratios = {str(b): rows[2 * i]["tokens_s"] / rows[2 * i + 1]["tokens_s"] for i, b in enumerate(args.batches)}
+    lines = [f"| model | batch | params | active params | tokens/s (median of {args.runs}) |", "|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['batch']} | {r['params'] / 1e6:.1f}M | {r['active_params'] / 1e6:.1f}M | "
+              f"{r['tokens_s']:.1f} |" for r in rows]
+    print("\n" + "\n".join(lines))
+    print("\n".join(f"batch {b}: moe / dense = {r:.2f}x" for b, r in ratios.items()))
+    return {"args": vars(args), "engine_commit": engine_version(), "machine": machine_info(),
+            "results": rows, "moe_over_dense": ratios}
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.moe:
+        print(f"machine: {os.cpu_count()} CPUs, jax backend {jax.default_backend()}; engine at {engine_version()}; "
+              f"1-minute load average {os.getloadavg()[0]:.2f}", flush=True)
+        result = bench_moe(args)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {args.out}")
+        return result
     torch.set_num_threads(os.cpu_count())
     load_before = os.getloadavg()[0]
     if load_before > 0.5:

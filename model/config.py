@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from typing import Any
 
@@ -26,6 +27,12 @@ class Family:
     local_rope: bool = False  # sliding layers use rope_local_base_freq, unscaled
     refused: tuple[str, ...] = ()  # config flags the engine does not implement: an error when true
     defaults: tuple[tuple[str, Any], ...] = ()  # HF's values for config.json keys it may omit
+    # Mixture of experts: a sparse MLP on every layer, `num_local_experts` (or `num_experts`) experts of
+    # this config key's width, `num_experts_per_tok` per token
+    expert_width: str | None = None
+    # the chosen experts' weights renormalized to sum to 1: always (True) or as `norm_topk_prob` says (None)
+    norm_topk: bool | None = True
+    required: tuple[tuple[str, Any], ...] = ()  # config keys the engine supports only at these values
 
 
 _GEMMA2 = dict(gemma=True, post_norms=True, sliding="layer_types", query_pre_attn_scalar=True)
@@ -47,6 +54,17 @@ FAMILIES: dict[str, Family] = {
                                 defaults=_GEMMA2_DEFAULTS + (("sliding_window_pattern", 6), ("rope_theta", 1e6)),
                                 **_GEMMA2),
     "Phi3ForCausalLM": Family("phi3", sliding="all", defaults=(("rms_norm_eps", 1e-5),)),
+    # HF's Mixtral router: softmax over all experts, then the top k renormalized (= softmax over their logits)
+    "MixtralForCausalLM": Family("mixtral", sliding="all", expert_width="intermediate_size",
+                                 defaults=(("num_local_experts", 8), ("num_experts_per_tok", 2), ("rms_norm_eps", 1e-5),
+                                           ("rope_theta", 1e6))),
+    # Qwen3-MoE can interleave dense MLP layers (decoder_sparse_step > 1, mlp_only_layers); published
+    # checkpoints make every layer sparse, the one case supported
+    "Qwen3MoeForCausalLM": Family("qwen3_moe", qk_norm=True, refused=("use_sliding_window",),
+                                  expert_width="moe_intermediate_size", norm_topk=None,
+                                  defaults=(("norm_topk_prob", False), ("num_experts", 128),
+                                            ("num_experts_per_tok", 8), ("moe_intermediate_size", 768)),
+                                  required=(("decoder_sparse_step", 1), ("mlp_only_layers", []))),
 }
 SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
 _MODEL_TYPES = {f.model_type: arch for arch, f in FAMILIES.items()}
@@ -97,6 +115,12 @@ class ModelConfig:
     attn_logit_softcapping: float | None = None  # Gemma 2: scores -> cap * tanh(scores / cap)
     final_logit_softcapping: float | None = None  # Gemma 2: the same on the output logits
     rope_local_base_freq: float | None = None  # Gemma 3: sliding layers' RoPE theta (unscaled)
+    # Mixture of experts (Mixtral, Qwen3-MoE): every layer's MLP is num_experts gated MLPs of width
+    # intermediate_size, num_experts_per_tok of them per token, weighted by the router's softmax over
+    # all experts (renormalized over the chosen ones if norm_topk_prob). 0: a dense MLP.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    norm_topk_prob: bool = True
     bos_token_id: int | None = 1
     eos_token_ids: tuple[int, ...] = (2,)
     pad_token_id: int = 0
@@ -115,6 +139,12 @@ class ModelConfig:
             raise ValueError(f"layer_types has {bad[0]!r}; supported: {SLIDING!r}, {FULL!r}")
         if SLIDING in self.layer_types and self.sliding_window is None:
             raise ValueError(f"layer_types has {SLIDING!r} layers but sliding_window is None")
+        if self.num_experts and not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok}; expected 1 to "
+                             f"num_experts={self.num_experts}")
+        if self.num_experts < 0 or (not self.num_experts and self.num_experts_per_tok):
+            raise ValueError(f"num_experts={self.num_experts} with num_experts_per_tok={self.num_experts_per_tok}; "
+                             "a mixture of experts needs num_experts >= 1")
         rs = self.rope_scaling
         if rs is not None and rs.kind == "longrope":
             for name in ("short_factor", "long_factor"):
@@ -145,8 +175,15 @@ class ModelConfig:
         if self.qkv_bias:
             attn += hd * (self.num_heads + 2 * self.num_kv_heads)
         norms = 2 * d + (2 * hd if self.qk_norm else 0) + (2 * d if self.post_norms else 0)
-        layer = attn + 3 * d * f + norms
+        mlp = (self.num_experts * (3 * d * f + d)) if self.num_experts else 3 * d * f  # + the router's
+        layer = attn + mlp + norms
         return self.num_layers * layer + v * d * (1 if self.tie_word_embeddings else 2) + d
+
+    @property
+    def num_active_params(self) -> int:
+        """Parameters one token runs through: num_params with only num_experts_per_tok experts per layer."""
+        idle = self.num_experts - self.num_experts_per_tok
+        return self.num_params - self.num_layers * idle * 3 * self.hidden_size * self.intermediate_size
 
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any], source: str = "config.json") -> "ModelConfig":
@@ -160,6 +197,10 @@ class ModelConfig:
         for flag in fam.refused:
             if hf.get(flag):
                 raise ValueError(f"{arch} with {flag}=true is not supported")
+        for key, supported in fam.required:
+            if hf.get(key) not in (None, supported):  # null: HF's default, the supported value
+                raise ValueError(f"{source}: {arch} with {key}={json.dumps(hf[key])} is not supported; "
+                                 f"expected {json.dumps(supported)}")
         hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hidden // heads
         eos = hf.get("eos_token_id")
@@ -173,7 +214,7 @@ class ModelConfig:
         return cls(
             vocab_size=hf["vocab_size"],
             hidden_size=hidden,
-            intermediate_size=hf["intermediate_size"],
+            intermediate_size=hf[fam.expert_width or "intermediate_size"],
             num_layers=hf["num_hidden_layers"],
             num_heads=heads,
             num_kv_heads=hf.get("num_key_value_heads") or heads,
@@ -195,6 +236,7 @@ class ModelConfig:
             attn_logit_softcapping=caps.get("attn_logit_softcapping"),
             final_logit_softcapping=caps.get("final_logit_softcapping"),
             rope_local_base_freq=_rope_local_theta(hf) if fam.local_rope else None,
+            **(_experts(hf, fam, source) if fam.expert_width else {}),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
             pad_token_id=hf.get("pad_token_id") or 0,
@@ -239,6 +281,11 @@ class ModelConfig:
             hf["query_pre_attn_scalar"] = self.query_pre_attn_scalar
         if fam.local_rope:
             hf["rope_local_base_freq"] = self.rope_local_base_freq
+        if fam.expert_width:
+            hf.update({fam.expert_width: self.intermediate_size, "num_local_experts": self.num_experts,
+                       "num_experts_per_tok": self.num_experts_per_tok}, **dict(fam.required))
+            if fam.norm_topk is None:
+                hf["norm_topk_prob"] = self.norm_topk_prob
         return hf
 
 
@@ -268,6 +315,20 @@ def _layer_types(hf: dict[str, Any], fam: Family) -> tuple[str, ...]:
         if all(types[i] == types[i % p] for i in range(len(types))):
             return types[:p]
     return types
+
+
+def _experts(hf: dict[str, Any], fam: Family, source: str) -> dict[str, Any]:
+    """The mixture-of-experts fields of a MoE family's config.json."""
+    key = "num_local_experts" if hf.get("num_local_experts") is not None else "num_experts"  # Qwen3-MoE's name
+    experts = hf.get(key)
+    if not isinstance(experts, int) or experts < 1:
+        raise ValueError(f"{source}: {key}={experts!r}; a {fam.model_type} model needs an integer >= 1")
+    top_k = hf.get("num_experts_per_tok")
+    if not isinstance(top_k, int) or not 1 <= top_k <= experts:
+        raise ValueError(f"{source}: num_experts_per_tok={top_k!r}; expected an integer from 1 to {experts} "
+                         "(the number of experts)")
+    norm = hf.get("norm_topk_prob") if fam.norm_topk is None else fam.norm_topk
+    return dict(num_experts=experts, num_experts_per_tok=top_k, norm_topk_prob=bool(norm))
 
 
 def _activation(name: str) -> str:
@@ -422,6 +483,9 @@ class EngineConfig:
 
 PRESETS: dict[str, ModelConfig] = {
     "tiny-llama": llama_preset(vocab=256, hidden=64, layers=2, heads=4, kv_heads=2, ffw=128),
+    # a mixture of experts of tiny-llama's shape: 8 experts of width 64, 2 per token (Mixtral's router)
+    "tiny-mixtral": llama_preset(vocab=256, hidden=64, layers=2, heads=4, kv_heads=2, ffw=64, num_experts=8,
+                                 num_experts_per_tok=2, architecture="MixtralForCausalLM"),
     "llama-100m": llama_preset(vocab=32000, hidden=768, layers=8, heads=12, kv_heads=4, ffw=2048,
                                max_position_embeddings=4096),
     "llama-1b": llama_preset(vocab=128256, hidden=2048, layers=16, heads=32, kv_heads=8, ffw=8192,
@@ -491,6 +555,19 @@ PUBLISHED: dict[str, dict[str, Any]] = {
                    "max_position_embeddings": 4096, "original_max_position_embeddings": 4096,
                    "sliding_window": 2047, "tie_word_embeddings": False, "bos_token_id": 1,
                    "eos_token_id": 32000, "pad_token_id": 32000},
+    # mixtures of experts
+    "mixtral-8x7b": {"architectures": ["MixtralForCausalLM"], "vocab_size": 32000, "hidden_size": 4096,
+                     "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+                     "num_key_value_heads": 8, "rms_norm_eps": 1e-5, "rope_theta": 1e6,
+                     "max_position_embeddings": 32768, "sliding_window": None, "num_local_experts": 8,
+                     "num_experts_per_tok": 2, "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2},
+    "qwen3-30b-a3b": {"architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 151936, "hidden_size": 2048,
+                      "intermediate_size": 6144, "moe_intermediate_size": 768, "num_hidden_layers": 48,
+                      "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "rms_norm_eps": 1e-6,
+                      "rope_theta": 1e6, "max_position_embeddings": 40960, "num_experts": 128,
+                      "num_experts_per_tok": 8, "norm_topk_prob": True, "decoder_sparse_step": 1,
+                      "mlp_only_layers": [], "use_sliding_window": False, "sliding_window": None,
+                      "tie_word_embeddings": False, "bos_token_id": 151643, "eos_token_id": 151645},
 }
 PRESETS.update({name: ModelConfig.from_hf_config(hf) for name, hf in PUBLISHED.items()})
 

@@ -206,6 +206,55 @@ def gated_mlp(x_btd: Array, w_gate, w_up, w_down, activation: str) -> Array:
     return linear("btf,fd->btd", act(gate) * up, w_down)
 
 
+def route(x_td: Array, router_de: Array, top_k: int, renormalize: bool) -> tuple[Array, Array]:
+    """Each token's top_k experts [t, k] (int32) and their float32 weights [t, k]: the softmax of
+    the router's logits over all experts at the chosen ones, renormalized to sum to 1 if asked
+    (which equals a softmax over the chosen logits alone: Mixtral)."""
+    logits = linear("td,de->te", x_td, router_de, preferred_element_type=jnp.float32)
+    weights, experts = jax.lax.top_k(jax.nn.softmax(logits, axis=-1), top_k)
+    if renormalize:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return experts.astype(jnp.int32), weights
+
+
+def grouped_linear(x_md: Array, w: Array | QArray, group_sizes_e: Array, expert_m: Array,
+                   out_dtype: jnp.dtype | None = None) -> Array:
+    """Rows of x sorted by expert, each times its expert's matrix: jax.lax.ragged_dot of x [m, d]
+    and w [e, d, f] with group_sizes_e rows per expert -> [m, f] (in out_dtype, default x's). An
+    int8 w is converted to x's dtype as `linear` does, and its per-expert, per-output-channel
+    scale [e, f] applied to each row's output (expert_m: each row's expert)."""
+    q = w.q.astype(x_md.dtype) if isinstance(w, QArray) else w
+    out = jax.lax.ragged_dot(x_md, q, group_sizes_e, preferred_element_type=jnp.float32)
+    if isinstance(w, QArray):
+        out = out * w.scale[expert_m]
+    return out.astype(out_dtype or x_md.dtype)
+
+
+def moe_mlp(x_btd: Array, router_de: Array, w_gate, w_up, w_down, top_k: int, renormalize: bool,
+            activation: str) -> Array:
+    """Mixture of experts [b, t, d] -> float32 [b, t, d]: each token runs through its top_k
+    experts' gated MLPs (w_gate, w_up [e, d, f], w_down [e, f, d]), their outputs summed with the
+    router's weights (in float32, so that partial sums over devices add up before rounding). The
+    t*k (token, expert) pairs are sorted by expert so that each expert's matmul is one group of a
+    ragged_dot: every pair is computed, none dropped, no capacity limit."""
+    b, t, d = x_btd.shape
+    x_td = x_btd.reshape(b * t, d)
+    experts_tk, weights_tk = route(x_td, router_de, top_k, renormalize)
+    num_experts = router_de.shape[-1]
+    expert_m = experts_tk.reshape(-1)  # m = t * k pairs, token-major
+    order_m = jnp.argsort(expert_m, stable=True)
+    sorted_expert_m = expert_m[order_m]
+    group_sizes_e = jnp.zeros((num_experts,), jnp.int32).at[expert_m].add(1)
+    xs_md = x_td[order_m // top_k]
+    act = jax.nn.silu if activation == "silu" else lambda a: jax.nn.gelu(a, approximate=True)
+    h_mf = act(grouped_linear(xs_md, w_gate, group_sizes_e, sorted_expert_m)) * grouped_linear(
+        xs_md, w_up, group_sizes_e, sorted_expert_m)
+    out_md = grouped_linear(h_mf, w_down, group_sizes_e, sorted_expert_m, jnp.float32)
+    out_md = jnp.zeros_like(out_md).at[order_m].set(out_md)  # back to token-major order
+    out_tkd = out_md.reshape(b * t, top_k, d) * weights_tk[..., None]
+    return jnp.sum(out_tkd, axis=1).reshape(b, t, d)
+
+
 def _merge_leading(w: Array | QArray, n: int) -> Array | QArray:
     """w with its first n dims merged into one (a free reshape of the stored array)."""
     if isinstance(w, QArray):
@@ -331,9 +380,40 @@ class Decoder(nnx.Module):
         b, t = out.shape[:2]  # heads and head_dim merged: the matmul then reads wo as stored
         out = linear("btx,xd->btd", out.reshape(b, t, -1), _merge_leading(w["wo"], 2))
         x = x + (self._norm(out, w["post_attn_norm"]) if cfg.post_norms else out)
-        out = gated_mlp(self._norm(x, w["mlp_norm"]), w["w_gate"], w["w_up"], w["w_down"], cfg.activation)
+        out = self._mlp(self._norm(x, w["mlp_norm"]), w)
         x = x + (self._norm(out, w["post_mlp_norm"]) if cfg.post_norms else out)
         return constrain(x, ("batch", "seq", "embed"), self.mesh), carry
+
+    def _mlp(self, x_btd: Array, w: dict[str, Array | QArray]) -> Array:
+        """The layer's MLP: gated, or a mixture of experts (cfg.num_experts > 0)."""
+        cfg = self.cfg
+        if not cfg.num_experts:
+            return gated_mlp(x_btd, w["w_gate"], w["w_up"], w["w_down"], cfg.activation)
+        moe = functools.partial(moe_mlp, top_k=cfg.num_experts_per_tok, renormalize=cfg.norm_topk_prob,
+                                activation=cfg.activation)
+        names = ("router", "w_gate", "w_up", "w_down")
+        if self.mesh is None or self.mesh.size == 1:
+            return moe(x_btd, *(w[n] for n in names)).astype(x_btd.dtype)
+        return self._moe_sharded(moe, x_btd, {n: w[n] for n in names}).astype(x_btd.dtype)
+
+    def _moe_sharded(self, moe: Callable, x_btd: Array, w: dict[str, Array | QArray]) -> Array:
+        """moe_mlp per device under shard_map, each with its rows (split over "data" as the
+        activations are) and its share of every expert's weights, as RULES places them (each
+        expert's MLP width split over "model": see docs/moe.md). Routing is computed on every
+        device alike; the down projections' partial sums are added over "model"."""
+        specs = param_specs(self.cfg)
+
+        def spec(name, x):
+            return logical_to_spec(_axes_of(name, specs[name], x), x.shape, self.mesh)
+        w_specs = {n: jax.tree.map(lambda x, n=n: spec(n, x), v) for n, v in w.items()}
+        x_spec = logical_to_spec(("batch", "seq", "embed"), x_btd.shape, self.mesh)
+        width_split = MODEL in tuple(w_specs["w_down"].q if isinstance(w["w_down"], QArray) else w_specs["w_down"])
+
+        def local(x, ws):
+            out = moe(x, ws["router"], ws["w_gate"], ws["w_up"], ws["w_down"])
+            return jax.lax.psum(out, MODEL) if width_split else out
+        return jax.shard_map(local, mesh=self.mesh, in_specs=(x_spec, w_specs), out_specs=x_spec,
+                             check_vma=False)(x_btd, w)
 
     def _run_layers(self, x: Array, positions_bt: Array, attend: AttendFn, carry: Any):
         if not self.path.stacked_weights:

@@ -46,6 +46,12 @@ def param_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
         "w_down": layer((F, D), ("ffw", "embed")),
         "final_norm": ParamSpec((D,), ("embed",), norm_init),
     }
+    if cfg.num_experts:  # the MLP weights, one per expert, and the router (small: never split)
+        E = cfg.num_experts
+        specs["w_gate"] = layer((E, D, F), ("experts", "embed", "ffw"))
+        specs["w_up"] = layer((E, D, F), ("experts", "embed", "ffw"))
+        specs["w_down"] = layer((E, F, D), ("experts", "ffw", "embed"))
+        specs["router"] = layer((D, E), ("embed", None))
     if cfg.qk_norm:
         specs["q_norm"] = layer((H,), ("head_dim",), norm_init)
         specs["k_norm"] = layer((H,), ("head_dim",), norm_init)

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 from model.params import param_specs
 from model.sharding import named_sharding
 
-# The logical axes each weight's matmul contracts. The embedding table is quantized per row (per
+# The logical axes each weight's matmul contracts (a mixture of experts' w_gate, w_up, w_down too:
+# one scale per expert and output channel). The embedding table is quantized per row (per
 # token), which serves both the lookup and the tied output head (which contracts "embed").
 CONTRACTED = {
     "embed": ("embed",), "lm_head": ("embed",),

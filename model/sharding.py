@@ -26,6 +26,9 @@ RULES: dict[str, str | None] = {
     "kv_heads": MODEL,
     "head_dim": None,
     "ffw": MODEL,
+    # Mixture of experts: each expert's MLP width is split over "model" like a dense MLP's (above),
+    # the experts themselves are not split (see docs/moe.md for why)
+    "experts": None,
     "batch": DATA,
     "slots": DATA,
     "cache_len": None,

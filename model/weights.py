@@ -36,6 +36,7 @@ class HFTensor:
     name: str  # {i} is the layer index
     transposed: bool = False  # HF stores it [out, in], we [in, out]
     packed: tuple[str, ...] = ()  # fused in HF: these weights of ours, stacked along HF's first dim in order
+    experts: bool = False  # one tensor per expert ({j} in the name), stacked along our first dim
 
 
 # Our weight name -> its HF tensor, in the Llama layout most architectures share. Shapes are
@@ -76,6 +77,19 @@ LAYOUTS: dict[str, dict[str, HFTensor]] = {
         **{n: HFTensor("model.layers.{i}.self_attn.qkv_proj.weight", True, _QKV) for n in _QKV},
         **{n: HFTensor("model.layers.{i}.mlp.gate_up_proj.weight", True, _GATE_UP) for n in _GATE_UP},
     },
+    # Mixture of experts: one [out, in] tensor per expert, as the published checkpoints store them
+    "MixtralForCausalLM": {
+        "w_gate": HFTensor("model.layers.{i}.block_sparse_moe.experts.{j}.w1.weight", True, experts=True),
+        "w_up": HFTensor("model.layers.{i}.block_sparse_moe.experts.{j}.w3.weight", True, experts=True),
+        "w_down": HFTensor("model.layers.{i}.block_sparse_moe.experts.{j}.w2.weight", True, experts=True),
+        "router": HFTensor("model.layers.{i}.block_sparse_moe.gate.weight", True),
+    },
+    "Qwen3MoeForCausalLM": {
+        "w_gate": HFTensor("model.layers.{i}.mlp.experts.{j}.gate_proj.weight", True, experts=True),
+        "w_up": HFTensor("model.layers.{i}.mlp.experts.{j}.up_proj.weight", True, experts=True),
+        "w_down": HFTensor("model.layers.{i}.mlp.experts.{j}.down_proj.weight", True, experts=True),
+        "router": HFTensor("model.layers.{i}.mlp.gate.weight", True),
+    },
 }
 
 # Buffers some exporters write that are not weights.
@@ -88,14 +102,15 @@ def hf_names(cfg: ModelConfig) -> dict[str, HFTensor]:
 
 
 def hf_shape(name: str, cfg: ModelConfig) -> tuple[int, ...]:
-    """The shape HF stores one layer's (or a global) tensor in; of a packed weight, its part."""
+    """The shape HF stores one layer's (or a global) tensor in; of a packed weight, its part; of
+    a mixture of experts' weight, one expert's."""
     D, F, V, H = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     return {
         "embed": (V, D), "final_norm": (D,), "lm_head": (V, D), "attn_norm": (D,), "mlp_norm": (D,),
         "post_attn_norm": (D,), "post_mlp_norm": (D,), "q_norm": (H,), "k_norm": (H,),
         "wq": (q, D), "wk": (kv, D), "wv": (kv, D), "wo": (D, q), "bq": (q,), "bk": (kv,), "bv": (kv,),
-        "w_gate": (F, D), "w_up": (F, D), "w_down": (D, F),
+        "w_gate": (F, D), "w_up": (F, D), "w_down": (D, F), "router": (cfg.num_experts, D),
     }[name]
 
 
@@ -235,19 +250,31 @@ def read_hf_config(path: str) -> dict[str, Any]:
     return hf
 
 
-def expected_keys(cfg: ModelConfig) -> dict[str, list[str]]:
-    """Our weight name -> the HF tensor names it is assembled from (one per layer for stacked ones)."""
+def expected_keys(cfg: ModelConfig) -> dict[str, list[str | tuple[str, ...]]]:
+    """Our weight name -> the HF tensor names it is assembled from (one per layer for per-layer
+    ones; of a mixture of experts' weight, a tuple of one per expert for each layer)."""
     out, names = {}, hf_names(cfg)
     for name, spec in param_specs(cfg).items():
-        template = names[name].name
-        out[name] = [template.format(i=i) for i in range(cfg.num_layers)] if spec.per_layer else [template]
+        hf = names[name]
+
+        def key(i, hf=hf):
+            if hf.experts:
+                return tuple(hf.name.format(i=i, j=j) for j in range(cfg.num_experts))
+            return hf.name.format(i=i)
+        out[name] = [key(i) for i in range(cfg.num_layers)] if spec.per_layer else [hf.name]
     return out
 
 
-def _read_layout(ckpt: Checkpoint, key: str, name: str, cfg: ModelConfig,
+def _flat(keys: list[str | tuple[str, ...]]) -> list[str]:
+    return [k for key in keys for k in (key if isinstance(key, tuple) else (key,))]
+
+
+def _read_layout(ckpt: Checkpoint, key: str | tuple[str, ...], name: str, cfg: ModelConfig,
                  shape: tuple[int, ...]) -> np.ndarray:
-    """HF tensor `key` (our weight `name`, or one layer of it; of a packed tensor, its rows) in
-    our layout and `shape`."""
+    """HF tensor `key` (our weight `name`, or one layer of it; of a packed tensor, its rows; of
+    a tuple of one tensor per expert, their stack) in our layout and `shape`."""
+    if isinstance(key, tuple):
+        return np.stack([_read_layout(ckpt, k, name, cfg, shape[1:]) for k in key])
     hf = hf_names(cfg)[name]
     # The header's shape is checked before any bytes are read.
     if ckpt.shape(key) != _stored_shape(hf, name, cfg):
@@ -266,7 +293,7 @@ def load_params(path: str, cfg: ModelConfig, dtype: Any, mesh: jax.sharding.Mesh
     try:
         wanted = expected_keys(cfg)
         available = set(ckpt.weight_map)
-        needed = {k for keys in wanted.values() for k in keys}
+        needed = {k for keys in wanted.values() for k in _flat(keys)}
         missing = sorted(needed - available)
         if missing:
             raise ValueError(f"{path}: checkpoint is missing {len(missing)} tensor(s), e.g. {missing[:5]}")
@@ -303,11 +330,13 @@ def save_params(path: str, cfg: ModelConfig, params: dict[str, Any], dtype: Any 
     names, parts = hf_names(cfg), {}
     for name, spec in param_specs(cfg).items():
         arrays = params[name] if spec.per_layer else [params[name]]
-        for value, key in zip(arrays, expected_keys(cfg)[name]):
-            tensor = np.asarray(jax.device_get(value)).astype(dtype)
-            if names[name].transposed:  # back to HF's [out, in]
-                tensor = tensor.reshape(hf_shape(name, cfg)[::-1]).T
-            parts.setdefault(key, {})[name] = tensor.reshape(hf_shape(name, cfg))
+        for value, keys in zip(arrays, expected_keys(cfg)[name]):
+            layer = np.asarray(jax.device_get(value)).astype(dtype)
+            # a mixture of experts' weight: one tensor per expert
+            for key, tensor in zip(keys, layer) if isinstance(keys, tuple) else [(keys, layer)]:
+                if names[name].transposed:  # back to HF's [out, in]
+                    tensor = tensor.reshape(hf_shape(name, cfg)[::-1]).T
+                parts.setdefault(key, {})[name] = tensor.reshape(hf_shape(name, cfg))
     tensors = {}
     for key, by_name in parts.items():  # a packed tensor's parts, stacked in HF's order
         order = names[next(iter(by_name))].packed or tuple(by_name)

@@ -34,6 +34,15 @@ VARIANTS = {
         final_logit_softcapping=4.0, attn_logit_softcapping=3.0, eos_token_id=2, bos_token_id=1)),
     # fused qkv and gate_up weights; a sliding window on every layer
     "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM, dict(sliding_window=12)),
+    # mixture of experts: 4 experts, 2 per token (Mixtral's router renormalizes the chosen two)
+    "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM, dict(
+        num_local_experts=4, num_experts_per_tok=2, intermediate_size=64)),
+    # 8 experts, 3 per token, not renormalized (Qwen3-MoE's default), q/k norms, another expert width
+    "qwen3-moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM, dict(
+        num_experts=8, num_experts_per_tok=3, moe_intermediate_size=48, head_dim=32, norm_topk_prob=False)),
+    # renormalized
+    "qwen3-moe-norm": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM, dict(
+        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48, head_dim=32, norm_topk_prob=True)),
     # LongRoPE; original_max_position_embeddings = the tests' max_len, so HF and the engine both
     # use the short factors (and the attention factor, from 512 / 64)
     "phi3-longrope": (transformers.Phi3Config, transformers.Phi3ForCausalLM, dict(

@@ -37,10 +37,10 @@ def test_abstract_engine_places_weights_cache_and_state_like_the_real_one(quanti
         abstract.generate([[1, 2, 3]])
 
 
-def _aot(*argv):
+def _aot(*argv, model="tiny-llama"):
     from launch import aot
     logs = []
-    result = aot.run(aot.parse_args(["--model", "tiny-llama", "--topology", "v5e:2x2", *argv]),
+    result = aot.run(aot.parse_args(["--model", model, "--topology", "v5e:2x2", *argv]),
                      log=lambda *a, **k: logs.append(" ".join(map(str, a))))
     return result, "\n".join(logs)
 
@@ -107,3 +107,22 @@ def test_a_configuration_too_big_for_the_chip_is_refused_with_its_numbers(tmp_pa
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: tiny-llama does not fit 10000000 slots x 2048 on v5e:2x2")
     assert "KV cache 4882.81 GiB" in err and "16.00 GiB HBM of a v5e chip" in err
+
+
+@needs_libtpu
+def test_a_mixture_of_experts_compiles_and_its_ideal_counts_the_experts_its_rows_hit():
+    from launch import aot
+    cfg = PRESETS["tiny-mixtral"]
+    result, report = _aot("--mesh", "2,2", "--max_slots", "4", "--max_len", "256", "--live_fraction", "0.5",
+                          "--prefill_batch", "2", "--prefill_len", "32", model="tiny-mixtral")
+    assert result["fits"] is True and result["errors"] == []
+    # 2 rows per data group, top-2 of 8: 8 (1 - (6/8)^2) = 3.5 experts expected
+    assert result["expected_experts_hit_per_step"] == pytest.approx(3.5)
+    assert aot.expected_experts_hit(PRESETS["mixtral-8x7b"], 64) == pytest.approx(8.0)
+    # per chip (bf16, halved over "model"): the idle experts' share and the embedding table are not read
+    experts = 3 * cfg.num_layers * cfg.num_experts * cfg.hidden_size * cfg.intermediate_size * 2 // 2
+    embed = cfg.vocab_size * cfg.hidden_size * 2 // 2
+    unread = result["resident_bytes_per_chip"]["weights"] - result["decode_weight_bytes_per_chip"]
+    assert unread == round(experts * (1 - 3.5 / 8)) + embed
+    assert result["decode"][0]["bytes_accessed_per_chip"] > 0 and result["prefill"]["flops_per_chip"] > 0
+    assert "2 of 8 experts" in report

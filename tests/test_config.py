@@ -71,7 +71,8 @@ def test_published_style_configs_of_the_newer_families():
     assert _cfg("gemma3").layer_types == (SLIDING, SLIDING, FULL)  # [S, S, F, S] from HF: its repeating prefix
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "gemma", "qwen3", "gemma2", "gemma3_text", "phi3"])
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "gemma", "qwen3", "gemma2", "gemma3_text", "phi3",
+                                        "mixtral", "qwen3_moe"])
 def test_keys_a_config_json_omits_take_hf_s_defaults(model_type):
     """A config.json with only the shape (and token ids) reads as transformers reads it: its
     config class fills in the soft-caps, windows, layer kinds, RoPE theta, ..."""
@@ -115,8 +116,8 @@ def test_unsupported_configs_say_what_and_why(change, match):
 
 
 @pytest.mark.parametrize("variant,change,match", [
-    ("qwen3", {"architectures": None, "model_type": "qwen3_moe"},
-     r"model_type 'qwen3_moe' \(no architectures\) is not supported"),
+    ("qwen3", {"architectures": None, "model_type": "qwen2_moe"},
+     r"model_type 'qwen2_moe' \(no architectures\) is not supported"),
     ("gemma3", {"architectures": ["Gemma3ForConditionalGeneration"]},
      "'Gemma3ForConditionalGeneration' is not supported"),
     ("phi3", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}, "rope_parameters": None},
@@ -140,6 +141,33 @@ def test_unsupported_configs_of_the_newer_families_name_field_and_value(variant,
         ModelConfig.from_hf_config(hf)
 
 
+def test_the_mixture_of_experts_families_map_their_router_and_experts():
+    mixtral, qwen, norm = _cfg("mixtral"), _cfg("qwen3-moe"), _cfg("qwen3-moe-norm")
+    assert (mixtral.num_experts, mixtral.num_experts_per_tok, mixtral.intermediate_size) == (4, 2, 64)
+    assert mixtral.norm_topk_prob and not mixtral.qk_norm  # Mixtral always renormalizes the chosen weights
+    assert (qwen.num_experts, qwen.num_experts_per_tok, qwen.intermediate_size) == (8, 3, 48)  # moe_intermediate_size
+    assert qwen.qk_norm and not qwen.norm_topk_prob and norm.norm_topk_prob
+    published = ModelConfig.from_hf_config({k: v for k, v in PUBLISHED["qwen3-30b-a3b"].items()})
+    assert (published.num_experts, published.num_experts_per_tok) == (128, 8)  # its config says num_experts
+
+
+@pytest.mark.parametrize("variant,change,match", [
+    ("qwen3-moe", {"decoder_sparse_step": 2}, "Qwen3MoeForCausalLM with decoder_sparse_step=2 is not supported; "
+                                              "expected 1"),
+    ("qwen3-moe", {"mlp_only_layers": [0, 1]}, r"mlp_only_layers=\[0, 1\] is not supported; expected \[\]"),
+    ("qwen3-moe", {"num_experts_per_tok": 9}, "num_experts_per_tok=9; expected an integer from 1 to 8"),
+    ("qwen3-moe", {"use_sliding_window": True}, "use_sliding_window=true is not supported"),
+    ("mixtral", {"num_local_experts": 0}, "num_local_experts=0; a mixtral model needs an integer >= 1"),
+    ("mixtral", {"num_experts_per_tok": None}, "num_experts_per_tok=None"),
+    ("mixtral", {"hidden_act": "gelu_new"}, "activation 'gelu_new'"),
+])
+def test_unsupported_mixture_of_experts_configs_name_field_and_value(variant, change, match):
+    hf = make_hf_model(variant).config.to_dict()
+    hf.update(change)
+    with pytest.raises(ValueError, match=match):
+        ModelConfig.from_hf_config(hf)
+
+
 def test_presets_have_their_advertised_size_without_allocating():
     assert 90e6 < PRESETS["llama-100m"].num_params < 110e6
     cfg = PRESETS["llama-1b"]
@@ -153,7 +181,8 @@ def test_presets_have_their_advertised_size_without_allocating():
 # gemma-3-12b: its text model (the 12.2B of the card include a 0.4B vision tower).
 PUBLISHED_SIZES = {"llama-3.2-1b": 1.24e9, "llama-3.1-8b": 8.03e9, "llama-3.1-70b": 70.6e9,
                    "mistral-7b": 7.24e9, "qwen2.5-7b": 7.61e9, "gemma-7b": 8.54e9, "qwen3-8b": 8.19e9,
-                   "gemma-2-9b": 9.24e9, "gemma-3-12b": 11.77e9, "phi-3-mini": 3.82e9}
+                   "gemma-2-9b": 9.24e9, "gemma-3-12b": 11.77e9, "phi-3-mini": 3.82e9,
+                   "mixtral-8x7b": 46.7e9, "qwen3-30b-a3b": 30.5e9}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED_SIZES))
@@ -178,6 +207,11 @@ def test_published_model_presets_keep_each_architecture_s_differences():
     gemma3 = PRESETS["gemma-3-12b"]
     assert gemma3.qk_norm and gemma3.layer_windows.count(None) == 8 and gemma3.final_logit_softcapping is None
     assert PRESETS["phi-3-mini"].layer_windows == (2047,) * 32
+    mixtral, qwen = PRESETS["mixtral-8x7b"], PRESETS["qwen3-30b-a3b"]
+    assert (mixtral.num_experts, mixtral.num_experts_per_tok, mixtral.sliding_window) == (8, 2, None)
+    assert mixtral.num_active_params == pytest.approx(12.9e9, rel=0.01)  # "13B active", as Mistral AI publishes
+    assert qwen.qk_norm and qwen.norm_topk_prob and qwen.intermediate_size == 768
+    assert qwen.num_active_params == pytest.approx(3.3e9, rel=0.02)  # "3.3B activated"
 
 
 def test_engine_config_is_the_one_source_of_serving_defaults():

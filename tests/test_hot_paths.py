@@ -104,3 +104,26 @@ def test_newer_families_give_the_cpu_paths_tokens_on_the_stacked_paths(newer_che
     np.testing.assert_allclose(np.concatenate([o.logprobs for o in outs]),
                                np.concatenate([o.logprobs for o in reference]), atol=1e-4)
     np.testing.assert_allclose(engine.logits(PROMPTS[:2]), logits, atol=1e-4, equal_nan=True)
+
+
+@pytest.mark.parametrize("variant,path,mesh,kw", [
+    ("mixtral", "tpu", (1, 1), {}),            # the scan over stacked [layers, experts, ...] weights
+    pytest.param("qwen3-moe", "tpu", (2, 2), {},  # slots and heads split, each expert's width over "model"
+                 marks=pytest.mark.slow),
+    ("qwen3-moe", "gpu", (1, 2), {"quantize": "int8"}),  # int8 expert weights, stacked per layer
+])
+def test_mixtures_of_experts_give_the_cpu_paths_tokens_on_the_stacked_paths(newer_checkpoints, variant, path,
+                                                                             mesh, kw):
+    checkpoint, reference, logits = newer_checkpoints(variant)
+    engine = Engine.from_pretrained(checkpoint, mesh_shape=mesh, dtype="float32", max_slots=4, max_len=256,
+                                    hot_path=path, **kw)
+    assert isinstance(engine.cache, StackedKVCache) and engine.path.name == path
+    outs = engine.generate(PROMPTS, GREEDY)
+    if kw.get("quantize"):  # int8 moves logits a little: the first tokens
+        assert [o.token_ids[:4] for o in outs] == [o.token_ids[:4] for o in reference]
+        return
+    assert [o.token_ids for o in outs] == [o.token_ids for o in reference]
+    np.testing.assert_allclose(np.concatenate([o.logprobs for o in outs]),
+                               np.concatenate([o.logprobs for o in reference]), atol=1e-4)
+    np.testing.assert_allclose(engine.logits(PROMPTS[:2]), logits, atol=1e-4, equal_nan=True)
+    assert engine.compile_counts["decode"] == 1

@@ -1,5 +1,6 @@
-"""Each layer (norm, RoPE, attention, MLP) against the same HF transformers module, for every layer
-of the tiny models (Gemma 2 and 3 and Phi-3's layers differ in window and RoPE)."""
+"""Each layer (norm, RoPE, attention, MLP or mixture of experts) against the same HF transformers
+module, for every layer of the tiny models (Gemma 2 and 3 and Phi-3's layers differ in window and
+RoPE)."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +12,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_
 from hf_reference import VARIANTS, make_hf_model, save_hf_model
 from model import Engine
 from model.config import rope_attention_factor, rope_inv_freq
-from model.decoder import attention, attention_mask, gated_mlp, rms_norm, rope, to_cache_layout
+from model.decoder import attention, attention_mask, gated_mlp, moe_mlp, rms_norm, rope, to_cache_layout
 
 SEEDS = (0, 1, 2)
 
@@ -118,11 +119,38 @@ def test_attention(layer0):
 
 
 def test_mlp(layer0):
+    """The gated MLP, or a mixture of experts' sparse block (router, top-k, experts) on every layer."""
     _, hf, engine = layer0
-    w = _layer_params(engine)
+    cfg = engine.cfg
     torch.manual_seed(2)
-    x = torch.randn(2, 7, engine.cfg.hidden_size)
-    with torch.no_grad():
-        ref = hf.model.layers[0].mlp(x)
-    ours = gated_mlp(jnp.asarray(_np(x)), w["w_gate"], w["w_up"], w["w_down"], engine.cfg.activation)
-    np.testing.assert_allclose(np.asarray(ours), _np(ref), rtol=1e-5, atol=1e-5)
+    x = torch.randn(2, 7, cfg.hidden_size)
+    for layer in range(cfg.num_layers):
+        w = _layer_params(engine, layer)
+        with torch.no_grad():
+            ref = hf.model.layers[layer].mlp(x)
+        h = jnp.asarray(_np(x))
+        if cfg.num_experts:
+            ours = moe_mlp(h, w["router"], w["w_gate"], w["w_up"], w["w_down"], cfg.num_experts_per_tok,
+                           cfg.norm_topk_prob, cfg.activation)
+        else:
+            ours = gated_mlp(h, w["w_gate"], w["w_up"], w["w_down"], cfg.activation)
+        np.testing.assert_allclose(np.asarray(ours), _np(ref), rtol=1e-5, atol=1e-5, err_msg=f"layer {layer}")
+
+
+def test_the_mixture_of_experts_runs_grouped_matmuls_not_every_expert_on_every_token():
+    """Three ragged_dots over the (token, expert) pairs sorted by expert: t * k rows, whatever the
+    number of experts; and a token's output depends only on its chosen experts."""
+    import jax
+    e, d, f, k, t = 8, 16, 12, 2, 5
+    keys = jax.random.split(jax.random.key(0), 5)
+    router = jax.random.normal(keys[0], (d, e))
+    gate, up = (jax.random.normal(keys[i], (e, d, f)) for i in (1, 2))
+    down = jax.random.normal(keys[3], (e, f, d))
+    x = jax.random.normal(keys[4], (1, t, d))
+    run = lambda dn: moe_mlp(x, router, gate, up, dn, k, True, "silu")  # noqa: E731
+    jaxpr = str(jax.make_jaxpr(run)(down))
+    assert jaxpr.count("ragged_dot_general") == 3 and f"f32[{t * k},{f}]" in jaxpr
+    chosen = np.asarray(jax.lax.top_k(x[0] @ router, k)[1])
+    idle = sorted(set(range(e)) - set(chosen[0].tolist()))
+    poked = down.at[np.asarray(idle)].set(1e3)  # weights no row of token 0 uses
+    np.testing.assert_array_equal(np.asarray(run(poked))[0, 0], np.asarray(run(down))[0, 0])

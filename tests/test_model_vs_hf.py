@@ -1,5 +1,6 @@
 """The whole model against HF transformers on tiny random models of every supported architecture;
-for the newer families (Qwen3, Gemma 2, Gemma 3, Phi-3) also on a (2, 4) mesh and with int8 weights."""
+for the newer families (Qwen3, Gemma 2, Gemma 3, Phi-3, and the mixtures of experts Mixtral and
+Qwen3-MoE) also on a (2, 4) mesh and with int8 weights."""
 
 import jax
 import jax.numpy as jnp
@@ -74,7 +75,7 @@ def test_cached_decode_equals_full_forward(pair, slots, cache_len):
 
 # ---------------------------------------------------------------- the newer families: mesh, int8, LongRoPE
 
-NEWER = ["qwen3", "gemma2", "gemma3", "phi3"]
+NEWER = ["qwen3", "gemma2", "gemma3", "phi3", "mixtral", "qwen3-moe"]
 GREEDY = SamplingParams(max_new_tokens=8, ignore_eos=True)
 
 
@@ -90,6 +91,9 @@ def test_a_2x4_mesh_gives_the_single_device_logits_and_tokens(newer):
     path, one = newer
     mesh = Engine.from_pretrained(path, mesh_shape=(2, 4), dtype="float32", max_slots=4, max_len=64)
     assert mesh.params["wq"][0][...].addressable_shards[0].data.shape[1] == mesh.cfg.num_heads // 4  # heads split
+    if mesh.cfg.num_experts:  # every expert on every device, each expert's MLP width split over "model"
+        local = mesh.params["w_down"][0][...].addressable_shards[0].data.shape
+        assert local == (mesh.cfg.num_experts, mesh.cfg.intermediate_size // 4, mesh.cfg.hidden_size)
     np.testing.assert_allclose(mesh.logits(PROMPTS), one.logits(PROMPTS), atol=1e-5, equal_nan=True)
     prompts = PROMPTS[:2]  # one prefill bucket: fewer compiles
     assert [o.token_ids for o in mesh.generate(prompts, GREEDY)] == [o.token_ids for o in one.generate(prompts, GREEDY)]
@@ -100,6 +104,9 @@ def test_int8_weights_load_and_stay_close(newer):
     q8 = Engine.from_pretrained(path, mesh_shape=(1, 1), dtype="float32", max_slots=4, max_len=64, quantize="int8")
     weights = q8.weights()
     assert all(isinstance(weights[n][0], QArray) for n in ("wq", "wk", "wv", "w_gate", "w_up", "w_down"))
+    if q8.cfg.num_experts:  # one scale per expert and output channel; the router stays as loaded
+        assert weights["w_gate"][0].scale.shape == (q8.cfg.num_experts, q8.cfg.intermediate_size)
+        assert not isinstance(weights["router"][0], QArray)
     assert not any(isinstance(v[0] if isinstance(v, list) else v, QArray) for n, v in weights.items() if "norm" in n)
     ref, got = one.logits(PROMPTS), q8.logits(PROMPTS)
     live = ~np.isnan(ref)

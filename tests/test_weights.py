@@ -53,7 +53,7 @@ def edited_copy(src, dst, edit) -> str:
 # ---------------------------------------------------------------- single file vs sharded
 
 
-@pytest.mark.parametrize("variant", ["llama", "qwen2", "gemma", "phi3"])
+@pytest.mark.parametrize("variant", ["llama", "qwen2", "gemma", "phi3", "mixtral"])
 def test_single_and_sharded_checkpoints_load_the_same(variant, tmp_path):
     hf = make_hf_model(variant, seed=1)
     single = save_hf_model(hf, tmp_path / "single")
@@ -85,6 +85,36 @@ def test_weights_land_in_our_layout(llama):
     np.testing.assert_array_equal(p["wo"][0], wo0.T.reshape(n, h, -1))
     np.testing.assert_array_equal(p["w_down"][1], sd["model.layers.1.mlp.down_proj.weight"].T)
     np.testing.assert_array_equal(p["mlp_norm"][1], sd["model.layers.1.post_attention_layernorm.weight"])
+
+
+@pytest.mark.parametrize("variant,prefix,names", [
+    ("mixtral", "model.layers.{i}.block_sparse_moe", ("w1", "w3", "w2")),
+    ("qwen3-moe", "model.layers.{i}.mlp", ("gate_proj", "up_proj", "down_proj")),
+])
+def test_expert_tensors_stack_into_our_layout_and_save_back(variant, prefix, names, tmp_path):
+    """One checkpoint tensor per expert ([out, in]) -> w_gate / w_up / w_down [experts, in, out];
+    the router [experts, embed] -> [embed, experts]. save_params writes them back one per expert,
+    and a missing expert is named."""
+    path = save_hf_model(make_hf_model(variant, seed=1), tmp_path / "hf")
+    engine = load(path)
+    p, sd = params_of(engine), load_file(os.path.join(path, "model.safetensors"))
+    layer = prefix.format(i=1)
+    for ours, theirs in zip(("w_gate", "w_up", "w_down"), names):
+        for j in range(engine.cfg.num_experts):
+            np.testing.assert_array_equal(p[ours][1][j], sd[f"{layer}.experts.{j}.{theirs}.weight"].T, err_msg=ours)
+    np.testing.assert_array_equal(p["router"][1], sd[f"{layer}.gate.weight"].T)
+
+    from model.weights import save_params
+    save_params(str(tmp_path / "ours"), engine.cfg, engine.weights())
+    again = load_file(str(tmp_path / "ours" / "model.safetensors"))
+    assert set(again) == set(sd)
+    for key in sd:
+        np.testing.assert_array_equal(again[key], sd[key], err_msg=key)
+
+    gone = f"{prefix.format(i=0)}.experts.3.{names[2]}.weight"
+    broken = edited_copy(path, tmp_path / "broken", lambda t: t.pop(gone))
+    with pytest.raises(ValueError, match=f"missing 1 tensor.*{gone}"):
+        load(broken)
 
 
 def test_fused_and_renamed_tensors_land_in_our_layout(tmp_path):
