@@ -496,7 +496,9 @@ class Engine:
                 q.arrival, self._arrivals = self._arrivals, self._arrivals + 1
             self._incoming += seqs
             if self._thread is None:
-                self._thread = threading.Thread(target=self._serve, name="engine-loop", daemon=True)
+                # Not a daemon: the interpreter joins it at exit (it ends once nothing is left),
+                # instead of killing it inside a device call (an abort, seen as exit code -6).
+                self._thread = threading.Thread(target=self._serve, name="engine-loop", daemon=False)
                 self._thread.start()
             self._cond.notify()
         return [q.future for q in seqs]
