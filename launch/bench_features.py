@@ -132,19 +132,25 @@ def row(name, variant, work, seconds, times, extra=None):
             **(extra or {})}
 
 
-def bench(args) -> dict:
-    torch.set_num_threads(os.cpu_count())
-    rng = np.random.default_rng(0)
-    work = workloads(args, rng)
+def random_checkpoint(args, work: dict, prefix: str):
+    """(HF model, its checkpoint directory, a max_len that fits every request of `work`): the
+    benchmark's random Llama (seed 0), saved so that the engine loads the same weights."""
     torch.manual_seed(0)
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffw, num_hidden_layers=args.layers,
         num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, max_position_embeddings=4096,
         rope_theta=500000.0, bos_token_id=1, eos_token_id=2, pad_token_id=0)).eval()
-    path = tempfile.mkdtemp(prefix="bench_features_")
+    path = tempfile.mkdtemp(prefix=prefix)
     hf.save_pretrained(path, safe_serialization=True)
-    max_len = max(len(p) + n for w in work.values() for p, n in w)
-    max_len = 1 << (max_len - 1).bit_length()
+    longest = max(len(p) + n for w in work.values() for p, n in w)
+    return hf, path, 1 << (longest - 1).bit_length()
+
+
+def bench(args) -> dict:
+    torch.set_num_threads(os.cpu_count())
+    rng = np.random.default_rng(0)
+    work = workloads(args, rng)
+    hf, path, max_len = random_checkpoint(args, work, "bench_features_")
     if args.prefill_chunk != "default":
         chunk = {"prefill_chunk": None if args.prefill_chunk == "off" else int(args.prefill_chunk)}
     else:

@@ -53,16 +53,11 @@ def valid(text: str) -> bool:
         return False
 
 
-def timed(engine: Engine, ids, sampling) -> tuple[float, int, list, dict]:
-    before = engine.stats()
+def timed(engine: Engine, ids, sampling) -> tuple[float, int, list]:
+    """(seconds, generated tokens, outputs) of one generate call."""
     start = time.perf_counter()
     outs = engine.generate(ids, sampling)
-    seconds = time.perf_counter() - start
-    after = engine.stats()
-    calls = after["decode_calls"] - before["decode_calls"]
-    per_dispatch = (after["decode_s"] - before["decode_s"]) / max(calls, 1)
-    return seconds, sum(len(o.token_ids) for o in outs), outs, {"decode_s_per_dispatch": per_dispatch,
-                                                                 "compiled": after["compile_s"] > before["compile_s"]}
+    return time.perf_counter() - start, sum(len(o.token_ids) for o in outs), outs
 
 
 def main(argv=None) -> dict:
@@ -93,7 +88,7 @@ def main(argv=None) -> dict:
     runs = {"unconstrained": free, "schema on every row": [dataclasses.replace(sp, constraint=schema) for sp in free]}
     validity_runs = {}
     for name, sp in runs.items():
-        seconds, tokens, outs, _ = timed(engine, ids, sp)
+        seconds, tokens, outs = timed(engine, ids, sp)
         texts = [tok.decode([t for t in o.token_ids if t not in eos]) for o in outs]
         validity_runs[name] = {"tokens_per_s": tokens / seconds, "seconds": seconds, "tokens": tokens,
                                "valid": sum(map(valid, texts)), "complete": sum(bool(o.constraint_satisfied)
@@ -109,7 +104,7 @@ def main(argv=None) -> dict:
     cost = {name: [] for name in cost_runs}
     for _ in range(args.repeats):
         for name, sp in cost_runs.items():
-            seconds, tokens, _, extra = timed(engine, cost_ids, sp)
+            seconds, tokens, _ = timed(engine, cost_ids, sp)
             assert tokens == len(cost_ids) * args.cost_tokens, tokens
             cost[name].append(seconds)
     med = {name: statistics.median(v) for name, v in cost.items()}

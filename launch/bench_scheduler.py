@@ -20,17 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import transformers  # noqa: E402
 
 from launch.bench_engine import machine_info  # noqa: E402
-from launch.bench_features import hf_run, ideal_step_ratios, tokens_of, workloads  # noqa: E402
+from launch.bench_features import hf_run, ideal_step_ratios, random_checkpoint, tokens_of, workloads  # noqa: E402
 from model import Engine, SamplingParams  # noqa: E402
 
 FULL = dict(vocab=8000, hidden=512, layers=6, heads=8, kv_heads=4, ffw=1408, slots=16, n=48, max_new=512,
@@ -83,15 +81,7 @@ def main(argv=None) -> dict:
     rng = np.random.default_rng(0)
     work = {"hetero": workloads(args, rng)["hetero"]}
     work["short"] = short_workload(args, np.random.default_rng(1))
-    torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffw, num_hidden_layers=args.layers,
-        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, max_position_embeddings=4096,
-        rope_theta=500000.0, bos_token_id=1, eos_token_id=2, pad_token_id=0)).eval()
-    path = tempfile.mkdtemp(prefix="bench_scheduler_")
-    hf.save_pretrained(path, safe_serialization=True)
-    max_len = max(len(p) + n for w in work.values() for p, n in w)
-    max_len = 1 << (max_len - 1).bit_length()
+    hf, path, max_len = random_checkpoint(args, work, "bench_scheduler_")
 
     def make(cls=Engine, **kw):
         return cls.from_pretrained(path, mesh_shape=(1, 1), dtype="float32", max_len=max_len,

@@ -380,43 +380,52 @@ class Engine:
         prompts = self._check_prompts(prompts, limit=self.max_len - 1)
         if len(candidates) != len(prompts):
             raise ValueError(f"{len(candidates)} candidate lists for {len(prompts)} prompts; give one list each")
-        rows = []
+        checked, packed = [], []
         for i, (p, cands) in enumerate(zip(prompts, candidates)):
             if isinstance(cands, (str, bytes)) or not cands:
                 raise ValueError(f"prompt {i}: candidates must be a non-empty list of token-id lists")
             cands = self._check_prompts(cands, limit=self.max_len)
-            if len(p) + sum(map(len, cands)) > self.max_len:
-                raise ValueError(f"prompt {i} with its candidates holds {len(p) + sum(map(len, cands))} tokens; "
-                                 f"max_len is {self.max_len}")
-            rows.append((i, p, cands))
-        out: list[ScoreOutput | None] = [None] * len(prompts)
-        rows.sort(key=lambda r: len(r[1]) + sum(map(len, r[2])))
-        while rows:
-            t = self._score_len(len(rows[0][1]) + sum(map(len, rows[0][2])))
-            group = [r for r in rows if self._score_len(len(r[1]) + sum(map(len, r[2]))) == t][:self.prefill_batch(t)]
-            rows = rows[len(group):]
+            n = len(p)
+            tokens, positions, segments, source = list(p), list(range(n)), [0] * n, []
+            for seg, c in enumerate(cands, start=1):  # candidate seg: positions n.., its first token scored at n - 1
+                source += [n - 1] + list(range(len(tokens), len(tokens) + len(c) - 1))
+                tokens += c
+                positions += range(n, n + len(c))
+                segments += [seg] * len(c)
+            if len(tokens) > self.max_len:
+                raise ValueError(f"prompt {i} with its candidates holds {len(tokens)} tokens; max_len is {self.max_len}")
+            checked.append(cands)
+            packed.append((tokens, positions, segments, source, [t for c in cands for t in c]))
+        out = []
+        for p, cands, lps in zip(prompts, checked, self._score_rows(packed)):
+            ends = np.cumsum([len(c) for c in cands])
+            scores = [float(lps[e - len(c):e].sum()) for c, e in zip(cands, ends)]
+            out.append(ScoreOutput(scores, int(np.argmax(scores)), len(p)))
+        return out
+
+    def _score_rows(self, rows: list[tuple[list[int], ...]]) -> list[np.ndarray]:
+        """log p of each row's targets (see _score_fn): rows of (tokens, positions, segments,
+        source, target), run in batches of one padded length within the prefill token budget."""
+        out: list[np.ndarray | None] = [None] * len(rows)
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
+        while order:
+            t = self._score_len(len(rows[order[0]][0]))
+            group = [i for i in order if self._score_len(len(rows[i][0])) == t][:self.prefill_batch(t)]
+            order = order[len(group):]
             b = next(n for n in self.prefill_rows(t) if n >= len(group))
-            m = max(8, 1 << math.ceil(math.log2(max(sum(map(len, c)) for _, _, c in group))))
+            m = max(8, 1 << math.ceil(math.log2(max(len(rows[i][4]) for i in group) or 1)))
             tokens, positions = np.zeros((b, t), np.int32), np.zeros((b, t), np.int32)
             segments = np.full((b, t), -1, np.int32)
             source, target = np.zeros((b, m), np.int32), np.zeros((b, m), np.int32)
-            for r, (_, p, cands) in enumerate(group):
-                n = len(p)
-                tokens[r, :n], positions[r, :n], segments[r, :n] = p, np.arange(n), 0
-                at, j = n, 0
-                for s, c in enumerate(cands, start=1):
-                    tokens[r, at:at + len(c)], positions[r, at:at + len(c)] = c, np.arange(n, n + len(c))
-                    segments[r, at:at + len(c)] = s
-                    source[r, j:j + len(c)] = [n - 1] + list(range(at, at + len(c) - 1))
-                    target[r, j:j + len(c)] = c
-                    at, j = at + len(c), j + len(c)
+            for r, i in enumerate(group):
+                tok, pos, seg, src, tgt = rows[i]
+                tokens[r, :len(tok)], positions[r, :len(tok)], segments[r, :len(tok)] = tok, pos, seg
+                source[r, :len(src)], target[r, :len(tgt)] = src, tgt
             with self._timed("score", self._score):
                 lps = np.asarray(self._score(self.params, *map(jnp.asarray, (tokens, positions, segments, source,
                                                                              target))))
-            for r, (i, p, cands) in enumerate(group):
-                ends = np.cumsum([len(c) for c in cands])
-                scores = [float(lps[r, e - len(c):e].sum()) for c, e in zip(cands, ends)]
-                out[i] = ScoreOutput(scores, int(np.argmax(scores)), len(p))
+            for r, i in enumerate(group):
+                out[i] = lps[r, :len(rows[i][4])]
         return out
 
     def _score_len(self, n: int) -> int:
@@ -428,27 +437,11 @@ class Engine:
 
     def prompt_logprobs(self, prompts: Sequence[Sequence[int]]) -> list[list[float | None]]:
         """log p of each prompt token given the tokens before it (None for the first), as vLLM's
-        prompt_logprobs: a full forward per batch of prompts of one length bucket."""
+        prompt_logprobs: a full forward per batch of prompts of one padded length."""
         self._check_concrete("prompt_logprobs")
         prompts = self._check_prompts(prompts, limit=self.max_len)
-        out: list[list[float | None]] = [[None] for _ in prompts]
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        while order:
-            t = self._bucket(len(prompts[order[0]]))
-            group = [i for i in order if self._bucket(len(prompts[i])) == t][:self.prefill_batch(t)]
-            order = order[len(group):]
-            b = next(n for n in self.prefill_rows(t) if n >= len(group))
-            tokens, source, target = (np.zeros((b, t), np.int32) for _ in range(3))
-            for r, i in enumerate(group):
-                p = prompts[i]
-                tokens[r, :len(p)], source[r, :len(p) - 1], target[r, :len(p) - 1] = p, np.arange(len(p) - 1), p[1:]
-            positions = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))
-            with self._timed("score", self._score):
-                lps = np.asarray(self._score(self.params, *map(jnp.asarray, (tokens, positions, np.zeros_like(tokens),
-                                                                             source, target))))
-            for r, i in enumerate(group):
-                out[i] += [float(x) for x in lps[r, :len(prompts[i]) - 1]]
-        return out
+        rows = [(p, list(range(len(p))), [0] * len(p), list(range(len(p) - 1)), p[1:]) for p in prompts]
+        return [[None] + [float(x) for x in lps] for lps in self._score_rows(rows)]
 
     @property
     def compile_counts(self) -> dict[str, int]:

@@ -186,37 +186,23 @@ class EngineHandler(ModelHandler[Sequence[Request], Result, Engine]):
 
     @staticmethod
     def _prompt_logprobs(requests: list[Request], results: list[Result], engine: Engine) -> None:
-        """Adds the prompt tokens' log-probabilities to the results of the requests that asked."""
-        want = [(r, res) for r, res in zip(requests, results) if r.prompt_logprobs and res.error is None]
-        if not want:
-            return
-        try:
-            found = engine.prompt_logprobs([r.token_ids for r, _ in want])
-        except Exception as e:  # noqa: BLE001 (the completions stand; the error is logged)
-            log.warning("prompt_logprobs failed for %d records: %s: %s", len(want), type(e).__name__, e)
-            return
-        for (_, res), lps in zip(want, found):
-            res.prompt_logprobs = lps
+        """Adds the prompt tokens' log-probabilities to the results of the requests that asked; a
+        record whose prompt logprobs fail becomes a generation_failed error."""
+        want = [k for k, (r, res) in enumerate(zip(requests, results)) if r.prompt_logprobs and res.error is None]
+        found = _batch_or_alone(want, lambda ks: engine.prompt_logprobs([requests[k].token_ids for k in ks]))
+        for k, out in zip(want, found):
+            if isinstance(out, Exception):
+                results[k] = requests[k].fail("generation_failed", f"prompt_logprobs: {_why(out)}")
+            else:
+                results[k].prompt_logprobs = out
 
     @staticmethod
     def _score(scoring: list[tuple[int, Request]], engine: Engine) -> dict[int, Result]:
-        """The results of the score_choices requests, by index: scored together, or if that
-        fails, one by one, so a request that breaks scoring fails alone."""
-        if not scoring:
-            return {}
-        try:
-            outs = engine.score([r.token_ids for _, r in scoring], [r.choice_ids for _, r in scoring])
-            return {i: r.scored(out) for (i, r), out in zip(scoring, outs)}
-        except Exception:  # noqa: BLE001
-            pass
-        results = {}
-        for i, r in scoring:
-            try:
-                results[i] = r.scored(engine.score([r.token_ids], [r.choice_ids])[0])
-            except Exception as e:  # noqa: BLE001
-                log.warning("record %s failed: %s: %s", r.id, type(e).__name__, e)
-                results[i] = r.fail("generation_failed", f"{type(e).__name__}: {e}")
-        return results
+        """The results of the score_choices requests, by index."""
+        found = _batch_or_alone([r for _, r in scoring],
+                                lambda rs: engine.score([r.token_ids for r in rs], [r.choice_ids for r in rs]))
+        return {i: r.fail("generation_failed", _why(out)) if isinstance(out, Exception) else r.scored(out)
+                for (i, r), out in zip(scoring, found)}
 
     @staticmethod
     def _submit_one(r: Request, engine: Engine, sampling) -> concurrent.futures.Future:
@@ -226,6 +212,29 @@ class EngineHandler(ModelHandler[Sequence[Request], Result, Engine]):
             failed = concurrent.futures.Future()
             failed.set_exception(e)
             return failed
+
+
+def _batch_or_alone(items: list, call) -> list:
+    """call(items) -> one output per item, in order. If the batched call fails, each item is
+    called alone, so a bad one fails (its output is the exception) and the others do not."""
+    if not items:
+        return []
+    try:
+        return list(call(items))
+    except Exception:  # noqa: BLE001
+        pass
+    found = []
+    for item in items:
+        try:
+            found.append(call([item])[0])
+        except Exception as e:  # noqa: BLE001
+            log.warning("a record failed alone: %s", _why(e))
+            found.append(e)
+    return found
+
+
+def _why(e: Exception) -> str:
+    return f"{type(e).__name__}: {e}"
 
 
 def _constraint_field(r: Request) -> str:

@@ -107,20 +107,15 @@ class ReadAndTokenize(beam.DoFn):
                 yield beam.pvalue.TaggedOutput(self.ERRORS, ids)
                 continue
             req.token_ids = ids
-            if req.score_choices is not None:
-                req.choice_ids = choice_token_ids(self.tokenizer, req)
-                held = len(ids) + sum(map(len, req.choice_ids))
-                if held > self.max_len:
-                    yield beam.pvalue.TaggedOutput(self.ERRORS, req.fail(
-                        "prompt_too_long", f"the prompt's {len(ids)} tokens and its score_choices' "
-                        f"{held - len(ids)} take {held}; the model's context is {self.max_len}"))
-                else:
-                    self.prompt_tokens.inc(len(ids))
-                    yield req
-                continue
             room = self.max_len - len(ids)
             if not ids:  # a tokenizer without BOS can turn a prompt of, say, only a zero-width space into nothing
                 yield beam.pvalue.TaggedOutput(self.ERRORS, req.fail("invalid_prompt", "the prompt has no tokens"))
+            elif req.score_choices is not None:
+                if (failed := self._check_choices(req)) is not None:
+                    yield beam.pvalue.TaggedOutput(self.ERRORS, failed)
+                else:
+                    self.prompt_tokens.inc(len(ids))
+                    yield req
             elif room < 1:
                 yield beam.pvalue.TaggedOutput(self.ERRORS, req.fail(
                     "prompt_too_long", f"prompt has {len(ids)} tokens; the model's context is {self.max_len}"))
@@ -133,6 +128,19 @@ class ReadAndTokenize(beam.DoFn):
                 req.max_tokens = min(req.max_tokens, room)
                 self.prompt_tokens.inc(len(ids))
                 yield req
+
+    def _check_choices(self, req: Request) -> Result | None:
+        """Tokenizes a request's score_choices (into req.choice_ids); the error if one has no
+        tokens or the prompt and its choices do not fit the context together."""
+        req.choice_ids = choice_token_ids(self.tokenizer, req)
+        empty = next((c for c, ids in zip(req.score_choices, req.choice_ids) if not ids), None)
+        if empty is not None:
+            return req.fail("invalid_parameter", f"score_choices: {empty!r} has no tokens")
+        held = len(req.token_ids) + sum(map(len, req.choice_ids))
+        if held > self.max_len:
+            return req.fail("prompt_too_long", f"the prompt's {len(req.token_ids)} tokens and its score_choices' "
+                            f"{held - len(req.token_ids)} take {held}; the model's context is {self.max_len}")
+        return None
 
 
 class BatchByTokens(beam.DoFn):
