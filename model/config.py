@@ -438,6 +438,15 @@ class EngineConfig:
     constraint_states: int = 4096
     constraint_classes: int = 512
     constraint_automata: int = 8
+    # Speculative decoding (model/speculative.py): "ngram" proposes, per row, the tokens that
+    # followed the latest earlier occurrence of its last prompt_lookup_max..prompt_lookup_min
+    # tokens in its own prompt and output (prompt lookup), and the model verifies
+    # num_speculative_tokens of them per step. Outputs follow the same distribution as without
+    # (greedy: the same tokens); a batch falls back to plain decoding while it does not pay.
+    speculative: str | None = None
+    num_speculative_tokens: int = 4
+    prompt_lookup_max: int = 3
+    prompt_lookup_min: int = 2
 
     def __post_init__(self):
         if self.max_slots != "auto" and (not isinstance(self.max_slots, int) or self.max_slots < 1):
@@ -449,7 +458,10 @@ class EngineConfig:
                                    ("prefix_cache_entries", self.prefix_cache_entries, 0),
                                    ("constraint_states", self.constraint_states, 1),
                                    ("constraint_classes", self.constraint_classes, 1),
-                                   ("constraint_automata", self.constraint_automata, 1)):
+                                   ("constraint_automata", self.constraint_automata, 1),
+                                   ("num_speculative_tokens", self.num_speculative_tokens, 1),
+                                   ("prompt_lookup_min", self.prompt_lookup_min, 1),
+                                   ("prompt_lookup_max", self.prompt_lookup_max, 1)):
             if not isinstance(value, int) or value < least:
                 raise ValueError(f"{name}={value!r}; must be an integer >= {least}")
         if self.prefill_chunk is not None and (not isinstance(self.prefill_chunk, int)
@@ -461,9 +473,13 @@ class EngineConfig:
         for name, value, allowed in (("kv_cache_dtype", self.kv_cache_dtype, (None, "int8")),
                                      ("batching", self.batching, ("inflight", "static")),
                                      ("order", self.order, ("longest_first", "arrival")),
-                                     ("hot_path", self.hot_path, ("auto", "cpu", "tpu", "gpu"))):
+                                     ("hot_path", self.hot_path, ("auto", "cpu", "tpu", "gpu")),
+                                     ("speculative", self.speculative, (None, "ngram"))):
             if value not in allowed:
                 raise ValueError(f"{name}={value!r}; expected one of {allowed}")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError(f"prompt_lookup_min={self.prompt_lookup_min} exceeds prompt_lookup_max="
+                             f"{self.prompt_lookup_max}")
 
     def context_length(self, model: ModelConfig) -> int:
         """Tokens a sequence may hold (prompt + completion): max_len, resolved for `model`."""

@@ -474,16 +474,24 @@ class Decoder(nnx.Module):
         written and read: every position must lie within them. Returns (float32 logits
         [slots, vocab], cache).
         """
+        logits, cache = self.decode_tokens(tokens_b[:, None], positions_b, cache, chunks)
+        return logits[:, 0], cache
+
+    def decode_tokens(self, tokens_bt: Array, positions_b: Array, cache: KVCache,
+                      chunks: int | None = None) -> tuple[Array, KVCache]:
+        """decode_step over t tokens per slot, at positions positions_b[i] + [0, t) (speculative
+        decoding's verify step: a row's last token and its proposals). Returns (float32 logits
+        [slots, t, vocab], cache)."""
         b, span = cache.max_slots, cache.span(chunks or len(cache.sizes))
-        positions_bt = positions_b[:, None]
+        positions_bt = positions_b[:, None] + jnp.arange(tokens_bt.shape[1], dtype=positions_b.dtype)[None, :]
         if self.path.stacked:
             rows = jnp.arange(b, dtype=jnp.int32)
 
             def attend(layer, q, k, v, cache):
                 cache = cache.write(layer, rows, positions_bt, k, v)
                 return self._cache_attention(q, cache, layer, rows, positions_b, rows_on_data=True), cache
-            x, cache = self._run_layers(self.embed_tokens(tokens_b[:, None]), positions_bt, attend, cache)
-            return self.head(x)[:, 0], cache
+            x, cache = self._run_layers(self.embed_tokens(tokens_bt), positions_bt, attend, cache)
+            return self.head(x), cache
         rows = jnp.arange(b)
 
         def attend(layer, q, k, v, cache):
@@ -492,8 +500,8 @@ class Decoder(nnx.Module):
             return attention(q, *cache.layer(layer, chunks)[:2], mask, *cache.layer(layer, chunks)[2:],
                              **self._scores()), cache
 
-        x, cache = self._run_layers(self.embed_tokens(tokens_b[:, None]), positions_bt, attend, cache)
-        return self.head(x)[:, 0], cache
+        x, cache = self._run_layers(self.embed_tokens(tokens_bt), positions_bt, attend, cache)
+        return self.head(x), cache
 
     def _cache_attention(self, q_btnh: Array, cache: StackedKVCache, layer: Array, slots_b: Array,
                          starts_b: Array, rows_on_data: bool) -> Array:

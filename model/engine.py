@@ -27,6 +27,7 @@ import functools
 import logging
 import math
 import os
+import statistics
 import threading
 import time
 from typing import Any, Sequence
@@ -46,6 +47,7 @@ from model.prefix_cache import PrefixCache
 from model.quantize import quantize_params
 from model.sampling import MAX_TOP_LOGPROBS, SamplingParams, sample, token_logprobs, top_logprobs
 from model.sharding import bytes_per_device, make_mesh, named_sharding
+from model.speculative import ngram_propose, verify
 from model.tokenizer import decode_completions, load_tokenizer
 from model.weights import load_params, read_hf_config
 
@@ -74,6 +76,8 @@ class GenerationOutput:
     # automaton accepts it); False only when finish_reason is "length". None: no constraint.
     top_logprobs: list[list[tuple[int, float]]] | None = None  # with SamplingParams.top_logprobs = k:
     # per generated token, the k most likely (id, log p) under the model's own distribution, best first
+    proposed_tokens: int = 0  # speculative decoding: proposals verified for this sequence
+    accepted_tokens: int = 0  # of those, how many it kept
 
 
 @dataclasses.dataclass
@@ -170,8 +174,15 @@ class Engine:
         self._cache_sharding = self.cache.shardings(mesh)
         state = SlotState.host(self.max_slots, self._n_stop)
         self.state = self._place_state(jax.tree.map(_abstract, state) if self.abstract else state)
-        self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1, 2))
-        self._decode = jax.jit(self._decode_fn, donate_argnums=(1, 2), static_argnums=(4, 5))
+        # Speculative decoding: each row's tokens so far ([slots, max_len], prompt lookup reads
+        # them), written by prefill and decode; None without speculation.
+        self.spec_k = config.num_speculative_tokens if config.speculative else 0
+        self.spec_steps = max(1, self.decode_steps // 2)  # verify steps per dispatch
+        self.history = self._new_history() if config.speculative else None
+        self._gate = SpecGate()
+        self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1, 2, 3))
+        self._decode = jax.jit(self._decode_fn, donate_argnums=(1, 2, 3), static_argnums=(5, 6))
+        self._verify = jax.jit(self._verify_fn, donate_argnums=(1, 2, 3), static_argnums=(5, 6))
         self._remap = jax.jit(self._remap_fn, donate_argnums=(0,))
         self._forward = jax.jit(self._forward_fn)
         self._score = jax.jit(self._score_fn)
@@ -183,7 +194,7 @@ class Engine:
         self._arrivals = 0
         self._waiting: list[_Sequence] = []
         self._slot_of: list[_Sequence | None] = [None] * self.max_slots
-        self._in_flight: tuple[list[jax.Array], list[_Sequence | None]] | None = None
+        self._in_flight: _Dispatch | None = None
         self._stats: collections.Counter = collections.Counter()
         self._stats_lock = threading.Lock()
 
@@ -241,7 +252,7 @@ class Engine:
 
     # ------------------------------------------------------------ jitted device functions
 
-    def _prefill_fn(self, params, cache: KVCache, state: SlotState, tokens_bt, starts_b, lengths_b, slots_b,
+    def _prefill_fn(self, params, cache: KVCache, state: SlotState, history, tokens_bt, starts_b, lengths_b, slots_b,
                     final_b, rows, table):
         """tokens_bt: row i's prompt tokens from starts_b[i] (its cached prefix or earlier pieces
         end there) to lengths_b[i], right-padded, for cache slot slots_b[i]. final_b: the prompt
@@ -264,15 +275,20 @@ class Engine:
                                   cstate=advance(rows.cstate, token, table, rows.constrained))
         state = jax.tree.map(lambda s, r: s.at[slots_b].set(r, mode="drop"), state, new)
         cache = jax.lax.with_sharding_constraint(cache, self._cache_sharding)
-        return cache, self._place_state(state), token, logprob, code, top
+        if history is not None:  # the piece's tokens, then the sampled one after them
+            positions = starts_b[:, None] + jnp.arange(tokens_bt.shape[1])[None, :]
+            positions = jnp.where(positions < lengths_b[:, None], positions, self.max_len)  # padding: dropped
+            history = history.at[slots_b[:, None], positions].set(tokens_bt, mode="drop")
+            history = self._place_rows(history.at[slots_b, lengths_b].set(token, mode="drop"))
+        return cache, self._place_state(state), history, token, logprob, code, top
 
-    def _decode_fn(self, params, cache: KVCache, state: SlotState, table, steps: int, chunks: int):
+    def _decode_fn(self, params, cache: KVCache, state: SlotState, history, table, steps: int, chunks: int):
         """`steps` tokens for every active slot, attending over the cache's first `chunks` chunks
         (compiled once per count: the cost of a step follows the live length, not max_len)."""
         model = nnx.merge(self.graphdef, params)
 
         def step(carry, _):
-            cache, s = carry
+            cache, s, history = carry
             pos = jnp.minimum(s.position, self.max_len - 1)
             logits, cache = model.decode_step(s.token, pos, cache, chunks)
             constrained = s.constrained & s.active
@@ -287,11 +303,67 @@ class Engine:
             s = dataclasses.replace(s, token=jnp.where(emitted, token, s.token), position=position,
                                     generated=generated, active=s.active & (code == RUNNING),
                                     cstate=advance(s.cstate, token, table, constrained))
-            return (cache, s), (token, logprob, emitted, code, top)
+            if history is not None:
+                history = history.at[jnp.arange(token.shape[0]), jnp.where(emitted, position, self.max_len)].set(
+                    token, mode="drop")
+            return (cache, s, history), (token, logprob, emitted, code, top)
 
-        (cache, state), (tokens, logprobs, emitted, codes, top) = jax.lax.scan(step, (cache, state), length=steps)
+        (cache, state, history), (tokens, logprobs, emitted, codes, top) = jax.lax.scan(
+            step, (cache, state, history), length=steps)
         cache = jax.lax.with_sharding_constraint(cache, self._cache_sharding)
-        return cache, self._place_state(state), tokens, logprobs, emitted, codes, top
+        history = None if history is None else self._place_rows(history)
+        return cache, self._place_state(state), history, tokens, logprobs, emitted, codes, top
+
+    def _verify_fn(self, params, cache: KVCache, state: SlotState, history, table, steps: int, chunks: int):
+        """`steps` speculative steps for every active slot: prompt lookup proposes up to k tokens
+        per row, one forward over each row's last token and its proposals checks them
+        (speculative.verify), and each row keeps its accepted proposals and the token drawn after
+        them, cut at a stop token or its length limit: 1 to k + 1 tokens per step. A constrained
+        row proposes nothing (its one token is masked as in decode). The cache's positions past
+        what a row kept hold rejected proposals; they lie past its position, so nothing attends
+        to them before the row's next tokens overwrite them."""
+        model = nnx.merge(self.graphdef, params)
+        k, width = self.spec_k, self.spec_k + 1
+        offsets = jnp.arange(width)[None, :]
+        cfg = self.config
+
+        def step(carry, _):
+            cache, s, history = carry
+            proposals, proposed = ngram_propose(history, jnp.minimum(s.position, self.max_len - 1), k,
+                                                cfg.prompt_lookup_max, cfg.prompt_lookup_min)
+            constrained = s.constrained & s.active
+            proposed = jnp.where(s.active & ~constrained, proposed, 0)
+            tokens_bt = jnp.concatenate([s.token[:, None], proposals], axis=1)
+            logits, cache = model.decode_tokens(tokens_bt, jnp.minimum(s.position, self.max_len - 1), cache, chunks)
+            masked = logits.at[:, 0].set(self._mask(logits[:, 0], s.cstate, table, constrained))
+            out, accepted = verify(masked, proposals, proposed, s.temperature, s.top_k, s.top_p, s.seed, s.generated)
+            b = out.shape[0]
+            flat = lambda x: x.reshape(b * width, *x.shape[2:])  # noqa: E731
+            logprob = token_logprobs(flat(logits), flat(out)).reshape(b, width)
+            top = jax.tree.map(lambda x: x.reshape(b, width, -1), self._top(flat(logits), jnp.repeat(
+                s.want_top & s.active, width)))
+            generated, position = s.generated[:, None] + offsets + 1, s.position[:, None] + offsets + 1
+            codes = jax.vmap(lambda tok, gen, pos: _finish(tok, s, gen, pos, self.max_len), in_axes=1, out_axes=1)(
+                out, generated, position)
+            ends = (codes != RUNNING) & (offsets <= accepted[:, None])
+            first_end = jnp.argmax(ends, axis=1)
+            ended = jnp.any(ends, axis=1)
+            count = jnp.where(s.active, jnp.where(ended, first_end + 1, accepted + 1), 0)
+            code = jnp.where(s.active & ended, jnp.take_along_axis(codes, first_end[:, None], axis=1)[:, 0], RUNNING)
+            last = jnp.take_along_axis(out, jnp.maximum(count - 1, 0)[:, None], axis=1)[:, 0]
+            history = history.at[jnp.arange(b)[:, None], jnp.where(offsets < count[:, None], position,
+                                                                   self.max_len)].set(out, mode="drop")
+            s = dataclasses.replace(s, token=jnp.where(s.active, last, s.token), position=s.position + count,
+                                    generated=s.generated + count, active=s.active & (code == RUNNING),
+                                    cstate=advance(s.cstate, out[:, 0], table, constrained))
+            kept = jnp.minimum(accepted, count)  # proposals kept: a stop or the length limit may cut them
+            return (cache, s, history), (out, logprob, count, code, top, proposed, kept)
+
+        (cache, state, history), (tokens, logprobs, count, codes, top, proposed, kept) = jax.lax.scan(
+            step, (cache, state, history), length=steps)
+        cache = jax.lax.with_sharding_constraint(cache, self._cache_sharding)
+        return (cache, self._place_state(state), self._place_rows(history), tokens, logprobs, count, codes, top,
+                proposed, kept)
 
     def _remap_fn(self, state: SlotState, remap):
         """Constrained rows' states after the constraint table was repacked (TableManager)."""
@@ -321,17 +393,24 @@ class Engine:
             return jnp.argmax(logits, axis=-1).astype(jnp.int32)
         return sample(logits, *rows)
 
+    def _new_history(self):
+        history = np.zeros((self.max_slots, self.max_len), np.int32)
+        return self._place_rows(_abstract(history) if self.abstract else history)
+
     def _place_state(self, state: SlotState) -> SlotState:
         """The slot state's one placement (slots over 'data'), inside jit and out, so that calls
         never see a new input sharding (which would recompile)."""
-        def place(x):
-            sharding = named_sharding(("slots",) + (None,) * (x.ndim - 1), x.shape, self.mesh)
-            if isinstance(x, jax.core.Tracer):
-                return jax.lax.with_sharding_constraint(x, sharding)
-            if isinstance(x, jax.ShapeDtypeStruct):
-                return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-            return jax.device_put(x, sharding)
-        return jax.tree.map(place, state)
+        return jax.tree.map(self._place_rows, state)
+
+    def _place_rows(self, x):
+        """An array of per-slot rows (the slot state's, the speculative history) placed as the
+        slot state is: rows over 'data'."""
+        sharding = named_sharding(("slots",) + (None,) * (x.ndim - 1), x.shape, self.mesh)
+        if isinstance(x, jax.core.Tracer):
+            return jax.lax.with_sharding_constraint(x, sharding)
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+        return jax.device_put(x, sharding)
 
     def _forward_fn(self, params, tokens_bt):
         model = nnx.merge(self.graphdef, params)
@@ -448,8 +527,8 @@ class Engine:
         """How many variants of each device function have been compiled (or loaded from the
         persistent cache): JAX's own count of each jitted function's cache entries."""
         count = lambda fn: getattr(fn, "_cache_size", lambda: 0)()  # noqa: E731
-        return {"prefill": count(self._prefill), "decode": count(self._decode), "forward": count(self._forward),
-                "score": count(self._score)}
+        return {"prefill": count(self._prefill), "decode": count(self._decode), "verify": count(self._verify),
+                "forward": count(self._forward), "score": count(self._score)}
 
     def generate(self, prompts: Sequence[Sequence[int]],
                  sampling: SamplingParams | Sequence[SamplingParams] | None = None) -> list[GenerationOutput]:
@@ -535,16 +614,20 @@ class Engine:
         running = [q for q in self._slot_of if q is not None and q.decoding]
         # Dispatch the next decode before reading the last one, so host bookkeeping overlaps
         # device work; unless the last one surely ends every running row (no wasted step).
-        if self._in_flight and (not running or all(len(q.tokens) + self.decode_steps >= q.limit for q in running)):
+        if self._in_flight and (not running or all(len(q.tokens) + self._in_flight.steps >= q.limit
+                                                   for q in running)):
             self._collect()
             return
         dispatched = None
         if running:
             chunks = self.decode_chunks(max(len(q.prompt) + len(q.tokens) for q in running))
-            with self._timed("decode", self._decode):
-                self.cache, self.state, *out = self._decode(self.params, self.cache, self.state, self._table,
-                                                            self.decode_steps, chunks)
-            dispatched = (out, [q if q is not None and q.decoding else None for q in self._slot_of])
+            speculate = self.spec_k > 0 and self._gate.speculate()
+            fn, steps = (self._verify, self.spec_steps) if speculate else (self._decode, self.decode_steps)
+            with self._timed("decode", fn):
+                self.cache, self.state, self.history, *out = fn(self.params, self.cache, self.state, self.history,
+                                                               self._table, steps, chunks)
+            dispatched = _Dispatch(out, [q if q is not None and q.decoding else None for q in self._slot_of], steps,
+                                   speculate)
         if self._in_flight:
             self._collect()
         self._in_flight = dispatched
@@ -553,27 +636,44 @@ class Engine:
         """Cache chunks a decode dispatch attends over while the longest running row holds
         `longest` tokens: every running row's positions during this dispatch, even if the one in
         flight (not yet collected) also ran all its steps, lie within them."""
-        return self.cache.chunks_for(min(longest + 2 * self.decode_steps, self.max_len))
+        most = max(self.decode_steps, self.spec_steps * (self.spec_k + 1) if self.spec_k else 0)
+        return self.cache.chunks_for(min(longest + 2 * most + self.spec_k, self.max_len))
 
     def _collect(self) -> None:
-        """Appends the in-flight decode dispatch's tokens to their sequences (as the slots were
-        when it was dispatched), and frees the slots whose sequence ended."""
-        out, slot_of_then = self._in_flight
-        self._in_flight = None
+        """Appends the in-flight dispatch's tokens to their sequences (as the slots were when it
+        was dispatched), and frees the slots whose sequence ended."""
+        d, self._in_flight = self._in_flight, None
         with self._timed("decode_wait"):
-            tokens, lps, emitted, codes = (np.asarray(x) for x in out[:4])
-            top = jax.tree.map(np.asarray, out[4]) if any(q is not None and q.params.top_logprobs
-                                                           for q in slot_of_then) else None
-        for s, q in enumerate(slot_of_then):
+            out = [np.asarray(x) for x in d.out[:4]]
+            top = jax.tree.map(np.asarray, d.out[4]) if any(q is not None and q.params.top_logprobs
+                                                             for q in d.slot_of) else None
+            if d.speculative:  # [steps, slots, k + 1] tokens, [steps, slots] counts
+                tokens, lps, counts, codes = out
+                proposed, kept = (np.asarray(x) for x in d.out[5:7])
+            else:  # [steps, slots]: one token per step where emitted
+                tokens, lps, counts, codes = out[0][..., None], out[1][..., None], out[2].astype(np.int32), out[3]
+                top = None if top is None else jax.tree.map(lambda x: x[:, :, None], top)
+        if d.speculative:
+            live = [s for s, q in enumerate(d.slot_of) if q is not None and not q.future.done()]
+            with self._stats_lock:
+                self._stats["spec_proposed"] += int(proposed[:, live].sum())
+                self._stats["spec_accepted"] += int(kept[:, live].sum())
+                self._stats["spec_steps"] += int((counts[:, live] > 0).sum())
+            self._gate.record(int(kept[:, live].sum()), int((counts[:, live] > 0).sum()))
+        for s, q in enumerate(d.slot_of):
             if q is None or q.future.done():  # done: ended at a stop string since this was dispatched
                 continue
             before, code = len(q.tokens), RUNNING
-            for step in range(self.decode_steps):
-                if emitted[step, s]:
-                    q.tokens.append(int(tokens[step, s]))
-                    q.logprobs.append(float(lps[step, s]))
-                    if q.top is not None:
-                        q.add_top(top[0][step, s], top[1][step, s])
+            for step in range(d.steps):
+                n = int(counts[step, s])
+                q.tokens += tokens[step, s, :n].tolist()
+                q.logprobs += lps[step, s, :n].tolist()
+                if q.top is not None:
+                    for j in range(n):
+                        q.add_top(top[0][step, s, j], top[1][step, s, j])
+                if d.speculative:
+                    q.proposed += int(proposed[step, s])
+                    q.accepted += int(kept[step, s])
                 if codes[step, s] != RUNNING:
                     code = int(codes[step, s])
                     break
@@ -585,7 +685,7 @@ class Engine:
                 q.finish(FINISH_REASONS[code])
                 if self._slot_of[s] is q:  # else a prefill took the slot when this dispatch was queued
                     self._slot_of[s] = None
-        self._end_at_stop_strings([q for q in slot_of_then if q is not None])
+        self._end_at_stop_strings([q for q in d.slot_of if q is not None])
 
     def _end_at_stop_strings(self, seqs: list["_Sequence"]) -> None:
         """Ends the running sequences whose completion text holds one of their stop strings, so
@@ -608,7 +708,7 @@ class Engine:
         arrived) fails with it, so no caller waits forever and the loop cannot fail on the same
         state again; the cache and slot state start afresh (they may have been donated). Callers
         resubmit what they want retried (EngineHandler retries each failed request alone)."""
-        held = [*self._slot_of, *(self._in_flight[1] if self._in_flight else []), *self._waiting, *arrivals]
+        held = [*self._slot_of, *(self._in_flight.slot_of if self._in_flight else []), *self._waiting, *arrivals]
         log.exception("engine step failed; failing the %d sequences it held", sum(q is not None for q in held))
         for q in held:
             if q is not None and not q.future.done():
@@ -617,6 +717,7 @@ class Engine:
         self.cache = type(self.cache).create(self.cfg, self.max_slots, self.max_len, self.dtype, self.mesh,
                                              int8=self.cache.k_scale is not None)
         self.state = self._place_state(SlotState.host(self.max_slots, self._n_stop))
+        self.history = self._new_history() if self.spec_k else None
 
     def _bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
@@ -644,8 +745,8 @@ class Engine:
         empty = [s for s, q in enumerate(self._slot_of) if q is None]
         if self.batching != "inflight" or not self._in_flight:
             return empty
-        ending = [s for s, q in enumerate(self._in_flight[1]) if q is not None and self._slot_of[s] is q
-                  and len(q.tokens) + self.decode_steps >= q.limit]
+        ending = [s for s, q in enumerate(self._in_flight.slot_of) if q is not None and self._slot_of[s] is q
+                  and len(q.tokens) + self._in_flight.steps >= q.limit]
         return empty + ending
 
     def _take_batch(self, refill: bool, room: float) -> list[tuple["_Sequence", int | None]]:
@@ -783,13 +884,29 @@ class Engine:
             for b, t in self.prefill_shapes():
                 self._call_prefill(*self._padding_prefill(b, t))
             if not bool(jnp.any(self.state.active)):
+                costs = []
                 for chunks in range(1, len(self.cache.sizes) + 1):
-                    with self._timed("decode", self._decode):
-                        self.cache, self.state, *_ = self._decode(self.params, self.cache, self.state, self._table,
-                                                                  self.decode_steps, chunks)
-                jax.block_until_ready(self.state)
+                    seconds = self._run_idle(self._decode, self.decode_steps, chunks)
+                    if self.spec_k:  # a verify step's cost in decode steps, for SpecGate
+                        costs.append(self._run_idle(self._verify, self.spec_steps, chunks) / self.spec_steps
+                                     / (seconds / self.decode_steps))
+                if costs:
+                    self._gate.cost = statistics.median(costs)
         return {"functions": sum(self.compile_counts.values()) - before,
                 "compile_s": round(time.perf_counter() - start, 3)}
+
+    def _run_idle(self, fn, steps: int, chunks: int) -> float:
+        """Runs a decode-like dispatch while no slot is active (compiling it); on a speculative
+        engine again, timed. Returns the seconds of the last run."""
+        seconds = math.inf
+        for _ in range(2 if self.spec_k else 1):
+            start = time.perf_counter()
+            with self._timed("decode", fn):
+                self.cache, self.state, self.history, *_ = fn(self.params, self.cache, self.state, self.history,
+                                                             self._table, steps, chunks)
+                jax.block_until_ready(self.state)
+            seconds = time.perf_counter() - start
+        return seconds
 
     def stats(self) -> dict[str, float]:
         """Totals since the engine was built: seconds in prefill and decode calls (dispatch, plus
@@ -799,7 +916,9 @@ class Engine:
             s = dict(self._stats)
         return {"prefill_s": s.get("prefill_s", 0.0), "decode_s": s.get("decode_s", 0.0) + s.get("decode_wait_s", 0.0),
                 "compile_s": s.get("compile_s", 0.0), "compiled_functions": sum(self.compile_counts.values()),
-                "prefill_calls": int(s.get("prefill_calls", 0)), "decode_calls": int(s.get("decode_calls", 0))}
+                "prefill_calls": int(s.get("prefill_calls", 0)), "decode_calls": int(s.get("decode_calls", 0)),
+                "spec_proposed": int(s.get("spec_proposed", 0)), "spec_accepted": int(s.get("spec_accepted", 0)),
+                "spec_steps": int(s.get("spec_steps", 0))}
 
     @contextlib.contextmanager
     def _timed(self, kind: str, fn=None):
@@ -818,13 +937,20 @@ class Engine:
         """The prefill of `rows` prompts padded to `bucket` tokens, lowered for the engine's mesh
         (as warmup() would call it); `.compile()` it for cost and memory figures."""
         *arrays, rows_host = self._padding_prefill(rows, bucket)
-        return self._prefill.lower(self.params, self.cache, self.state, *map(_abstract, arrays),
+        return self._prefill.lower(self.params, self.cache, self.state, self.history, *map(_abstract, arrays),
                                    jax.tree.map(_abstract, rows_host), self._table)
 
     def lower_decode(self, chunks: int) -> jax.stages.Lowered:
         """The decode dispatch (`decode_steps` tokens per slot) over the cache's first `chunks`
         chunks, lowered for the engine's mesh."""
-        return self._decode.lower(self.params, self.cache, self.state, self._table, self.decode_steps, chunks)
+        return self._decode.lower(self.params, self.cache, self.state, self.history, self._table, self.decode_steps,
+                                  chunks)
+
+    def lower_verify(self, chunks: int) -> jax.stages.Lowered:
+        """The speculative dispatch (`spec_steps` verify steps of k + 1 positions per slot) over
+        the cache's first `chunks` chunks, lowered for the engine's mesh (speculative engines)."""
+        return self._verify.lower(self.params, self.cache, self.state, self.history, self._table, self.spec_steps,
+                                  chunks)
 
     def _padding_prefill(self, b: int, t: int) -> tuple[np.ndarray, ...]:
         """Inputs of a prefill of b padding rows of t tokens, whose writes are all dropped:
@@ -840,8 +966,8 @@ class Engine:
     def _call_prefill(self, tokens, starts, lengths, slot_ids, final, rows: SlotState):
         rows = jax.tree.map(jnp.asarray, rows)
         with self._timed("prefill", self._prefill):
-            self.cache, self.state, first, logprob, codes, top = self._prefill(
-                self.params, self.cache, self.state, jnp.asarray(tokens), jnp.asarray(starts),
+            self.cache, self.state, self.history, first, logprob, codes, top = self._prefill(
+                self.params, self.cache, self.state, self.history, jnp.asarray(tokens), jnp.asarray(starts),
                 jnp.asarray(lengths), jnp.asarray(slot_ids), jnp.asarray(final), rows, self._table)
             return np.asarray(first), np.asarray(logprob), np.asarray(codes), jax.tree.map(np.asarray, top)
 
@@ -898,6 +1024,8 @@ class _Sequence:
     tokens: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)
     top: list[list[tuple[int, float]]] | None = None  # per token, when params.top_logprobs > 0
+    proposed: int = 0  # speculative proposals verified for it
+    accepted: int = 0  # of those, kept
     future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
     on_tokens: Any = None  # called on the loop's thread with each batch of new token ids, before the end
 
@@ -927,7 +1055,48 @@ class _Sequence:
         if self.params.constraint is not None:
             satisfied = _accepts(self.params.constraint, self.tokens, self.stop_ids)
         self.future.set_result(GenerationOutput(self.tokens, reason, len(self.prompt), self.logprobs, satisfied,
-                                                self.top))
+                                                self.top, self.proposed, self.accepted))
+
+
+@dataclasses.dataclass
+class _Dispatch:
+    """A decode or speculative dispatch in flight: its outputs (device arrays), the sequences of
+    the slots it ran, and its steps (each emits at least one token for every running row)."""
+
+    out: list[Any]
+    slot_of: list[_Sequence | None]
+    steps: int
+    speculative: bool
+
+
+class SpecGate:
+    """Whether the next dispatch speculates: while verifying k proposals yields fewer tokens per
+    step than the step costs (`cost`, in plain decode steps, measured by Engine.warmup; 1 until
+    then), speculation pays nothing, and the batch decodes plainly. Acceptance is tracked as a
+    moving average of kept proposals per row-step; while off, one speculative dispatch probes it
+    after 1, 2, 4 ... up to MAX_WAIT plain ones, so a batch that stops accepting costs at most one
+    slow dispatch in MAX_WAIT."""
+
+    MAX_WAIT = 64
+
+    def __init__(self, cost: float = 1.0):
+        self.cost, self.rate, self.wait, self.backoff = cost, None, 0, 1
+
+    def speculate(self) -> bool:
+        if self.wait > 0:
+            self.wait -= 1
+            return False
+        return True
+
+    def record(self, kept: int, row_steps: int) -> None:
+        if not row_steps:
+            return
+        rate = kept / row_steps
+        self.rate = rate if self.rate is None else 0.5 * (self.rate + rate)
+        if 1 + self.rate < self.cost:
+            self.wait, self.backoff = self.backoff, min(2 * self.backoff, self.MAX_WAIT)
+        else:
+            self.backoff = 1
 
 
 def _accepts(automaton: TokenAutomaton, tokens: list[int], stop_ids: tuple[int, ...]) -> bool:

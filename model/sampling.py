@@ -78,23 +78,11 @@ def sample(logits_bv: jax.Array, temperature_b: jax.Array, top_k_b: jax.Array, t
     leaves it out (launch/aot.py, to cost the common path).
     """
     greedy = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
-    v = logits_bv.shape[-1]
-    c = min(candidates, v)
 
     def sampled(_):
-        t = jnp.where(temperature_b > 0, temperature_b, 1.0)
-        scaled = logits_bv / t[:, None]
+        scaled = _scaled(logits_bv, temperature_b)
         keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(seed_b, step_b)
-        top_k_on = (top_k_b > 0) & (top_k_b < v)
-        whole = ~top_k_on & (top_p_b >= 1.0)  # nothing filtered: sample the whole vocabulary
-        values, ids = jax.lax.top_k(scaled, c)  # descending
-        probs = jnp.exp(values - jax.nn.logsumexp(scaled, axis=-1, keepdims=True))  # of the whole distribution
-        keep = ~top_k_on[:, None] | (jnp.arange(c)[None, :] < top_k_b[:, None])
-        kept = jnp.where(keep, probs, 0.0)
-        kept = kept / jnp.where(top_k_on, kept.sum(-1), 1.0)[:, None]  # renormalized over the top-k set
-        before = jnp.cumsum(kept, axis=-1) - kept
-        keep &= before < top_p_b[:, None]  # the top token is always kept
-        covered = (top_k_on & (top_k_b <= c)) | (~top_k_on & (kept.sum(-1) >= top_p_b))
+        values, ids, keep, whole, covered = _candidates(scaled, top_k_b, top_p_b, candidates)
         choice = jax.vmap(jax.random.categorical)(keys, jnp.where(keep, values, -jnp.inf))
         token = jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0]
         token = jnp.where(whole, jax.vmap(jax.random.categorical)(keys, scaled), token).astype(jnp.int32)
@@ -106,6 +94,63 @@ def sample(logits_bv: jax.Array, temperature_b: jax.Array, top_k_b: jax.Array, t
         return jnp.where(temperature_b > 0, token, greedy)
 
     return jax.lax.cond(jnp.any(temperature_b > 0), sampled, lambda _: greedy, None)
+
+
+def filtered_logits(logits_bv: jax.Array, temperature_b: jax.Array, top_k_b: jax.Array, top_p_b: jax.Array,
+                    candidates: int = CANDIDATES) -> jax.Array:
+    """The distribution `sample` draws from, as logits [b, v]: scaled by the temperature, -inf
+    outside each row's top-k and top-p set (softmax gives the probabilities). Rows with
+    temperature 0 are one-hot at their argmax (0 there, -inf elsewhere). Speculative decoding
+    verifies proposals against it (model/speculative.py)."""
+    b, v = logits_bv.shape
+    greedy = jnp.argmax(logits_bv, axis=-1)
+    one_hot = jnp.where(jnp.arange(v)[None, :] == greedy[:, None], 0.0, -jnp.inf)
+    scaled = _scaled(logits_bv, temperature_b)
+    values, ids, keep, whole, covered = _candidates(scaled, top_k_b, top_p_b, candidates)
+    kept = jnp.full((b, v), -jnp.inf, scaled.dtype).at[jnp.arange(b)[:, None], ids].set(
+        jnp.where(keep, values, -jnp.inf))
+    out = jnp.where(whole[:, None], scaled, kept)
+    wide = (temperature_b > 0) & ~whole & ~covered
+    out = jax.lax.cond(jnp.any(wide), lambda o: jnp.where(wide[:, None], _sorted_filter(scaled, top_k_b, top_p_b), o),
+                       lambda o: o, out)
+    return jnp.where((temperature_b > 0)[:, None], out, one_hot)
+
+
+def _scaled(logits_bv: jax.Array, temperature_b: jax.Array) -> jax.Array:
+    t = jnp.where(temperature_b > 0, temperature_b, 1.0)
+    return logits_bv / t[:, None]
+
+
+def _candidates(scaled, top_k_b, top_p_b, candidates: int):
+    """Each row's top-k/top-p set among its `candidates` best tokens: (values, ids [b, c] in
+    descending order, keep [b, c], whole [b]: nothing is filtered, covered [b]: the set lies
+    within the candidates, so `keep` is exact)."""
+    v = scaled.shape[-1]
+    c = min(candidates, v)
+    top_k_on = (top_k_b > 0) & (top_k_b < v)
+    whole = ~top_k_on & (top_p_b >= 1.0)  # nothing filtered: sample the whole vocabulary
+    values, ids = jax.lax.top_k(scaled, c)  # descending
+    probs = jnp.exp(values - jax.nn.logsumexp(scaled, axis=-1, keepdims=True))  # of the whole distribution
+    keep = ~top_k_on[:, None] | (jnp.arange(c)[None, :] < top_k_b[:, None])
+    kept = jnp.where(keep, probs, 0.0)
+    kept = kept / jnp.where(top_k_on, kept.sum(-1), 1.0)[:, None]  # renormalized over the top-k set
+    before = jnp.cumsum(kept, axis=-1) - kept
+    keep &= before < top_p_b[:, None]  # the top token is always kept
+    covered = (top_k_on & (top_k_b <= c)) | (~top_k_on & (kept.sum(-1) >= top_p_b))
+    return values, ids, keep, whole, covered
+
+
+def _sorted_filter(scaled_bv, top_k_b, top_p_b) -> jax.Array:
+    """filtered_logits over a full sort of the vocabulary: any top-k and top-p."""
+    order = jnp.argsort(-scaled_bv, axis=-1)
+    sorted_logits = jnp.take_along_axis(scaled_bv, order, axis=-1)
+    rank = jnp.arange(scaled_bv.shape[-1])[None, :]
+    keep = (top_k_b[:, None] <= 0) | (rank < top_k_b[:, None])
+    probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
+    keep &= (jnp.cumsum(probs, axis=-1) - probs) < top_p_b[:, None]
+    b = scaled_bv.shape[0]
+    return jnp.full_like(scaled_bv, -jnp.inf).at[jnp.arange(b)[:, None], order].set(
+        jnp.where(keep, sorted_logits, -jnp.inf))
 
 
 def _sorted_sample(scaled_bv, top_k_b, top_p_b, keys) -> jax.Array:

@@ -27,7 +27,8 @@ _loading = threading.Lock()  # several Beam threads may ask for the engine at on
 # Engine.stats() keys -> the Beam counters that add them up (seconds as whole milliseconds)
 ENGINE_STATS = {"compile_s": "engine_compile_ms", "prefill_s": "engine_prefill_ms", "decode_s": "engine_decode_ms",
                 "compiled_functions": "engine_compiled_functions", "prefill_calls": "engine_prefill_calls",
-                "decode_calls": "engine_decode_calls"}
+                "decode_calls": "engine_decode_calls", "spec_proposed": "engine_spec_proposed",
+                "spec_accepted": "engine_spec_accepted", "spec_steps": "engine_spec_steps"}
 
 
 @dataclasses.dataclass

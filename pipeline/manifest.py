@@ -90,11 +90,16 @@ def timings(metrics: dict[str, Any], phases_s: dict[str, float], passes: int) ->
     """Where the run's time went, in seconds. phases_s: the launching process's wall time by phase.
     steps_s: the pipelines' steps, summed over batches, shards and threads (which overlap, so the
     sum can exceed the wall time). engine: the numbers of the engines the workers used, summed over
-    workers, with how many there were ("engines"). A key is absent where the run did not measure
+    workers, with how many there were ("engines"); with speculative decoding also the share of
+    proposals kept (spec_acceptance_rate) and the proposals kept per row and verify step
+    (spec_mean_accepted; each step also yields one token of its own). A key is absent where the run did not measure
     it (no batches ran, or the engine reports no stats())."""
     counters, dists = metrics.get("counters", {}), metrics.get("distributions", {})
     engine = {k: (counters[c] / 1000 if k.endswith("_s") else counters[c]) for k, c in ENGINE.items()
               if c in counters}
+    if engine.get("spec_steps"):  # speculative decoding: proposals kept, and kept per row and verify step
+        engine["spec_acceptance_rate"] = round(engine["spec_accepted"] / max(engine["spec_proposed"], 1), 4)
+        engine["spec_mean_accepted"] = round(engine["spec_accepted"] / engine["spec_steps"], 4)
     return {"passes": passes, "phases_s": {k: round(v, 3) for k, v in phases_s.items()},
             "batches": dists.get("batch_latency_ms", {}).get("count", 0),
             "steps_s": {k: round(dists[d]["sum"] / 1e6, 3) for k, d in STEPS.items() if d in dists},

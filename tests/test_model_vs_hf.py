@@ -2,6 +2,8 @@
 for the newer families (Qwen3, Gemma 2, Gemma 3, Phi-3, and the mixtures of experts Mixtral and
 Qwen3-MoE) also on a (2, 4) mesh and with int8 weights."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,6 +44,21 @@ def test_greedy_generation_matches_reference(pair):
     for p, out in zip(PROMPTS, outs):
         assert out.token_ids == hf_greedy(hf, p, 32)
         assert out.finish_reason == "length"
+
+
+def test_speculative_greedy_tokens_match_reference(pair, request):
+    """Prompt-lookup speculation keeps the reference's greedy tokens (seed 0 of each architecture)."""
+    if request.node.callspec.params["pair"][1] != 0:
+        pytest.skip("one seed per architecture")
+    hf, engine = pair
+    spec = Engine(engine.cfg, engine.weights(), engine.mesh, dataclasses.replace(engine.config, speculative="ngram",
+                                                                                prompt_lookup_min=1))
+    prompts = [p * 2 for p in PROMPTS]  # repeated, so that lookup finds matches
+    outs = spec.generate(prompts, SamplingParams(max_new_tokens=24, ignore_eos=True))
+    for p, out in zip(prompts, outs):  # up to the cache's end (max_len 64)
+        n = min(24, engine.max_len - len(p))
+        assert out.token_ids == hf_greedy(hf, p, n)
+    assert sum(o.proposed_tokens for o in outs) > 0
 
 
 @pytest.mark.parametrize("slots,cache_len", [(2, 64), (1, 64), (2, 384), (1, 384)])
