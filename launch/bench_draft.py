@@ -35,7 +35,8 @@ import numpy as np
 import sentencepiece as spm
 
 from launch import train_demo as demo
-from launch.distill_draft import check_draft, load_target, logits_of
+from launch.distill_draft import load_target, logits_of
+from model.speculative import check_draft
 from model.config import ModelConfig
 
 # (tokens [n, w] int32, index [n]) -> float32 logits [n, v] of the token after tokens[i, :index[i] + 1]

@@ -42,6 +42,7 @@ from model.config import ModelConfig
 from model.decoder import Decoder
 from model.params import init_params
 from model.sharding import make_mesh
+from model.speculative import check_draft
 from model.weights import load_params, read_hf_config
 
 LOSSES = ("kl", "ce")
@@ -67,17 +68,6 @@ def draft_config(target: ModelConfig, shape: DraftShape) -> ModelConfig:
     return dataclasses.replace(target, num_layers=shape.layers, hidden_size=shape.hidden,
                                num_heads=shape.heads, num_kv_heads=shape.kv_heads,
                                head_dim=shape.hidden // shape.heads, intermediate_size=shape.ffw)
-
-
-def check_draft(draft: ModelConfig, target: ModelConfig) -> None:
-    """A ValueError unless the draft's token ids mean what the target's do."""
-    if draft.vocab_size != target.vocab_size:
-        raise ValueError(f"draft vocabulary has {draft.vocab_size} tokens; the target's has "
-                         f"{target.vocab_size}: a draft must share the target's tokenizer")
-    for field in ("bos_token_id", "eos_token_ids", "pad_token_id"):
-        if getattr(draft, field) != getattr(target, field):
-            raise ValueError(f"draft {field}={getattr(draft, field)!r}; the target's is "
-                             f"{getattr(target, field)!r}")
 
 
 def projected_embeddings(params: dict[str, Any], cfg: ModelConfig, target_params: dict[str, Any]) -> dict[str, Any]:

@@ -438,12 +438,15 @@ class EngineConfig:
     constraint_states: int = 4096
     constraint_classes: int = 512
     constraint_automata: int = 8
-    # Speculative decoding (model/speculative.py): "ngram" proposes, per row, the tokens that
-    # followed the latest earlier occurrence of its last prompt_lookup_max..prompt_lookup_min
-    # tokens in its own prompt and output (prompt lookup), and the model verifies
-    # num_speculative_tokens of them per step. Outputs follow the same distribution as without
-    # (greedy: the same tokens); a batch falls back to plain decoding while it does not pay.
+    # Speculative decoding (model/speculative.py): per row, num_speculative_tokens proposals are
+    # verified by one forward of the model per step. "ngram" proposes the tokens that followed the
+    # latest earlier occurrence of the row's last prompt_lookup_max..prompt_lookup_min tokens in
+    # its own prompt and output (prompt lookup); "draft" (implied by `draft`) samples them from a
+    # small model sharing the tokenizer: `draft` is its checkpoint directory or bundled name
+    # ("demo-draft"). Outputs follow the same distribution as without (greedy: the same tokens);
+    # a batch falls back to plain decoding while speculation does not pay.
     speculative: str | None = None
+    draft: str | None = None
     num_speculative_tokens: int = 4
     prompt_lookup_max: int = 3
     prompt_lookup_min: int = 2
@@ -474,9 +477,18 @@ class EngineConfig:
                                      ("batching", self.batching, ("inflight", "static")),
                                      ("order", self.order, ("longest_first", "arrival")),
                                      ("hot_path", self.hot_path, ("auto", "cpu", "tpu", "gpu")),
-                                     ("speculative", self.speculative, (None, "ngram"))):
+                                     ("speculative", self.speculative, (None, "ngram", "draft"))):
             if value not in allowed:
                 raise ValueError(f"{name}={value!r}; expected one of {allowed}")
+        if self.draft is not None:
+            if not isinstance(self.draft, str) or not self.draft:
+                raise ValueError(f"draft={self.draft!r}; must be a checkpoint directory or a bundled name")
+            if self.speculative not in (None, "draft"):
+                raise ValueError(f"draft={self.draft!r} with speculative={self.speculative!r}; a draft model "
+                                 "speculates as speculative='draft' (or leave speculative out)")
+            object.__setattr__(self, "speculative", "draft")
+        elif self.speculative == "draft":
+            raise ValueError("speculative='draft' needs `draft`: the draft model's checkpoint")
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ValueError(f"prompt_lookup_min={self.prompt_lookup_min} exceeds prompt_lookup_max="
                              f"{self.prompt_lookup_max}")

@@ -47,7 +47,7 @@ from model.prefix_cache import PrefixCache
 from model.quantize import quantize_params
 from model.sampling import MAX_TOP_LOGPROBS, SamplingParams, sample, token_logprobs, top_logprobs
 from model.sharding import bytes_per_device, make_mesh, named_sharding
-from model.speculative import ngram_propose, verify
+from model.speculative import check_draft, draft_propose, ngram_propose, verify
 from model.tokenizer import decode_completions, load_tokenizer
 from model.weights import load_params, read_hf_config
 
@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 RUNNING, STOPPED, LENGTH = 0, 1, 2
 FINISH_REASONS = {STOPPED: "stop", LENGTH: "length"}
 # Checkpoints that ship with the project, by name.
-CHECKPOINTS = {"demo": os.path.join(os.path.dirname(__file__), "assets", "demo")}
+CHECKPOINTS = {name: os.path.join(os.path.dirname(__file__), "assets", name) for name in ("demo", "demo-draft")}
 
 
 def resolve_checkpoint(name_or_path: str) -> str:
@@ -120,6 +120,15 @@ class SlotState:
                    want_top=z(bool))
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SpecState:
+    """Speculative decoding's device state beside the KV cache, donated with it."""
+
+    history: jax.Array  # [slots, max_len]: each slot's tokens so far (prompt lookup reads them)
+    draft_cache: Any = None  # the draft model's KV cache (speculative="draft"), kept in step with the cache
+
+
 def _finish(token: jax.Array, state_like: SlotState, generated: jax.Array, position: jax.Array,
             max_len: int) -> jax.Array:
     """Finish code per row after sampling `token`: STOPPED, LENGTH or RUNNING."""
@@ -134,15 +143,20 @@ class Engine:
 
     def __init__(self, cfg: ModelConfig, params: dict[str, jax.Array], mesh: jax.sharding.Mesh,
                  config: EngineConfig | None = None, tokenizer: Any = None, hbm_bytes: int | None = None,
-                 cost_model: bool = False, **overrides: Any):
+                 cost_model: bool = False, draft: tuple[ModelConfig, dict[str, Any]] | None = None, **overrides: Any):
         """config: how to serve (slots, max_len, scheduler; EngineConfig's defaults if None);
         overrides: EngineConfig fields to change, e.g. max_slots=8. hbm_bytes: memory per device
         for max_slots "auto" (default: what the devices report). cost_model: see HotPath (for
-        launch/aot.py only)."""
+        launch/aot.py only). draft: the draft model's (config, params) for speculative="draft"
+        (default: loaded from config.draft, in the weights' dtype)."""
         config = dataclasses.replace(config or EngineConfig(), **overrides)
+        self.abstract = all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params))
+        self.mesh = mesh
+        if config.speculative == "draft" and draft is None:
+            draft = self._load_draft(config.draft, params["final_norm"].dtype)
         if config.max_slots == "auto":
             hbm = hbm_bytes or device_memory(mesh)
-            config = dataclasses.replace(config, max_slots=slots_that_fit(cfg, config, params, mesh, hbm))
+            config = dataclasses.replace(config, max_slots=slots_that_fit(cfg, config, params, mesh, hbm, draft))
         self.config, self.cfg, self.mesh, self.tokenizer = config, cfg, mesh, tokenizer
         self.max_slots, self.max_len = config.max_slots, config.context_length(cfg)
         self.decode_steps, self.prefill_tokens = config.decode_steps, config.prefill_tokens
@@ -159,14 +173,26 @@ class Engine:
         cache_cls = StackedKVCache if self.path.stacked else KVCache
         # Weights given as ShapeDtypeStructs (Engine.abstract) make the cache and slot state
         # abstract too: the engine then lowers and compiles its functions but cannot run them.
-        self.abstract = all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params))
         self.graphdef, self.params = nnx.split(Decoder(cfg, params, mesh, self.path, self.max_len))
+        self.draft_cfg, self.draft_graphdef, self.draft_params = None, None, None
+        if config.speculative == "draft":
+            self.draft_cfg, draft_params = draft
+            check_draft(self.draft_cfg, cfg, self.max_len)
+            if self.path.stacked_weights:
+                draft_params = stack_layers(draft_params, self.draft_cfg, mesh)
+            self.draft_graphdef, self.draft_params = nnx.split(Decoder(self.draft_cfg, draft_params, mesh, self.path,
+                                                                       self.max_len))
         new_cache = cache_cls.abstract if self.abstract else cache_cls.create
         int8 = config.kv_cache_dtype == "int8"
         self.cache = new_cache(cfg, self.max_slots, self.max_len, self.dtype, mesh, int8=int8)
         # rows of shared-prefix KV, kept apart from the slots (decode would write into them)
-        self.prefix_cache = PrefixCache(new_cache(cfg, config.prefix_cache_entries, self.max_len, self.dtype, mesh,
-                                                  int8=int8), config.prefix_block) if config.prefix_cache_entries else None
+        self._new_cache = lambda c, slots: new_cache(c, slots, self.max_len, self.dtype, mesh, int8=int8)  # noqa: E731
+        self.prefix_cache = None
+        if config.prefix_cache_entries:  # with a draft, its KV rows are stored beside the model's
+            store = self._new_cache(cfg, config.prefix_cache_entries)
+            if self.draft_cfg is not None:
+                store = (store, self._new_cache(self.draft_cfg, config.prefix_cache_entries))
+            self.prefix_cache = PrefixCache(store, config.prefix_block)
         self._n_stop = 8
         self._constraints = TableManager(cfg.vocab_size, config.constraint_states, config.constraint_classes,
                                          config.constraint_automata)
@@ -174,11 +200,11 @@ class Engine:
         self._cache_sharding = self.cache.shardings(mesh)
         state = SlotState.host(self.max_slots, self._n_stop)
         self.state = self._place_state(jax.tree.map(_abstract, state) if self.abstract else state)
-        # Speculative decoding: each row's tokens so far ([slots, max_len], prompt lookup reads
-        # them), written by prefill and decode; None without speculation.
+        # Speculative decoding: each row's tokens so far and the draft's KV cache (SpecState),
+        # written by prefill and decode beside the cache; None without speculation.
         self.spec_k = config.num_speculative_tokens if config.speculative else 0
         self.spec_steps = max(1, self.decode_steps // 2)  # verify steps per dispatch
-        self.history = self._new_history() if config.speculative else None
+        self.spec = self._new_spec()
         self._gate = SpecGate()
         self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1, 2, 3))
         self._decode = jax.jit(self._decode_fn, donate_argnums=(1, 2, 3), static_argnums=(5, 6))
@@ -252,15 +278,15 @@ class Engine:
 
     # ------------------------------------------------------------ jitted device functions
 
-    def _prefill_fn(self, params, cache: KVCache, state: SlotState, history, tokens_bt, starts_b, lengths_b, slots_b,
-                    final_b, rows, table):
+    def _prefill_fn(self, weights, cache: KVCache, state: SlotState, spec: SpecState | None, tokens_bt, starts_b,
+                    lengths_b, slots_b, final_b, rows, table):
         """tokens_bt: row i's prompt tokens from starts_b[i] (its cached prefix or earlier pieces
         end there) to lengths_b[i], right-padded, for cache slot slots_b[i]. final_b: the prompt
         ends at lengths_b[i]; its first token is sampled and the slot decodes from the next
         dispatch. Otherwise this is a piece of a longer prompt: the slot stays inactive at
         position lengths_b[i], where the next piece starts (decode writes a padding key there,
         which that piece overwrites)."""
-        model = nnx.merge(self.graphdef, params)
+        model, draft = self._models(weights)
         b = tokens_bt.shape[0]
         x, cache = model.prefill(tokens_bt, starts_b, slots_b, cache)
         last = x[jnp.arange(b), lengths_b - starts_b - 1][:, None]
@@ -275,22 +301,31 @@ class Engine:
                                   cstate=advance(rows.cstate, token, table, rows.constrained))
         state = jax.tree.map(lambda s, r: s.at[slots_b].set(r, mode="drop"), state, new)
         cache = jax.lax.with_sharding_constraint(cache, self._cache_sharding)
-        if history is not None:  # the piece's tokens, then the sampled one after them
+        if spec is not None:  # the piece's tokens, then the sampled one after them; the draft's KV
             positions = starts_b[:, None] + jnp.arange(tokens_bt.shape[1])[None, :]
             positions = jnp.where(positions < lengths_b[:, None], positions, self.max_len)  # padding: dropped
-            history = history.at[slots_b[:, None], positions].set(tokens_bt, mode="drop")
+            history = spec.history.at[slots_b[:, None], positions].set(tokens_bt, mode="drop")
             history = self._place_rows(history.at[slots_b, lengths_b].set(token, mode="drop"))
-        return cache, self._place_state(state), history, token, logprob, code, top
+            draft_cache = spec.draft_cache
+            if draft is not None:
+                draft_cache = draft.prefill(tokens_bt, starts_b, slots_b, draft_cache)[1]
+            spec = self._place_spec(SpecState(history, draft_cache))
+        return cache, self._place_state(state), spec, token, logprob, code, top
 
-    def _decode_fn(self, params, cache: KVCache, state: SlotState, history, table, steps: int, chunks: int):
+    def _decode_fn(self, weights, cache: KVCache, state: SlotState, spec: SpecState | None, table, steps: int,
+                   chunks: int):
         """`steps` tokens for every active slot, attending over the cache's first `chunks` chunks
-        (compiled once per count: the cost of a step follows the live length, not max_len)."""
-        model = nnx.merge(self.graphdef, params)
+        (compiled once per count: the cost of a step follows the live length, not max_len). A
+        speculative engine's history and draft cache follow along."""
+        model, draft = self._models(weights)
 
         def step(carry, _):
-            cache, s, history = carry
+            cache, s, spec = carry
             pos = jnp.minimum(s.position, self.max_len - 1)
             logits, cache = model.decode_step(s.token, pos, cache, chunks)
+            if draft is not None:
+                spec = dataclasses.replace(spec, draft_cache=draft.decode_step(s.token, pos, spec.draft_cache,
+                                                                               chunks)[1])
             constrained = s.constrained & s.active
             masked = self._mask(logits, s.cstate, table, constrained)
             token = self._sample(masked, s.temperature, s.top_k, s.top_p, s.seed, s.generated)
@@ -303,40 +338,58 @@ class Engine:
             s = dataclasses.replace(s, token=jnp.where(emitted, token, s.token), position=position,
                                     generated=generated, active=s.active & (code == RUNNING),
                                     cstate=advance(s.cstate, token, table, constrained))
-            if history is not None:
-                history = history.at[jnp.arange(token.shape[0]), jnp.where(emitted, position, self.max_len)].set(
-                    token, mode="drop")
-            return (cache, s, history), (token, logprob, emitted, code, top)
+            if spec is not None:
+                spec = dataclasses.replace(spec, history=spec.history.at[
+                    jnp.arange(token.shape[0]), jnp.where(emitted, position, self.max_len)].set(token, mode="drop"))
+            return (cache, s, spec), (token, logprob, emitted, code, top)
 
-        (cache, state, history), (tokens, logprobs, emitted, codes, top) = jax.lax.scan(
-            step, (cache, state, history), length=steps)
+        (cache, state, spec), (tokens, logprobs, emitted, codes, top) = jax.lax.scan(
+            step, (cache, state, spec), length=steps)
         cache = jax.lax.with_sharding_constraint(cache, self._cache_sharding)
-        history = None if history is None else self._place_rows(history)
-        return cache, self._place_state(state), history, tokens, logprobs, emitted, codes, top
+        return cache, self._place_state(state), self._place_spec(spec), tokens, logprobs, emitted, codes, top
 
-    def _verify_fn(self, params, cache: KVCache, state: SlotState, history, table, steps: int, chunks: int):
-        """`steps` speculative steps for every active slot: prompt lookup proposes up to k tokens
-        per row, one forward over each row's last token and its proposals checks them
-        (speculative.verify), and each row keeps its accepted proposals and the token drawn after
-        them, cut at a stop token or its length limit: 1 to k + 1 tokens per step. A constrained
-        row proposes nothing (its one token is masked as in decode). The cache's positions past
-        what a row kept hold rejected proposals; they lie past its position, so nothing attends
-        to them before the row's next tokens overwrite them."""
-        model = nnx.merge(self.graphdef, params)
+    def _verify_fn(self, weights, cache: KVCache, state: SlotState, spec: SpecState, table, steps: int,
+                   chunks: int):
+        """`steps` speculative steps for every active slot: prompt lookup or the draft model
+        proposes up to k tokens per row, one forward over each row's last token and its proposals
+        checks them (speculative.verify), and each row keeps its accepted proposals and the token
+        drawn after them, cut at a stop token or its length limit: 1 to k + 1 tokens per step. A
+        constrained row proposes nothing (its one token is masked as in decode). The caches'
+        positions past what a row kept hold rejected proposals; they lie past its position, so
+        nothing attends to them before the row's next tokens overwrite them."""
+        model, draft = self._models(weights)
         k, width = self.spec_k, self.spec_k + 1
         offsets = jnp.arange(width)[None, :]
         cfg = self.config
 
+        def propose_with_draft(s, draft_cache):
+            """k + 1 draft steps from the row's last token: k proposals (each drawn from q) and
+            the draft's KV for all of them, so it stays in step whatever is accepted."""
+            def one(carry, j):
+                draft_cache, token = carry
+                pos = jnp.minimum(s.position + j, self.max_len - 1)
+                logits, draft_cache = draft.decode_step(token, pos, draft_cache, chunks)
+                token, logq = draft_propose(logits, s.temperature, s.top_k, s.top_p, s.seed, s.generated + j)
+                return (draft_cache, token), (token, logq)
+            (draft_cache, _), (tokens, logq) = jax.lax.scan(one, (draft_cache, s.token), jnp.arange(k + 1))
+            return tokens[:k].T, jnp.swapaxes(logq[:k], 0, 1), draft_cache
+
         def step(carry, _):
-            cache, s, history = carry
-            proposals, proposed = ngram_propose(history, jnp.minimum(s.position, self.max_len - 1), k,
-                                                cfg.prompt_lookup_max, cfg.prompt_lookup_min)
+            cache, s, spec = carry
+            history, draft_cache, logq = spec.history, spec.draft_cache, None
+            if draft is None:
+                proposals, proposed = ngram_propose(history, jnp.minimum(s.position, self.max_len - 1), k,
+                                                    cfg.prompt_lookup_max, cfg.prompt_lookup_min)
+            else:
+                proposals, logq, draft_cache = propose_with_draft(s, draft_cache)
+                proposed = jnp.full_like(s.position, k)
             constrained = s.constrained & s.active
             proposed = jnp.where(s.active & ~constrained, proposed, 0)
             tokens_bt = jnp.concatenate([s.token[:, None], proposals], axis=1)
             logits, cache = model.decode_tokens(tokens_bt, jnp.minimum(s.position, self.max_len - 1), cache, chunks)
             masked = logits.at[:, 0].set(self._mask(logits[:, 0], s.cstate, table, constrained))
-            out, accepted = verify(masked, proposals, proposed, s.temperature, s.top_k, s.top_p, s.seed, s.generated)
+            out, accepted = verify(masked, proposals, proposed, s.temperature, s.top_k, s.top_p, s.seed, s.generated,
+                                   logq)
             b = out.shape[0]
             flat = lambda x: x.reshape(b * width, *x.shape[2:])  # noqa: E731
             logprob = token_logprobs(flat(logits), flat(out)).reshape(b, width)
@@ -353,16 +406,17 @@ class Engine:
             last = jnp.take_along_axis(out, jnp.maximum(count - 1, 0)[:, None], axis=1)[:, 0]
             history = history.at[jnp.arange(b)[:, None], jnp.where(offsets < count[:, None], position,
                                                                    self.max_len)].set(out, mode="drop")
+            spec = SpecState(history, draft_cache)
             s = dataclasses.replace(s, token=jnp.where(s.active, last, s.token), position=s.position + count,
                                     generated=s.generated + count, active=s.active & (code == RUNNING),
                                     cstate=advance(s.cstate, out[:, 0], table, constrained))
             kept = jnp.minimum(accepted, count)  # proposals kept: a stop or the length limit may cut them
-            return (cache, s, history), (out, logprob, count, code, top, proposed, kept)
+            return (cache, s, spec), (out, logprob, count, code, top, proposed, kept)
 
-        (cache, state, history), (tokens, logprobs, count, codes, top, proposed, kept) = jax.lax.scan(
-            step, (cache, state, history), length=steps)
+        (cache, state, spec), (tokens, logprobs, count, codes, top, proposed, kept) = jax.lax.scan(
+            step, (cache, state, spec), length=steps)
         cache = jax.lax.with_sharding_constraint(cache, self._cache_sharding)
-        return (cache, self._place_state(state), self._place_rows(history), tokens, logprobs, count, codes, top,
+        return (cache, self._place_state(state), self._place_spec(spec), tokens, logprobs, count, codes, top,
                 proposed, kept)
 
     def _remap_fn(self, state: SlotState, remap):
@@ -393,9 +447,40 @@ class Engine:
             return jnp.argmax(logits, axis=-1).astype(jnp.int32)
         return sample(logits, *rows)
 
-    def _new_history(self):
+    def _new_spec(self) -> SpecState | None:
+        if not self.spec_k:
+            return None
         history = np.zeros((self.max_slots, self.max_len), np.int32)
-        return self._place_rows(_abstract(history) if self.abstract else history)
+        draft = None if self.draft_cfg is None else self._new_cache(self.draft_cfg, self.max_slots)
+        return SpecState(self._place_rows(_abstract(history) if self.abstract else history), draft)
+
+    def _load_draft(self, name_or_path: str, dtype) -> tuple[ModelConfig, dict[str, Any]]:
+        """The draft checkpoint's config and weights (abstract for an abstract engine)."""
+        path = resolve_checkpoint(name_or_path)
+        if not ("://" in path or os.path.isdir(path)):
+            raise ValueError(f"draft={name_or_path!r} is not a checkpoint directory; bundled drafts: "
+                             f"{sorted(n for n in CHECKPOINTS if 'draft' in n)}")
+        cfg = ModelConfig.from_hf_config(read_hf_config(path))
+        if self.abstract:
+            return cfg, abstract_params(cfg, dtype, self.mesh)
+        return cfg, load_params(path, cfg, dtype, self.mesh)
+
+    @property
+    def _weights(self) -> tuple[Any, Any]:
+        """What prefill, decode and verify read: the model's weights and the draft's (or None)."""
+        return self.params, self.draft_params
+
+    def _models(self, weights) -> tuple[Decoder, Decoder | None]:
+        draft = None if self.draft_graphdef is None else nnx.merge(self.draft_graphdef, weights[1])
+        return nnx.merge(self.graphdef, weights[0]), draft
+
+    def _place_spec(self, spec: SpecState | None) -> SpecState | None:
+        if spec is None:
+            return None
+        draft_cache = spec.draft_cache
+        if draft_cache is not None and isinstance(jax.tree.leaves(draft_cache)[0], jax.core.Tracer):
+            draft_cache = jax.lax.with_sharding_constraint(draft_cache, draft_cache.shardings(self.mesh))
+        return SpecState(self._place_rows(spec.history), draft_cache)
 
     def _place_state(self, state: SlotState) -> SlotState:
         """The slot state's one placement (slots over 'data'), inside jit and out, so that calls
@@ -624,7 +709,7 @@ class Engine:
             speculate = self.spec_k > 0 and self._gate.speculate()
             fn, steps = (self._verify, self.spec_steps) if speculate else (self._decode, self.decode_steps)
             with self._timed("decode", fn):
-                self.cache, self.state, self.history, *out = fn(self.params, self.cache, self.state, self.history,
+                self.cache, self.state, self.spec, *out = fn(self._weights, self.cache, self.state, self.spec,
                                                                self._table, steps, chunks)
             dispatched = _Dispatch(out, [q if q is not None and q.decoding else None for q in self._slot_of], steps,
                                    speculate)
@@ -717,7 +802,7 @@ class Engine:
         self.cache = type(self.cache).create(self.cfg, self.max_slots, self.max_len, self.dtype, self.mesh,
                                              int8=self.cache.k_scale is not None)
         self.state = self._place_state(SlotState.host(self.max_slots, self._n_stop))
-        self.history = self._new_history() if self.spec_k else None
+        self.spec = self._new_spec()
 
     def _bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
@@ -809,7 +894,7 @@ class Engine:
         starts_of = self._constraint_starts([q for (q, _), end in zip(batch, ends) if end == len(q.prompt)])
         for r, ((q, row), end) in enumerate(zip(batch, ends)):
             if row is not None:
-                self.cache = self.prefix_cache.load(self.cache, row, q.slot)
+                self._load_prefix(row, q.slot)
             tokens[r, : end - q.filled] = q.prompt[q.filled:end]
             start_ids[r], lengths[r], slot_ids[r], final[r] = q.filled, end, q.slot, end == len(q.prompt)
             sp = q.params
@@ -828,7 +913,7 @@ class Engine:
                 continue
             done.append(q)
             if self.prefix_cache is not None and q.cached < len(q.hashes) * self.prefix_cache.block:
-                self.prefix_cache.insert(q.hashes, self.cache, q.slot)  # it brings a longer prefix
+                self.prefix_cache.insert(q.hashes, self._prefix_rows(), q.slot)  # it brings a longer prefix
             q.tokens.append(int(tok))
             q.logprobs.append(float(lp))
             if q.top is not None:
@@ -839,6 +924,18 @@ class Engine:
                 self._slot_of[q.slot] = None
         self._end_at_stop_strings(done)
         return b * t
+
+    def _prefix_rows(self):
+        """What the prefix cache stores a slot's row of: the KV cache, and the draft's beside it."""
+        return self.cache if self.draft_cfg is None else (self.cache, self.spec.draft_cache)
+
+    def _load_prefix(self, row: int, slot: int) -> None:
+        loaded = self.prefix_cache.load(self._prefix_rows(), row, slot)
+        if self.draft_cfg is None:
+            self.cache = loaded
+        else:
+            self.cache, draft_cache = loaded
+            self.spec = dataclasses.replace(self.spec, draft_cache=draft_cache)
 
     def _constraint_starts(self, seqs: list["_Sequence"]) -> dict[int, int]:
         """The initial table state of each constrained sequence about to start decoding (by id),
@@ -902,7 +999,7 @@ class Engine:
         for _ in range(2 if self.spec_k else 1):
             start = time.perf_counter()
             with self._timed("decode", fn):
-                self.cache, self.state, self.history, *_ = fn(self.params, self.cache, self.state, self.history,
+                self.cache, self.state, self.spec, *_ = fn(self._weights, self.cache, self.state, self.spec,
                                                              self._table, steps, chunks)
                 jax.block_until_ready(self.state)
             seconds = time.perf_counter() - start
@@ -937,19 +1034,19 @@ class Engine:
         """The prefill of `rows` prompts padded to `bucket` tokens, lowered for the engine's mesh
         (as warmup() would call it); `.compile()` it for cost and memory figures."""
         *arrays, rows_host = self._padding_prefill(rows, bucket)
-        return self._prefill.lower(self.params, self.cache, self.state, self.history, *map(_abstract, arrays),
+        return self._prefill.lower(self._weights, self.cache, self.state, self.spec, *map(_abstract, arrays),
                                    jax.tree.map(_abstract, rows_host), self._table)
 
     def lower_decode(self, chunks: int) -> jax.stages.Lowered:
         """The decode dispatch (`decode_steps` tokens per slot) over the cache's first `chunks`
         chunks, lowered for the engine's mesh."""
-        return self._decode.lower(self.params, self.cache, self.state, self.history, self._table, self.decode_steps,
+        return self._decode.lower(self._weights, self.cache, self.state, self.spec, self._table, self.decode_steps,
                                   chunks)
 
     def lower_verify(self, chunks: int) -> jax.stages.Lowered:
         """The speculative dispatch (`spec_steps` verify steps of k + 1 positions per slot) over
         the cache's first `chunks` chunks, lowered for the engine's mesh (speculative engines)."""
-        return self._verify.lower(self.params, self.cache, self.state, self.history, self._table, self.spec_steps,
+        return self._verify.lower(self._weights, self.cache, self.state, self.spec, self._table, self.spec_steps,
                                   chunks)
 
     def _padding_prefill(self, b: int, t: int) -> tuple[np.ndarray, ...]:
@@ -966,8 +1063,8 @@ class Engine:
     def _call_prefill(self, tokens, starts, lengths, slot_ids, final, rows: SlotState):
         rows = jax.tree.map(jnp.asarray, rows)
         with self._timed("prefill", self._prefill):
-            self.cache, self.state, self.history, first, logprob, codes, top = self._prefill(
-                self.params, self.cache, self.state, self.history, jnp.asarray(tokens), jnp.asarray(starts),
+            self.cache, self.state, self.spec, first, logprob, codes, top = self._prefill(
+                self._weights, self.cache, self.state, self.spec, jnp.asarray(tokens), jnp.asarray(starts),
                 jnp.asarray(lengths), jnp.asarray(slot_ids), jnp.asarray(final), rows, self._table)
             return np.asarray(first), np.asarray(logprob), np.asarray(codes), jax.tree.map(np.asarray, top)
 
@@ -1132,18 +1229,21 @@ def device_memory(mesh: jax.sharding.Mesh) -> int:
 
 
 def slots_that_fit(cfg: ModelConfig, config: EngineConfig, params: dict, mesh: jax.sharding.Mesh,
-                   hbm_bytes: int) -> int:
+                   hbm_bytes: int, draft: tuple[ModelConfig, dict] | None = None) -> int:
     """How many cache slots fit in config.hbm_utilization of each device's hbm_bytes after the
-    weights (and the prefix cache's rows), as whole rows of the mesh's 'data' axis (slots are split
+    weights (and the prefix cache's rows; a draft model's weights and cache included), as whole rows of the mesh's 'data' axis (slots are split
     over it). Activations and compile temporaries live in the share left over."""
     dtype = params["final_norm"].dtype
     max_len, int8 = config.context_length(cfg), config.kv_cache_dtype == "int8"
     group = mesh.shape["data"]
     cache_cls = StackedKVCache if hot_path(mesh.devices.flat[0].platform, config.hot_path).stacked else KVCache
-    per_group = bytes_per_device(cache_cls.abstract(cfg, group, max_len, dtype, mesh, int8=int8))
-    prefix = bytes_per_device(cache_cls.abstract(cfg, config.prefix_cache_entries, max_len, dtype, mesh, int8=int8)) \
-        if config.prefix_cache_entries else 0
-    weights = bytes_per_device(params)
+    models = [cfg] + ([draft[0]] if draft else [])  # a draft model's cache rows sit beside each slot's
+
+    def cache_bytes(slots: int) -> int:
+        return sum(bytes_per_device(cache_cls.abstract(c, slots, max_len, dtype, mesh, int8=int8)) for c in models)
+    per_group = cache_bytes(group)
+    prefix = cache_bytes(config.prefix_cache_entries) if config.prefix_cache_entries else 0
+    weights = bytes_per_device(params) + (bytes_per_device(draft[1]) if draft else 0)
     room = config.hbm_utilization * hbm_bytes - weights - prefix
     if room < per_group:
         gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731

@@ -243,7 +243,10 @@ class StackedKVCache:
 
 
 def copy_row(dst, src, src_row, dst_row):
-    """dst's slot dst_row = src's slot src_row, for every buffer (either cache class)."""
+    """dst's slot dst_row = src's slot src_row, for every buffer (either cache class, or a tuple
+    of caches: a model's and its draft's)."""
+    if isinstance(dst, tuple):
+        return tuple(copy_row(d, s, src_row, dst_row) for d, s in zip(dst, src))
     axis = 1 if isinstance(dst, StackedKVCache) else 0
     def one(d, s):
         row = jax.lax.dynamic_index_in_dim(s, src_row, axis, keepdims=True)

@@ -26,11 +26,12 @@ class PrefixStats:
 
 
 class PrefixCache:
-    def __init__(self, store: KVCache, block: int):
+    def __init__(self, store: KVCache | tuple[KVCache, ...], block: int):
+        """store: the rows' cache; a tuple of caches (a model's and its draft's) keeps a row of each."""
         if block < 1:
             raise ValueError(f"prefix block={block}; must be >= 1")
         self.store, self.block = store, block
-        self.entries = store.max_slots
+        self.entries = (store[0] if isinstance(store, tuple) else store).max_slots
         self._index: dict[int, tuple[int, int]] = {}  # prefix hash -> (row, prefix length)
         self._lru: collections.OrderedDict[int, list[int]] = collections.OrderedDict()  # row -> its hashes
         self.stats = PrefixStats()

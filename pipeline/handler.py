@@ -70,9 +70,12 @@ class ModelSpec:
             unknown = set(fields) - own - served
             if unknown:
                 raise ValueError(f"{model}: unknown keys {sorted(unknown)}; expected {sorted(own | served)}")
-            ckpt = fields.get("checkpoint", "demo")
-            if not ("://" in ckpt or os.path.isabs(ckpt) or ckpt in CHECKPOINTS or ckpt in PRESETS):
-                fields["checkpoint"] = os.path.normpath(os.path.join(os.path.dirname(model), ckpt))
+            fields.setdefault("checkpoint", "demo")
+            for key in ("checkpoint", "draft"):  # paths relative to the YAML
+                ckpt = fields.get(key)
+                if isinstance(ckpt, str) and not ("://" in ckpt or os.path.isabs(ckpt) or ckpt in CHECKPOINTS
+                                                  or ckpt in PRESETS):
+                    fields[key] = os.path.normpath(os.path.join(os.path.dirname(model), ckpt))
         fields.update({k: v for k, v in overrides.items() if v is not None})
         if fields.get("mesh_shape") is not None:
             fields["mesh_shape"] = tuple(fields["mesh_shape"])

@@ -11,8 +11,9 @@ import pytest
 from scipy import stats
 
 from model import Engine, EngineConfig, SamplingParams
+from model.config import llama_preset
 from model.constraints import TokenAutomaton
-from model.engine import SpecGate
+from model.engine import SpecGate, random_params
 from model.sampling import filtered_logits
 from model.speculative import ngram_propose, verify
 
@@ -106,14 +107,31 @@ def test_bad_speculative_configs_name_the_value():
 # prompts that repeat themselves, so that lookup finds matches
 PROMPTS = [[1] + [10, 11, 12, 13, 14] * 4, [1, 40, 41, 42, 40, 41], list(range(60, 90)) + list(range(60, 70)),
            [1, 7, 7, 7, 7]]
+# a small random draft of tiny-llama's vocabulary: it agrees with the target now and then
+SMALL_DRAFT = llama_preset(vocab=256, hidden=32, layers=1, heads=2, kv_heads=1, ffw=64)
+
+
+def speculative(plain: Engine, how: str, **config) -> Engine:
+    """plain's model with speculation: "ngram", "draft" (SMALL_DRAFT, random) or "self" (the
+    model as its own draft: every greedy proposal is accepted)."""
+    if how == "ngram":
+        return Engine(plain.cfg, plain.weights(), plain.mesh, dataclasses.replace(plain.config, speculative="ngram",
+                                                                                  **config))
+    draft = (plain.cfg, plain.weights()) if how == "self" else (
+        SMALL_DRAFT, random_params(SMALL_DRAFT, jnp.float32, plain.mesh, seed=7))
+    return Engine(plain.cfg, plain.weights(), plain.mesh, dataclasses.replace(plain.config, draft=how, **config),
+                  draft=draft)
 
 
 @pytest.fixture(scope="module")
-def engines():
-    plain = Engine.from_pretrained("tiny-llama", mesh_shape=(1, 1), dtype="float32", max_slots=4, max_len=128,
-                                   seed=3)
-    spec = Engine(plain.cfg, plain.weights(), plain.mesh, dataclasses.replace(plain.config, speculative="ngram"))
-    return plain, spec
+def plain():
+    return Engine.from_pretrained("tiny-llama", mesh_shape=(1, 1), dtype="float32", max_slots=4, max_len=128,
+                                  seed=3)
+
+
+@pytest.fixture(scope="module", params=["ngram", "draft", "self"])
+def engines(request, plain):
+    return plain, speculative(plain, request.param)
 
 
 def _same(a, b):
@@ -127,11 +145,15 @@ def test_greedy_tokens_equal_plain_decoding_and_proposals_are_kept(engines):
     sp = SamplingParams(max_new_tokens=40, ignore_eos=True)
     outs = spec.generate(PROMPTS * 2, sp)
     _same(plain.generate(PROMPTS * 2, sp), outs)
-    assert sum(o.proposed_tokens for o in outs) > 0 and sum(o.accepted_tokens for o in outs) > 0
+    assert sum(o.proposed_tokens for o in outs) > 0
     assert all(o.accepted_tokens <= o.proposed_tokens for o in outs)
+    if spec.config.draft != "draft":  # a random draft's greedy proposals are rarely the model's
+        assert sum(o.accepted_tokens for o in outs) > 0
     stats = spec.stats()
-    assert stats["spec_accepted"] == sum(o.accepted_tokens for o in outs)
+    assert stats["spec_accepted"] >= sum(o.accepted_tokens for o in outs)
     assert spec.compile_counts["verify"] >= 1
+    if spec.config.draft == "self":  # the model proposing its own greedy tokens: all kept but the length cut
+        assert all(o.accepted_tokens >= o.proposed_tokens - spec.spec_k for o in outs)
 
 
 @pytest.mark.parametrize("limit", [1, 2, 3, 5])
@@ -165,17 +187,16 @@ def test_top_logprobs_and_mixed_greedy_and_sampled_rows(engines):
         np.testing.assert_allclose(b[i].logprobs, ref, atol=1e-4)
 
 
-def test_sampled_tokens_follow_the_models_distribution_end_to_end(engines):
+@pytest.mark.parametrize("how", ["ngram", "draft"])
+def test_sampled_tokens_follow_the_models_distribution_end_to_end(plain, how):
     """The second token (the first a verify step decides) over many seeds, against the model's
     own probabilities given the prompt and the first token."""
-    plain, _ = engines
-    spec = Engine(plain.cfg, plain.weights(), plain.mesh, dataclasses.replace(plain.config, speculative="ngram",
-                                                                              prompt_lookup_min=1))
+    spec = speculative(plain, how, prompt_lookup_min=1)
     prompt = [1] + list(range(3, 120))  # most first tokens occur in it: lookup proposes the one after
     n = 800
     outs = spec.generate([prompt] * n, [SamplingParams(max_new_tokens=2, temperature=1.0, top_k=4, seed=s,
                                                        ignore_eos=True) for s in range(n)])
-    assert sum(o.proposed_tokens for o in outs) > n / 4
+    assert sum(o.proposed_tokens for o in outs) > n / 4  # (mostly rejected: the accept path is tested above)
     firsts = sorted({o.token_ids[0] for o in outs})
     full = spec.logits([prompt + [t] for t in firsts])
     tested = 0
@@ -206,37 +227,67 @@ def test_constrained_rows_decode_one_token_per_step_beside_speculating_rows(engi
     assert b[0].constraint_satisfied and b[0].proposed_tokens == 0
 
 
-def test_chunked_prefill_and_prefix_cache_keep_the_history_whole():
+@pytest.mark.parametrize("how", ["ngram", "draft"])
+def test_chunked_prefill_and_prefix_cache_keep_history_and_draft_whole(how):
     plain = Engine.from_pretrained("tiny-llama", mesh_shape=(1, 1), dtype="float32", max_slots=2, max_len=256,
                                    prefill_chunk=64, prefix_cache_entries=4, prefix_block=16, seed=3)
-    spec = Engine(plain.cfg, plain.weights(), plain.mesh, dataclasses.replace(plain.config, speculative="ngram"))
+    spec = speculative(plain, "self" if how == "draft" else how)
     shared = list(range(100, 140))
     prompts = [shared + [5, 6, 7] * 30, shared + [8, 9] * 10, [1] + shared * 3]
     sp = SamplingParams(max_new_tokens=24, ignore_eos=True)
     _same(plain.generate(prompts, sp), spec.generate(prompts, sp))
-    outs = spec.generate(prompts, sp)  # again, the prefix now cached
+    outs = spec.generate(prompts, sp)  # again, the prefix now cached (the draft's rows too)
     _same(plain.generate(prompts, sp), outs)
+    assert spec.prefix_cache.stats.hits > 0
     assert sum(o.accepted_tokens for o in outs) > 0
+    if how == "draft":  # a draft whose cache missed the prefix would not propose the model's tokens
+        assert all(o.accepted_tokens >= o.proposed_tokens - spec.spec_k for o in outs)  # all but the length cut
 
 
-@pytest.mark.parametrize("hot_path", ["gpu", "tpu"])
-def test_the_stacked_path_speculates_with_the_same_greedy_tokens(hot_path):
-    """The TPU/GPU path: stacked weights and cache, ragged attention over k + 1 queries per row
+@pytest.mark.parametrize("hot_path,how", [("gpu", "ngram"), ("gpu", "draft"), ("tpu", "ngram")])
+def test_the_stacked_path_speculates_with_the_same_greedy_tokens(hot_path, how):
+    """The TPU/GPU path: stacked weights and caches, ragged attention over k + 1 queries per row
     (its Pallas kernel, interpreted, for "tpu")."""
     plain = Engine.from_pretrained("tiny-llama", mesh_shape=(1, 1), dtype="float32", max_slots=4, max_len=128,
                                    seed=3, hot_path=hot_path)
-    spec = Engine(plain.cfg, plain.weights(), plain.mesh, dataclasses.replace(plain.config, speculative="ngram"))
+    spec = speculative(plain, how)
     sp = SamplingParams(max_new_tokens=16, ignore_eos=True)
     outs = spec.generate(PROMPTS, sp)
     _same(plain.generate(PROMPTS, sp), outs)
-    assert sum(o.accepted_tokens for o in outs) > 0
+    assert sum(o.proposed_tokens for o in outs) > 0
 
 
-def test_warmup_compiles_the_verify_step_and_measures_its_cost(engines):
-    _, spec = engines
+def test_warmup_compiles_the_verify_step_and_measures_its_cost(plain):
+    spec = speculative(plain, "ngram")
     spec.warmup()
     assert spec.compile_counts["verify"] >= len(spec.cache.sizes)
     assert spec._gate.cost > 0
+
+
+def test_a_bad_draft_is_refused_naming_the_values(plain):
+    other_vocab = llama_preset(vocab=128, hidden=32, layers=1, heads=2, kv_heads=1, ffw=64)
+    with pytest.raises(ValueError, match="draft vocabulary has 128 tokens; the target's has 256"):
+        Engine(plain.cfg, plain.weights(), plain.mesh, dataclasses.replace(plain.config, draft="x"),
+               draft=(other_vocab, random_params(other_vocab, jnp.float32, plain.mesh)))
+    with pytest.raises(ValueError, match="draft='no/such/dir' is not a checkpoint directory"):
+        Engine(plain.cfg, plain.weights(), plain.mesh, dataclasses.replace(plain.config, draft="no/such/dir"))
+    with pytest.raises(ValueError, match="speculative='draft' needs `draft`"):
+        EngineConfig(speculative="draft")
+    with pytest.raises(ValueError, match="with speculative='ngram'"):
+        EngineConfig(speculative="ngram", draft="demo-draft")
+
+
+def test_the_demo_draft_keeps_the_demo_models_greedy_tokens():
+    plain = Engine.from_pretrained("demo", mesh_shape=(1, 1), dtype="float32", max_slots=4, max_len=256)
+    spec = Engine.from_pretrained("demo", mesh_shape=(1, 1), dtype="float32", max_slots=4, max_len=256,
+                                  draft="demo-draft")
+    prompts = plain.tokenizer.encode_batch(["The hacker wrote", "And the LORD said unto Moses,", "A kludge is",
+                                            "In the beginning"])
+    sp = SamplingParams(max_new_tokens=48)
+    outs = spec.generate(prompts, sp)
+    _same(plain.generate(prompts, sp), outs)
+    accepted, proposed = sum(o.accepted_tokens for o in outs), sum(o.proposed_tokens for o in outs)
+    assert 0.2 < accepted / proposed < 0.9
 
 
 def test_a_job_speculates_from_its_model_yaml_and_reports_acceptance(tmp_path):
