@@ -248,6 +248,9 @@ class Compiler:
     def decode(self, chunks: int) -> Compiled:
         return self._get(("decode", chunks), f"decode {chunks} chunks", lambda: self.engine.lower_decode(chunks))
 
+    def verify(self, chunks: int) -> Compiled:
+        return self._get(("verify", chunks), f"verify {chunks} chunks", lambda: self.engine.lower_verify(chunks))
+
     def prefill(self, rows: int, bucket: int) -> Compiled:
         return self._get(("prefill", rows, bucket), f"prefill {rows}x{bucket}",
                          lambda: self.engine.lower_prefill(rows, bucket))
@@ -268,11 +271,13 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
     chip_name, chip = chip_of(args.topology)
     devices = tpu_devices(args.topology)
     mesh = make_mesh(args.mesh or (1, len(devices)), devices)
+    spec = dict(speculative="ngram", num_speculative_tokens=args.speculative) if args.speculative else {}
+
     def abstract_engine(cfg, **kw):
         return Engine.abstract(cfg, mesh, dtype=args.dtype, quantize=args.quantize, max_len=args.max_len,
                                kv_cache_dtype=args.kv_cache_dtype, decode_steps=args.decode_steps,
                                hbm_bytes=chip.hbm_bytes, hbm_utilization=args.hbm_utilization,
-                               hot_path=args.hot_path, **kw)
+                               hot_path=args.hot_path, **spec, **kw)
 
     engine = abstract_engine(cfg, max_slots=args.max_slots)
     stacked, kernel = engine.path.stacked, engine.path.attention == "pallas"
@@ -284,7 +289,8 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
     if bucket not in engine.buckets:
         raise SystemExit(f"--prefill_len {bucket} is not one of the engine's prompt buckets {engine.buckets}")
     warmup_shapes = [("prefill", b, t) for b, t in engine.prefill_shapes()] + [
-        ("decode", n) for n in range(1, len(engine.cache.sizes) + 1)]
+        (kind, n) for kind in ("decode", "verify")[:1 + bool(args.speculative)]
+        for n in range(1, len(engine.cache.sizes) + 1)]
     warmup = {"functions": len(warmup_shapes), "compile_s": None}
     weights = bytes_per_device(engine.params)
     cache, state = bytes_per_device(engine.cache), bytes_per_device(engine.state)
@@ -348,6 +354,9 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
                      peak_bytes=c.peak_bytes)
         decode.append(entry)
 
+    if args.speculative and decode and "error" not in decode[-1]:
+        result["verify"] = verify_entry(engine, compiler, small_engine, decode[-1], args, chip, errors)
+
     rows = min(args.prefill_batch, engine.max_slots)
     c = compiler.prefill(rows, bucket)
     ideal_flops = prefill_ideal_flops(cfg, rows, bucket) / mesh.size
@@ -372,12 +381,39 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
                        memory=c.memory, peak_bytes=c.peak_bytes)
 
     if args.warmup:
-        done = [compiler.prefill(k[1], k[2]) if k[0] == "prefill" else compiler.decode(k[1]) for k in warmup_shapes]
+        done = [compiler.prefill(k[1], k[2]) if k[0] == "prefill" else getattr(compiler, k[0])(k[1])
+                for k in warmup_shapes]
         warmup["compile_s"] = round(sum(c.compile_s for c in done), 1)
         failed = [c.name for c in done if c.error]
         if failed:
             errors.append(f"warm-up: {len(failed)} of {len(done)} functions do not fit ({', '.join(failed[:4])})")
     return _finish(result, errors, decode, prefill, warmup, log, compiler)
+
+
+def verify_entry(engine: Engine, compiler: "Compiler", small_engine, full: dict, args, chip, errors) -> dict:
+    """Speculative decoding's verify step (prompt lookup, k = --speculative) with every slot's
+    cache full: its bytes and flops per step against the plain decode step's (`full`). A step
+    yields 1 + (proposals kept) tokens per row, so speculation pays on the chip when that beats
+    the ratio of their times, about the ratio of bytes while both stay memory-bound."""
+    k, live = args.speculative, full["live_positions"]
+    c = compiler.verify(full["chunks"])
+    entry = {"k": k, "positions_per_row": k + 1, "compile_s": round(c.compile_s, 2)}
+    if c.error:
+        errors.append(f"verify step: {c.error}")
+        return {**entry, "error": c.error}
+    flops, accessed = c.flops, c.bytes_accessed
+    if engine.path.stacked:
+        flops, accessed, seconds = whole_model_cost(small_engine, lambda e: e.lower_verify(1), engine.cfg.num_layers)
+        entry["cost_compile_s"] = round(seconds, 2)
+    if engine.path.attention == "pallas":
+        local_slots = engine.cache.k.sharding.shard_shape(engine.cache.k.shape)[1]
+        entry["kernel_cache_bytes"] = kernel_cache_bytes(engine, [live - 1 - k] * local_slots, k + 1)
+        accessed += entry["kernel_cache_bytes"]
+    return {**entry, "bytes_accessed_per_chip": int(accessed), "flops_per_chip": flops,
+            "bytes_vs_decode_step": accessed / full["bytes_accessed_per_chip"],
+            "flops_vs_decode_step": flops / full["flops_per_chip"] if full["flops_per_chip"] else None,
+            "s_at_hbm_bandwidth": accessed / chip.hbm_bytes_per_s, "s_at_peak_flops": flops / chip.peak_bf16_flops,
+            "memory": c.memory, "peak_bytes": c.peak_bytes}
 
 
 def _finish(result, errors, decode, prefill, warmup, log, compiler=None) -> dict[str, Any]:
@@ -440,6 +476,17 @@ def format_report(r: dict[str, Any]) -> str:
     if "sampler_bytes_per_step" in r:
         out.append(f"(greedy rows; a step where some row samples (top-k among {CANDIDATES} candidates, or the "
                    f"whole vocabulary) also runs the sampler: {_gb(r['sampler_bytes_per_step'])} more)")
+    v = r.get("verify")
+    if v:
+        out += ["", f"speculative verify step (prompt lookup, {v['k']} proposals: {v['positions_per_row']} positions "
+                f"per row, every slot full), compiled in {v['compile_s']:.1f} s:"]
+        if "error" in v:
+            out.append(f"  does not fit: {v['error']}")
+        else:
+            out.append(f"  {_gb(v['bytes_accessed_per_chip'])} accessed ({v['bytes_vs_decode_step']:.2f}x a decode "
+                       f"step), {v['flops_per_chip'] / 1e12:.3f} TFLOP ({v['flops_vs_decode_step'] or 0:.2f}x); "
+                       f"{v['s_at_hbm_bandwidth'] * 1e3:.2f} ms at HBM bandwidth, {v['s_at_peak_flops'] * 1e3:.2f} ms "
+                       f"at peak flops; peak {_gib(v['peak_bytes'])}")
     p = r["prefill"]
     if p:
         out += ["", f"prefill {p['rows']} x {p['bucket']} tokens ({p['tokens']} tokens), compiled in {p['compile_s']:.1f} s:"]
@@ -482,6 +529,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefill_len", type=int, default=None, help="a prompt bucket (default: min(2048, max_len))")
     p.add_argument("--hot_path", default="auto", choices=("auto", "cpu", "gpu"),
                    help="auto: the TPU path; cpu or gpu: compile that platform's code for the TPU instead, to compare")
+    p.add_argument("--speculative", type=int, default=0, metavar="K",
+                   help="also compile the speculative verify step (prompt lookup, K proposals per row)")
     p.add_argument("--warmup", action="store_true", help="also compile everything Engine.warmup() would (slow)")
     p.add_argument("--json", default=None, help="write the report here")
     args = p.parse_args(argv)

@@ -208,7 +208,7 @@ class Engine:
         self._gate = SpecGate()
         self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1, 2, 3))
         self._decode = jax.jit(self._decode_fn, donate_argnums=(1, 2, 3), static_argnums=(5, 6))
-        self._verify = jax.jit(self._verify_fn, donate_argnums=(1, 2, 3), static_argnums=(5, 6))
+        self._verify = jax.jit(self._verify_fn, donate_argnums=(1, 2, 3), static_argnums=(5, 6, 7))
         self._remap = jax.jit(self._remap_fn, donate_argnums=(0,))
         self._forward = jax.jit(self._forward_fn)
         self._score = jax.jit(self._score_fn)
@@ -349,14 +349,15 @@ class Engine:
         return cache, self._place_state(state), self._place_spec(spec), tokens, logprobs, emitted, codes, top
 
     def _verify_fn(self, weights, cache: KVCache, state: SlotState, spec: SpecState, table, steps: int,
-                   chunks: int):
+                   chunks: int, always: bool = False):
         """`steps` speculative steps for every active slot: prompt lookup or the draft model
         proposes up to k tokens per row, one forward over each row's last token and its proposals
         checks them (speculative.verify), and each row keeps its accepted proposals and the token
         drawn after them, cut at a stop token or its length limit: 1 to k + 1 tokens per step. A
         constrained row proposes nothing (its one token is masked as in decode). The caches'
         positions past what a row kept hold rejected proposals; they lie past its position, so
-        nothing attends to them before the row's next tokens overwrite them."""
+        nothing attends to them before the row's next tokens overwrite them. A step where no row
+        has a proposal runs a plain one-token forward instead (unless `always`: for measuring)."""
         model, draft = self._models(weights)
         k, width = self.spec_k, self.spec_k + 1
         offsets = jnp.arange(width)[None, :]
@@ -365,14 +366,15 @@ class Engine:
         def propose_with_draft(s, draft_cache):
             """k + 1 draft steps from the row's last token: k proposals (each drawn from q) and
             the draft's KV for all of them, so it stays in step whatever is accepted."""
-            def one(carry, j):
-                draft_cache, token = carry
+            token, tokens, logqs = s.token, [], []
+            for j in range(k + 1):  # unrolled: k is small, and a loop's per-step overhead is not
                 pos = jnp.minimum(s.position + j, self.max_len - 1)
                 logits, draft_cache = draft.decode_step(token, pos, draft_cache, chunks)
-                token, logq = draft_propose(logits, s.temperature, s.top_k, s.top_p, s.seed, s.generated + j)
-                return (draft_cache, token), (token, logq)
-            (draft_cache, _), (tokens, logq) = jax.lax.scan(one, (draft_cache, s.token), jnp.arange(k + 1))
-            return tokens[:k].T, jnp.swapaxes(logq[:k], 0, 1), draft_cache
+                if j < k:
+                    token, logq = draft_propose(logits, s.temperature, s.top_k, s.top_p, s.seed, s.generated + j)
+                    tokens.append(token)
+                    logqs.append(logq)
+            return jnp.stack(tokens, axis=1), jnp.stack(logqs, axis=1), draft_cache
 
         def step(carry, _):
             cache, s, spec = carry
@@ -386,7 +388,13 @@ class Engine:
             constrained = s.constrained & s.active
             proposed = jnp.where(s.active & ~constrained, proposed, 0)
             tokens_bt = jnp.concatenate([s.token[:, None], proposals], axis=1)
-            logits, cache = model.decode_tokens(tokens_bt, jnp.minimum(s.position, self.max_len - 1), cache, chunks)
+            pos = jnp.minimum(s.position, self.max_len - 1)
+
+            def one_token(cache):  # no row has a proposal (prompt lookup found no match): a plain step
+                logits, cache = model.decode_step(s.token, pos, cache, chunks)
+                return jnp.broadcast_to(logits[:, None], (logits.shape[0], width, logits.shape[1])), cache
+            logits, cache = jax.lax.cond(jnp.any(proposed > 0) | always | self.path.cost_model,
+                                         lambda c: model.decode_tokens(tokens_bt, pos, c, chunks), one_token, cache)
             masked = logits.at[:, 0].set(self._mask(logits[:, 0], s.cstate, table, constrained))
             out, accepted = verify(masked, proposals, proposed, s.temperature, s.top_k, s.top_p, s.seed, s.generated,
                                    logq)
@@ -690,6 +698,9 @@ class Engine:
 
     def _step(self) -> None:
         """Prefills within the step's token budget, then dispatches the next decode and reads the last one."""
+        if self.spec_k and self._gate.cost is None and not self._in_flight and not any(self._slot_of):
+            # before the first prefill: measure a verify step's cost, once, while no slot is in use
+            self._calibrate([1])
         refill = self.batching == "inflight" or not any(self._slot_of)  # static: only when every slot is free
         decoding = any(q is not None and q.decoding for q in self._slot_of)
         # the budget protects running rows; with none, the whole step goes to prefill
@@ -981,29 +992,36 @@ class Engine:
             for b, t in self.prefill_shapes():
                 self._call_prefill(*self._padding_prefill(b, t))
             if not bool(jnp.any(self.state.active)):
-                costs = []
-                for chunks in range(1, len(self.cache.sizes) + 1):
-                    seconds = self._run_idle(self._decode, self.decode_steps, chunks)
-                    if self.spec_k:  # a verify step's cost in decode steps, for SpecGate
-                        costs.append(self._run_idle(self._verify, self.spec_steps, chunks) / self.spec_steps
-                                     / (seconds / self.decode_steps))
-                if costs:
-                    self._gate.cost = statistics.median(costs)
+                self._calibrate(range(1, len(self.cache.sizes) + 1))
         return {"functions": sum(self.compile_counts.values()) - before,
                 "compile_s": round(time.perf_counter() - start, 3)}
 
-    def _run_idle(self, fn, steps: int, chunks: int) -> float:
-        """Runs a decode-like dispatch while no slot is active (compiling it); on a speculative
-        engine again, timed. Returns the seconds of the last run."""
-        seconds = math.inf
-        for _ in range(2 if self.spec_k else 1):
+    def _calibrate(self, chunk_counts) -> None:
+        """Compiles decode (and verify) for each count of live cache chunks, running them while no
+        slot is active. A speculative engine also times both over the fewest chunks and tells
+        SpecGate what a verify step costs in decode steps."""
+        for chunks in chunk_counts:
+            self._run_idle(self._decode, self.decode_steps, chunks)
+            if self.spec_k:
+                self._run_idle(self._verify, self.spec_steps, chunks)
+        if self.spec_k:  # idle rows propose nothing: `always` runs the verify forward anyway
+            first = min(chunk_counts)
+            decode = self._run_idle(self._decode, self.decode_steps, first, timed=True) / self.decode_steps
+            verify = self._run_idle(self._verify, self.spec_steps, first, True, timed=True) / self.spec_steps
+            self._gate.cost = verify / decode
+
+    def _run_idle(self, fn, steps: int, chunks: int, *static, timed: bool = False) -> float:
+        """Runs a decode-like dispatch while no slot is active (compiling it); `timed`: three more
+        times. Returns the median seconds of the timed runs (or of the one run)."""
+        times = []
+        for _ in range(4 if timed else 1):
             start = time.perf_counter()
             with self._timed("decode", fn):
                 self.cache, self.state, self.spec, *_ = fn(self._weights, self.cache, self.state, self.spec,
-                                                             self._table, steps, chunks)
+                                                          self._table, steps, chunks, *static)
                 jax.block_until_ready(self.state)
-            seconds = time.perf_counter() - start
-        return seconds
+            times.append(time.perf_counter() - start)
+        return statistics.median(times[1:] or times)
 
     def stats(self) -> dict[str, float]:
         """Totals since the engine was built: seconds in prefill and decode calls (dispatch, plus
@@ -1047,7 +1065,7 @@ class Engine:
         """The speculative dispatch (`spec_steps` verify steps of k + 1 positions per slot) over
         the cache's first `chunks` chunks, lowered for the engine's mesh (speculative engines)."""
         return self._verify.lower(self._weights, self.cache, self.state, self.spec, self._table, self.spec_steps,
-                                  chunks)
+                                  chunks, True)
 
     def _padding_prefill(self, b: int, t: int) -> tuple[np.ndarray, ...]:
         """Inputs of a prefill of b padding rows of t tokens, whose writes are all dropped:
@@ -1168,15 +1186,15 @@ class _Dispatch:
 
 class SpecGate:
     """Whether the next dispatch speculates: while verifying k proposals yields fewer tokens per
-    step than the step costs (`cost`, in plain decode steps, measured by Engine.warmup; 1 until
-    then), speculation pays nothing, and the batch decodes plainly. Acceptance is tracked as a
+    step than the step costs (`cost`, in plain decode steps, measured by Engine.warmup or at the
+    engine's first step), speculation pays nothing, and the batch decodes plainly. Acceptance is tracked as a
     moving average of kept proposals per row-step; while off, one speculative dispatch probes it
     after 1, 2, 4 ... up to MAX_WAIT plain ones, so a batch that stops accepting costs at most one
     slow dispatch in MAX_WAIT."""
 
     MAX_WAIT = 64
 
-    def __init__(self, cost: float = 1.0):
+    def __init__(self, cost: float | None = None):
         self.cost, self.rate, self.wait, self.backoff = cost, None, 0, 1
 
     def speculate(self) -> bool:
@@ -1190,7 +1208,7 @@ class SpecGate:
             return
         rate = kept / row_steps
         self.rate = rate if self.rate is None else 0.5 * (self.rate + rate)
-        if 1 + self.rate < self.cost:
+        if 1 + self.rate < (1.0 if self.cost is None else self.cost):
             self.wait, self.backoff = self.backoff, min(2 * self.backoff, self.MAX_WAIT)
         else:
             self.backoff = 1

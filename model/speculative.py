@@ -117,14 +117,15 @@ def check_draft(draft: ModelConfig, target: ModelConfig, max_len: int | None = N
 def draft_propose(logits_bv: jax.Array, temperature_b: jax.Array, top_k_b: jax.Array, top_p_b: jax.Array,
                   seed_b: jax.Array, step_b: jax.Array) -> tuple[jax.Array, jax.Array]:
     """A draft model's proposal per row and the log-probabilities it was drawn from [b, v]:
-    sampled from the row's own filtered distribution, or the argmax for greedy rows."""
-    logq = jax.nn.log_softmax(filtered_logits(logits_bv, temperature_b, top_k_b, top_p_b), axis=-1)
+    sampled from the row's own filtered distribution, or the argmax for greedy rows (whose q
+    verify never reads: it is computed only when some row samples, zeros otherwise)."""
     greedy = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
 
     def sampled(_):
+        logq = jax.nn.log_softmax(filtered_logits(logits_bv, temperature_b, top_k_b, top_p_b), axis=-1)
         keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.fold_in(jax.random.key(s), i), SPEC_SALT + 1))(
             seed_b, step_b)
         drawn = jax.vmap(jax.random.categorical)(keys, logq).astype(jnp.int32)
-        return jnp.where(temperature_b > 0, drawn, greedy)
+        return jnp.where(temperature_b > 0, drawn, greedy), logq
 
-    return jax.lax.cond(jnp.any(temperature_b > 0), sampled, lambda _: greedy, None), logq
+    return jax.lax.cond(jnp.any(temperature_b > 0), sampled, lambda _: (greedy, jnp.zeros_like(logits_bv)), None)

@@ -71,6 +71,28 @@ def test_verification_samples_the_targets_distribution(temperature, top_k, top_p
     assert np.all(p[0][tokens[:, 0]] > 0) and np.all(p[1][tokens[kept, 1]] > 0)
 
 
+def test_verification_against_a_draft_distribution_samples_the_targets():
+    """Proposals drawn from a draft's q, accepted with min(1, p/q), else redrawn from
+    max(p - q, 0): the first token follows p_0 and the second, after a kept first, p_1."""
+    n, v = 40_000, 10
+    rng = np.random.default_rng(2)
+    target = jnp.asarray(np.broadcast_to(rng.normal(0, 1.5, (1, 3, v)), (n, 3, v)), jnp.float32)
+    logq = jax.nn.log_softmax(jnp.asarray(rng.normal(0, 1.5, (1, 2, v)), jnp.float32), axis=-1)
+    keys = jax.random.split(jax.random.key(0), n)
+    proposals = jax.vmap(lambda key: jax.random.categorical(key, logq[0]))(keys).astype(jnp.int32)  # [n, 2]
+    rows = lambda x: jnp.full((n,), x)  # noqa: E731
+    tokens, accepted = verify(target, proposals, rows(2), rows(1.0), rows(0), rows(1.0),
+                              jnp.arange(n, dtype=jnp.uint32), rows(0), jnp.broadcast_to(logq, (n, 2, v)))
+    tokens, accepted = np.asarray(tokens), np.asarray(accepted)
+    p = np.asarray(jax.nn.softmax(target[0], axis=-1))
+    assert _chi_square_p(tokens[:, 0], p[0]) > 1e-3
+    kept = accepted >= 1
+    assert 0.05 < kept.mean() < 0.95
+    assert _chi_square_p(tokens[kept, 1], p[1]) > 1e-3
+    # the acceptance rate is sum_x min(p, q)
+    np.testing.assert_allclose(kept.mean(), np.minimum(p[0], np.exp(np.asarray(logq[0, 0]))).sum(), atol=0.01)
+
+
 def test_greedy_verification_keeps_proposals_while_they_equal_the_argmax():
     logits = jnp.asarray(np.random.default_rng(1).normal(size=(2, 4, 9)), jnp.float32)
     best = np.argmax(np.asarray(logits), axis=-1)
@@ -111,16 +133,21 @@ PROMPTS = [[1] + [10, 11, 12, 13, 14] * 4, [1, 40, 41, 42, 40, 41], list(range(6
 SMALL_DRAFT = llama_preset(vocab=256, hidden=32, layers=1, heads=2, kv_heads=1, ffw=64)
 
 
-def speculative(plain: Engine, how: str, **config) -> Engine:
+def speculative(plain: Engine, how: str, gate: bool = False, **config) -> Engine:
     """plain's model with speculation: "ngram", "draft" (SMALL_DRAFT, random) or "self" (the
-    model as its own draft: every greedy proposal is accepted)."""
+    model as its own draft: every greedy proposal is accepted). Without `gate`, it speculates
+    at every step, paying or not."""
     if how == "ngram":
-        return Engine(plain.cfg, plain.weights(), plain.mesh, dataclasses.replace(plain.config, speculative="ngram",
-                                                                                  **config))
-    draft = (plain.cfg, plain.weights()) if how == "self" else (
-        SMALL_DRAFT, random_params(SMALL_DRAFT, jnp.float32, plain.mesh, seed=7))
-    return Engine(plain.cfg, plain.weights(), plain.mesh, dataclasses.replace(plain.config, draft=how, **config),
-                  draft=draft)
+        engine = Engine(plain.cfg, plain.weights(), plain.mesh, dataclasses.replace(plain.config, speculative="ngram",
+                                                                                    **config))
+    else:
+        draft = (plain.cfg, plain.weights()) if how == "self" else (
+            SMALL_DRAFT, random_params(SMALL_DRAFT, jnp.float32, plain.mesh, seed=7))
+        engine = Engine(plain.cfg, plain.weights(), plain.mesh, dataclasses.replace(plain.config, draft=how, **config),
+                        draft=draft)
+    if not gate:
+        engine._gate.cost = 0.0
+    return engine
 
 
 @pytest.fixture(scope="module")
@@ -258,10 +285,24 @@ def test_the_stacked_path_speculates_with_the_same_greedy_tokens(hot_path, how):
 
 
 def test_warmup_compiles_the_verify_step_and_measures_its_cost(plain):
-    spec = speculative(plain, "ngram")
+    spec = speculative(plain, "ngram", gate=True)
     spec.warmup()
     assert spec.compile_counts["verify"] >= len(spec.cache.sizes)
     assert spec._gate.cost > 0
+
+
+def test_a_batch_whose_proposals_fail_stops_speculating_with_the_same_tokens(plain):
+    """Sampled rows over prompts full of n-gram matches that the model does not follow: the gate
+    (its cost measured at the first step) turns speculation off, and probes it rarely."""
+    spec = speculative(plain, "ngram", gate=True, prompt_lookup_min=1)
+    spec._gate.cost = 1.5  # a verify step costs 1.5 decode steps (set, not measured: a busy host is noisy)
+    prompts = [[1] + list(range(3, 60))] * 4
+    sps = [SamplingParams(max_new_tokens=64, temperature=1.0, seed=i, ignore_eos=True) for i in range(4)]
+    outs = spec.generate(prompts, sps)
+    stats = spec.stats()
+    assert stats["spec_steps"] > 0 and stats["spec_accepted"] < 0.5 * stats["spec_steps"]  # it tried; no pay
+    assert stats["spec_steps"] < 4 * 64 / 2  # always on, ~256 row-steps would verify: most ran plain
+    assert all(len(o.token_ids) == 64 for o in outs)
 
 
 def test_a_bad_draft_is_refused_naming_the_values(plain):
