@@ -35,7 +35,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", default="demo")
     p.add_argument("--draft", default="demo-draft")
-    p.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
+    p.add_argument("--ks", default="2,4", help="num_speculative_tokens values to compare (comma-separated)")
     p.add_argument("--new", type=int, default=64, help="tokens generated per prompt")
     p.add_argument("--prompts", type=int, default=8, help="prompts per workload (busy: 8x as many)")
     p.add_argument("--copy-slots", type=int, default=4)
@@ -44,6 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default="bench_speculative.json")
     p.add_argument("--quick", action="store_true", help="a smoke run: 2 prompts, 16 tokens, 1 run")
     args = p.parse_args(argv)
+    args.ks = [int(k) for k in args.ks.split(",")]
     if args.quick:
         args.prompts, args.new, args.runs, args.busy_slots = 2, 16, 1, 4
     return args
@@ -86,13 +87,14 @@ def bench(args) -> dict:
     seeds = demo_prompts()
     results, rows = {}, []
 
-    def engines(slots: int, kinds: tuple[str, ...]) -> dict[str, Engine]:
+    def engines(slots: int, kinds: tuple[str, ...], ks: list[int]) -> dict[str, Engine]:
         base = Engine.from_pretrained(args.target, mesh_shape=(1, 1), dtype="float32", max_slots=slots, max_len=256)
         out = {"plain": base}
         for kind in kinds:
             extra = {"draft": args.draft} if kind == "draft" else {"speculative": "ngram"}
-            out[kind] = Engine(base.cfg, base.weights(), base.mesh, dataclasses.replace(
-                base.config, num_speculative_tokens=args.k, **extra), tokenizer=base.tokenizer)
+            for k in ks:
+                out[f"{kind} k={k}"] = Engine(base.cfg, base.weights(), base.mesh, dataclasses.replace(
+                    base.config, num_speculative_tokens=k, **extra), tokenizer=base.tokenizer)
         for e in out.values():
             e.warmup()
         return out
@@ -112,11 +114,11 @@ def bench(args) -> dict:
                          "verify cost": r["verify_cost"] if r["verify_cost"] is not None else ""})
 
     greedy = SamplingParams(max_new_tokens=args.new, ignore_eos=True)
-    es = engines(1, ("draft", "ngram"))
+    es = engines(1, ("draft", "ngram"), args.ks)
     run("batch1", es, seeds[:args.prompts], greedy)
-    es = engines(args.copy_slots, ("ngram",))
+    es = engines(args.copy_slots, ("ngram",), args.ks)
     run("copy", es, copy_prompts(es["plain"], seeds[:args.prompts], 48), greedy)
-    es = engines(args.busy_slots, ("ngram",))
+    es = engines(args.busy_slots, ("ngram",), args.ks[-1:])
     run("busy", es, (seeds * 8)[:8 * args.prompts], dataclasses.replace(greedy, temperature=1.0))
     return {"machine": machine_info(), "args": vars(args), "results": results, "rows": rows}
 

@@ -356,8 +356,9 @@ class Engine:
         drawn after them, cut at a stop token or its length limit: 1 to k + 1 tokens per step. A
         constrained row proposes nothing (its one token is masked as in decode). The caches'
         positions past what a row kept hold rejected proposals; they lie past its position, so
-        nothing attends to them before the row's next tokens overwrite them. A step where no row
-        has a proposal runs a plain one-token forward instead (unless `always`: for measuring)."""
+        nothing attends to them before the row's next tokens overwrite them. On the CPU path, a
+        step where no row has a proposal runs a plain one-token forward instead (unless `always`:
+        for measuring)."""
         model, draft = self._models(weights)
         k, width = self.spec_k, self.spec_k + 1
         offsets = jnp.arange(width)[None, :]
@@ -393,11 +394,14 @@ class Engine:
             def one_token(cache):  # no row has a proposal (prompt lookup found no match): a plain step
                 logits, cache = model.decode_step(s.token, pos, cache, chunks)
                 return jnp.broadcast_to(logits[:, None], (logits.shape[0], width, logits.shape[1])), cache
-            logits, cache = jax.lax.cond(jnp.any(proposed > 0) | always | self.path.cost_model,
-                                         lambda c: model.decode_tokens(tokens_bt, pos, c, chunks), one_token, cache)
+            if self.path.stacked or always:  # TPU/GPU: k + 1 positions cost about what one does
+                logits, cache = model.decode_tokens(tokens_bt, pos, cache, chunks)
+            else:  # the CPU: they cost more than one (compute-bound); skip them where nothing is proposed
+                logits, cache = jax.lax.cond(jnp.any(proposed > 0), lambda c: model.decode_tokens(
+                    tokens_bt, pos, c, chunks), one_token, cache)
             masked = logits.at[:, 0].set(self._mask(logits[:, 0], s.cstate, table, constrained))
             out, accepted = verify(masked, proposals, proposed, s.temperature, s.top_k, s.top_p, s.seed, s.generated,
-                                   logq)
+                                   logq, greedy_only=self.path.cost_model)
             b = out.shape[0]
             flat = lambda x: x.reshape(b * width, *x.shape[2:])  # noqa: E731
             logprob = token_logprobs(flat(logits), flat(out)).reshape(b, width)
@@ -755,7 +759,8 @@ class Engine:
                 self._stats["spec_proposed"] += int(proposed[:, live].sum())
                 self._stats["spec_accepted"] += int(kept[:, live].sum())
                 self._stats["spec_steps"] += int((counts[:, live] > 0).sum())
-            self._gate.record(int(kept[:, live].sum()), int((counts[:, live] > 0).sum()))
+            verified = proposed[:, live].sum(axis=1) > 0  # the steps that ran the verify forward
+            self._gate.record(int(kept[verified][:, live].sum()), int((counts[verified][:, live] > 0).sum()))
         for s, q in enumerate(d.slot_of):
             if q is None or q.future.done():  # done: ended at a stop string since this was dispatched
                 continue
@@ -1185,12 +1190,13 @@ class _Dispatch:
 
 
 class SpecGate:
-    """Whether the next dispatch speculates: while verifying k proposals yields fewer tokens per
+    """Whether the next dispatch speculates. While verifying proposals yields fewer tokens per
     step than the step costs (`cost`, in plain decode steps, measured by Engine.warmup or at the
-    engine's first step), speculation pays nothing, and the batch decodes plainly. Acceptance is tracked as a
-    moving average of kept proposals per row-step; while off, one speculative dispatch probes it
-    after 1, 2, 4 ... up to MAX_WAIT plain ones, so a batch that stops accepting costs at most one
-    slow dispatch in MAX_WAIT."""
+    engine's first step), speculation pays nothing and the batch decodes plainly. Acceptance is a
+    moving average of proposals kept per row and verify step (steps where no row had a proposal
+    ran as plain steps and say nothing about it). While off, one speculative dispatch probes it
+    after 1, 2, 4 ... up to MAX_WAIT plain ones, so a batch that keeps rejecting pays for at most
+    one slow dispatch in MAX_WAIT."""
 
     MAX_WAIT = 64
 

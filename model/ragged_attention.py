@@ -46,8 +46,9 @@ NO_WINDOW = 1 << 30
 
 def default_blocks(t: int, max_len: int) -> tuple[int, int]:
     """(block_q, block_k) for t queries per row over a cache of max_len: the defaults, shrunk to
-    divide t and max_len."""
-    return math.gcd(t, BLOCK_Q), math.gcd(max_len, BLOCK_K)
+    divide t and max_len. Up to BLOCK_Q queries are one block whatever t is (a speculative
+    verify step's k + 1): a block's rows must be a multiple of 8 or all of them."""
+    return (t if t <= BLOCK_Q else math.gcd(t, BLOCK_Q)), math.gcd(max_len, BLOCK_K)
 
 
 def _block_sizes(t: int, max_len: int, block_q: int, block_k: int) -> tuple[int, int]:

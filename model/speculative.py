@@ -56,14 +56,15 @@ def ngram_propose(history_bl: jax.Array, position_b: jax.Array, k: int, n_max: i
 
 def verify(logits_btv: jax.Array, proposals_bk: jax.Array, proposed_b: jax.Array, temperature_b: jax.Array,
            top_k_b: jax.Array, top_p_b: jax.Array, seed_b: jax.Array, step_b: jax.Array,
-           draft_logq_bkv: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+           draft_logq_bkv: jax.Array | None = None, greedy_only: bool = False) -> tuple[jax.Array, jax.Array]:
     """Accepts a prefix of each row's proposals and draws the token after it. logits_btv: the
     target's float32 logits at the row's last token and its k proposals [b, k + 1, v];
     proposed_b: how many proposals are real (the rest are never accepted); draft_logq_bkv: the
     log-probabilities the proposals were drawn from (a draft model's), None for deterministic
     proposals (prompt lookup's). Returns (tokens [b, k + 1]: the accepted proposals, then the
     drawn token at index `accepted`; accepted [b]). seed_b and step_b key the draws, per row
-    (step: tokens it generated so far)."""
+    (step: tokens it generated so far). greedy_only: every row is greedy (launch/aot.py's cost
+    model, which costs the common step)."""
     b, t, v = logits_btv.shape
     k = t - 1
     real = jnp.arange(k)[None, :] < proposed_b[:, None]
@@ -96,6 +97,8 @@ def verify(logits_btv: jax.Array, proposals_bk: jax.Array, proposed_b: jax.Array
         hot = temperature_b > 0
         return jnp.where(hot[:, None], tokens, greedy), jnp.where(hot, accepted, greedy_accepted)
 
+    if greedy_only:
+        return greedy, greedy_accepted
     return jax.lax.cond(jnp.any(temperature_b > 0), sampled, lambda _: (greedy, greedy_accepted), None)
 
 

@@ -69,6 +69,20 @@ def test_tiny_model_compiles_for_a_v5e_slice_with_tensor_parallel_mesh():
 
 
 @needs_libtpu
+def test_the_speculative_verify_step_compiles_for_the_tpu_and_is_costed_against_decode():
+    """k + 1 = 5 queries per row through the Pallas kernel (its blocks must suit the TPU's tiling,
+    which interpret mode does not check)."""
+    result, report = _aot("--mesh", "1,4", "--max_slots", "8", "--max_len", "1024", "--live_fraction", "1",
+                          "--prefill_batch", "2", "--prefill_len", "64", "--speculative", "4")
+    v = result["verify"]
+    assert result["fits"] and "error" not in v and v["positions_per_row"] == 5
+    assert v["bytes_accessed_per_chip"] > 0 and v["kernel_cache_bytes"] > 0 and v["bytes_vs_decode_step"] > 0.5
+    shapes = Engine.abstract(PRESETS["tiny-llama"], make_mesh((1, 4), _v5e()), max_slots=8, max_len=1024).prefill_shapes()
+    assert result["warmup"]["functions"] == len(shapes) + 2  # and one decode and one verify
+    assert "speculative verify step" in report
+
+
+@needs_libtpu
 def test_the_cpu_path_compiles_for_the_tpu_for_comparison_with_one_decode_per_live_chunk_count():
     result, _ = _aot("--mesh", "1,4", "--max_slots", "8", "--max_len", "256", "--live_fraction", "0.25",
                      "--prefill_batch", "2", "--prefill_len", "64", "--hot_path", "cpu")
