@@ -37,7 +37,8 @@ def step_times(slots: int, max_len: int, steps: int, runs: int) -> dict[int, tup
         times = []
         for _ in range(runs + 1):  # the first call compiles
             start = time.perf_counter()
-            eng.cache, eng.state, *res = eng._decode(eng.params, eng.cache, eng.state, steps, chunks)
+            eng.cache, eng.state, eng.spec, *res = eng._decode(eng._weights, eng.cache, eng.state, eng.spec,
+                                                               eng._table, steps, chunks)
             jax.block_until_ready(res)
             times.append((time.perf_counter() - start) / steps)
         out[chunks] = eng.cache.span(chunks), statistics.median(times[1:])

@@ -98,6 +98,7 @@ def _v5e():
 
 
 @needs_libtpu
+@pytest.mark.slow
 def test_data_and_model_parallel_mesh_shards_the_cache_and_warms_up_every_function():
     result, _ = _aot("--mesh", "2,2", "--max_slots", "2", "--max_len", "64", "--prefill_batch", "2",
                      "--prefill_len", "32", "--warmup")

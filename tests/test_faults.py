@@ -31,6 +31,7 @@ def _outputs(gcs, prefix: str) -> dict[str, str]:
     return {path.rsplit("/", 1)[1]: gcs.cat(path).decode() for path in shards}
 
 
+@pytest.mark.slow
 def test_job_completes_through_503s_and_dropped_connections(gcs, monkeypatch):
     gcs.mkdir("faults")
     ids = _shards(gcs, "faults")

@@ -92,7 +92,7 @@ def _checkpoint_engine(path, hot, mesh=(1, 1)):
 @pytest.mark.parametrize("variant,path,mesh", [
     ("qwen3", "gpu", (1, 1)),   # q/k norms
     ("gemma2", "tpu", (2, 2)),  # sliding and global layers alternate (a traced window in the kernel),
-    ("gemma2", "gpu", (1, 1)),  # soft-caps, post norms; slots and heads split on (2, 2)
+    pytest.param("gemma2", "gpu", (1, 1), marks=pytest.mark.slow),  # soft-caps, post norms
     ("gemma3", "gpu", (1, 1)),  # sliding, sliding, full, sliding; local and global RoPE
 ])
 def test_newer_families_give_the_cpu_paths_tokens_on_the_stacked_paths(newer_checkpoints, variant, path, mesh):
@@ -110,7 +110,8 @@ def test_newer_families_give_the_cpu_paths_tokens_on_the_stacked_paths(newer_che
     ("mixtral", "tpu", (1, 1), {}),            # the scan over stacked [layers, experts, ...] weights
     pytest.param("qwen3-moe", "tpu", (2, 2), {},  # slots and heads split, each expert's width over "model"
                  marks=pytest.mark.slow),
-    ("qwen3-moe", "gpu", (1, 2), {"quantize": "int8"}),  # int8 expert weights, stacked per layer
+    pytest.param("qwen3-moe", "gpu", (1, 2), {"quantize": "int8"},  # int8 expert weights, stacked per layer
+                 marks=pytest.mark.slow),
 ])
 def test_mixtures_of_experts_give_the_cpu_paths_tokens_on_the_stacked_paths(newer_checkpoints, variant, path,
                                                                              mesh, kw):

@@ -135,3 +135,16 @@ def test_dockerfile_matches_the_pinned_beam_and_python():
     assert f"ARG BEAM_VERSION={beam}" in text and "ARG PYTHON_VERSION=3.11" in text
     assert "apache/beam_python${PYTHON_VERSION}_sdk:${BEAM_VERSION}" in text
     assert 'jax[${JAX_EXTRA}]' in text and "/opt/apache/beam/boot" in text
+
+
+def test_bench_decode_step_runs(tmp_path):
+    from launch import bench_decode_step
+    result = bench_decode_step.main(["--slots", "1", "--max-len", "128", "--runs", "1", "--out", str(tmp_path / "o.json")])
+    assert result["rows"] and all(r["ms_per_step"] > 0 for r in result["rows"])
+
+
+@pytest.mark.slow
+def test_bench_speculative_quick_runs(tmp_path, monkeypatch):
+    from launch import bench_speculative
+    result = bench_speculative.main(["--quick", "--out", str(tmp_path / "o.json")])
+    assert {r["workload"] for r in result["rows"]} == {"batch1", "copy", "busy"}

@@ -156,7 +156,7 @@ def plain():
                                   seed=3)
 
 
-@pytest.fixture(scope="module", params=["ngram", "draft", "self"])
+@pytest.fixture(scope="module", params=["ngram", "draft"])
 def engines(request, plain):
     return plain, speculative(plain, request.param)
 
@@ -167,8 +167,9 @@ def _same(a, b):
         np.testing.assert_allclose(x.logprobs, y.logprobs, atol=1e-4)
 
 
-def test_greedy_tokens_equal_plain_decoding_and_proposals_are_kept(engines):
-    plain, spec = engines
+@pytest.mark.parametrize("how", ["ngram", "draft", "self"])
+def test_greedy_tokens_equal_plain_decoding_and_proposals_are_kept(plain, how):
+    spec = speculative(plain, how)
     sp = SamplingParams(max_new_tokens=40, ignore_eos=True)
     outs = spec.generate(PROMPTS * 2, sp)
     _same(plain.generate(PROMPTS * 2, sp), outs)
@@ -183,7 +184,7 @@ def test_greedy_tokens_equal_plain_decoding_and_proposals_are_kept(engines):
         assert all(o.accepted_tokens >= o.proposed_tokens - spec.spec_k for o in outs)
 
 
-@pytest.mark.parametrize("limit", [1, 2, 3, 5])
+@pytest.mark.parametrize("limit", [1, 3])
 def test_length_limits_and_stop_tokens_cut_inside_a_verify_step(engines, limit):
     plain, spec = engines
     ref = plain.generate(PROMPTS, SamplingParams(max_new_tokens=30, ignore_eos=True))
@@ -271,7 +272,8 @@ def test_chunked_prefill_and_prefix_cache_keep_history_and_draft_whole(how):
         assert all(o.accepted_tokens >= o.proposed_tokens - spec.spec_k for o in outs)  # all but the length cut
 
 
-@pytest.mark.parametrize("hot_path,how", [("gpu", "ngram"), ("gpu", "draft"), ("tpu", "ngram")])
+@pytest.mark.parametrize("hot_path,how", [("gpu", "ngram"), ("gpu", "draft"),
+                                          pytest.param("tpu", "ngram", marks=pytest.mark.slow)])
 def test_the_stacked_path_speculates_with_the_same_greedy_tokens(hot_path, how):
     """The TPU/GPU path: stacked weights and caches, ragged attention over k + 1 queries per row
     (its Pallas kernel, interpreted, for "tpu")."""
