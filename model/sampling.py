@@ -140,28 +140,28 @@ def _candidates(scaled, top_k_b, top_p_b, candidates: int):
     return values, ids, keep, whole, covered
 
 
-def _sorted_filter(scaled_bv, top_k_b, top_p_b) -> jax.Array:
-    """filtered_logits over a full sort of the vocabulary: any top-k and top-p."""
+def _sorted(scaled_bv, top_k_b, top_p_b) -> tuple[jax.Array, jax.Array]:
+    """A full sort of the vocabulary (any top-k and top-p): (order [b, v], the sorted logits with
+    -inf outside each row's set)."""
     order = jnp.argsort(-scaled_bv, axis=-1)
     sorted_logits = jnp.take_along_axis(scaled_bv, order, axis=-1)
     rank = jnp.arange(scaled_bv.shape[-1])[None, :]
     keep = (top_k_b[:, None] <= 0) | (rank < top_k_b[:, None])
     probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
     keep &= (jnp.cumsum(probs, axis=-1) - probs) < top_p_b[:, None]
-    b = scaled_bv.shape[0]
-    return jnp.full_like(scaled_bv, -jnp.inf).at[jnp.arange(b)[:, None], order].set(
-        jnp.where(keep, sorted_logits, -jnp.inf))
+    return order, jnp.where(keep, sorted_logits, -jnp.inf)
+
+
+def _sorted_filter(scaled_bv, top_k_b, top_p_b) -> jax.Array:
+    """filtered_logits over a full sort of the vocabulary."""
+    order, kept = _sorted(scaled_bv, top_k_b, top_p_b)
+    return jnp.full_like(scaled_bv, -jnp.inf).at[jnp.arange(scaled_bv.shape[0])[:, None], order].set(kept)
 
 
 def _sorted_sample(scaled_bv, top_k_b, top_p_b, keys) -> jax.Array:
-    """The sampler over a full sort of the vocabulary: any top-k and top-p."""
-    order = jnp.argsort(-scaled_bv, axis=-1)
-    sorted_logits = jnp.take_along_axis(scaled_bv, order, axis=-1)
-    rank = jnp.arange(scaled_bv.shape[-1])[None, :]
-    keep = (top_k_b[:, None] <= 0) | (rank < top_k_b[:, None])
-    probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
-    keep &= (jnp.cumsum(probs, axis=-1) - probs) < top_p_b[:, None]
-    choice = jax.vmap(jax.random.categorical)(keys, jnp.where(keep, sorted_logits, -jnp.inf))
+    """The sampler over a full sort of the vocabulary."""
+    order, kept = _sorted(scaled_bv, top_k_b, top_p_b)
+    choice = jax.vmap(jax.random.categorical)(keys, kept)
     return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
