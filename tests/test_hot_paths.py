@@ -93,7 +93,7 @@ def _checkpoint_engine(path, hot, mesh=(1, 1)):
     ("qwen3", "gpu", (1, 1)),   # q/k norms
     ("gemma2", "tpu", (2, 2)),  # sliding and global layers alternate (a traced window in the kernel),
     pytest.param("gemma2", "gpu", (1, 1), marks=pytest.mark.slow),  # soft-caps, post norms
-    ("gemma3", "gpu", (1, 1)),  # sliding, sliding, full, sliding; local and global RoPE
+    pytest.param("gemma3", "gpu", (1, 1), marks=pytest.mark.slow),  # sliding x2, full, sliding; two RoPEs
 ])
 def test_newer_families_give_the_cpu_paths_tokens_on_the_stacked_paths(newer_checkpoints, variant, path, mesh):
     checkpoint, reference, logits = newer_checkpoints(variant)

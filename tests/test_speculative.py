@@ -177,7 +177,7 @@ def _same(a, b):
         np.testing.assert_allclose(x.logprobs, y.logprobs, atol=1e-4)
 
 
-@pytest.mark.parametrize("how", ["ngram", "draft", "self"])
+@pytest.mark.parametrize("how", ["ngram", "draft", pytest.param("self", marks=pytest.mark.slow)])
 def test_greedy_tokens_equal_plain_decoding_and_proposals_are_kept(plain, how):
     spec = speculative(plain, how)
     sp = SamplingParams(max_new_tokens=40, ignore_eos=True)
@@ -225,7 +225,7 @@ def test_top_logprobs_and_mixed_greedy_and_sampled_rows(engines):
         np.testing.assert_allclose(b[i].logprobs, ref, atol=1e-4)
 
 
-@pytest.mark.parametrize("how", ["ngram", "draft"])
+@pytest.mark.parametrize("how", ["ngram", pytest.param("draft", marks=pytest.mark.slow)])
 def test_sampled_tokens_follow_the_models_distribution_end_to_end(plain, how):
     """The second token (the first a verify step decides) over many seeds, against the model's
     own probabilities given the prompt and the first token."""
@@ -265,6 +265,7 @@ def test_constrained_rows_decode_one_token_per_step_beside_speculating_rows(engi
     assert b[0].constraint_satisfied and b[0].proposed_tokens == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["ngram", "draft"])
 def test_chunked_prefill_and_prefix_cache_keep_history_and_draft_whole(how):
     plain = Engine.from_pretrained("tiny-llama", mesh_shape=(1, 1), dtype="float32", max_slots=2, max_len=256,
@@ -282,7 +283,7 @@ def test_chunked_prefill_and_prefix_cache_keep_history_and_draft_whole(how):
         assert all(o.accepted_tokens >= o.proposed_tokens - spec.spec_k for o in outs)  # all but the length cut
 
 
-@pytest.mark.parametrize("hot_path,how", [("gpu", "ngram"), ("gpu", "draft"),
+@pytest.mark.parametrize("hot_path,how", [("gpu", "ngram"), pytest.param("gpu", "draft", marks=pytest.mark.slow),
                                           pytest.param("tpu", "ngram", marks=pytest.mark.slow)])
 def test_the_stacked_path_speculates_with_the_same_greedy_tokens(hot_path, how):
     """The TPU/GPU path: stacked weights and caches, ragged attention over k + 1 queries per row
@@ -296,6 +297,7 @@ def test_the_stacked_path_speculates_with_the_same_greedy_tokens(hot_path, how):
     assert sum(o.proposed_tokens for o in outs) > 0
 
 
+@pytest.mark.slow
 def test_warmup_compiles_the_verify_step_and_measures_its_cost(plain):
     spec = speculative(plain, "ngram", gate=True)
     spec.warmup()
@@ -330,6 +332,7 @@ def test_a_bad_draft_is_refused_naming_the_values(plain):
         EngineConfig(speculative="ngram", draft="demo-draft")
 
 
+@pytest.mark.slow
 def test_the_demo_draft_keeps_the_demo_models_greedy_tokens():
     plain = Engine.from_pretrained("demo", mesh_shape=(1, 1), dtype="float32", max_slots=4, max_len=256)
     spec = Engine.from_pretrained("demo", mesh_shape=(1, 1), dtype="float32", max_slots=4, max_len=256,

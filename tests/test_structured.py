@@ -135,6 +135,7 @@ def test_table_manager_keeps_rows_in_use_and_remaps_them(demo):
     assert m.offsets([b], [b, c]) == ([0], None)
 
 
+@pytest.mark.slow
 def test_the_tpu_path_follows_constraints_as_the_cpu_path_does():
     cpu = Engine.from_pretrained("demo", max_slots=4, max_len=128, dtype="float32")
     tpu = Engine.from_pretrained("demo", max_slots=4, max_len=128, dtype="float32", hot_path="tpu")
