@@ -191,7 +191,7 @@ def sampler_bytes(engine: Engine) -> float:
     rows = lambda dtype: struct((s,), dtype, ("slots",))  # noqa: E731
     args = (struct((s, engine.cfg.vocab_size), np.float32, ("slots", "vocab")), rows(np.float32), rows(np.int32),
             rows(np.float32), rows(np.uint32), rows(np.int32))
-    common = functools.partial(sample, exact_fallback=False)  # the rare full-sort fallback left out
+    common = functools.partial(sample, exact_fallback=False)  # the rare exact fallback left out
     return compile_lowered("sampler", lambda: jax.jit(common).lower(*args), COST_OPTIONS).bytes_accessed
 
 

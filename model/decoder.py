@@ -74,11 +74,15 @@ def linear(eq: str, x: Array, w: Array | QArray, **kw) -> Array:
     scale applied to the result (the output ends with the weight's non-contracted dims)."""
     # Accumulate in float32 and cast back: better numerics, and on CPU a bfloat16 matmul with a
     # float32 result runs about twice as fast as one with a bfloat16 result.
+    # accumulate: the matmul's result type. x's own (bfloat16) for a row-parallel matmul on the
+    # accelerator path, so that its partial sums are added over "model" in bfloat16: half the
+    # bytes of that all-reduce and of the result (the MXU still accumulates in float32).
     out_dtype = kw.pop("preferred_element_type", x.dtype)
+    acc = kw.pop("accumulate", jnp.float32)
     if isinstance(w, QArray):
-        out = jnp.einsum(eq, x, w.q.astype(x.dtype), preferred_element_type=jnp.float32, **kw)
+        out = jnp.einsum(eq, x, w.q.astype(x.dtype), preferred_element_type=acc, **kw)
         return (out * w.scale).astype(out_dtype)
-    return jnp.einsum(eq, x, w, preferred_element_type=jnp.float32, **kw).astype(out_dtype)
+    return jnp.einsum(eq, x, w, preferred_element_type=acc, **kw).astype(out_dtype)
 
 
 def rms_norm(x: Array, w: Array, eps: float, offset: float = 0.0) -> Array:
@@ -199,11 +203,11 @@ def packed_mask(positions_bt: Array, segments_bt: Array, window: int | Array | N
     return mask
 
 
-def gated_mlp(x_btd: Array, w_gate, w_up, w_down, activation: str) -> Array:
+def gated_mlp(x_btd: Array, w_gate, w_up, w_down, activation: str, accumulate=jnp.float32) -> Array:
     act = jax.nn.silu if activation == "silu" else lambda a: jax.nn.gelu(a, approximate=True)
     gate = linear("btd,df->btf", x_btd, w_gate)
     up = linear("btd,df->btf", x_btd, w_up)
-    return linear("btf,fd->btd", act(gate) * up, w_down)
+    return linear("btf,fd->btd", act(gate) * up, w_down, accumulate=accumulate)
 
 
 def route(x_td: Array, router_de: Array, top_k: int, renormalize: bool) -> tuple[Array, Array]:
@@ -260,6 +264,19 @@ def _merge_leading(w: Array | QArray, n: int) -> Array | QArray:
     if isinstance(w, QArray):
         return QArray(w.q.reshape(-1, *w.q.shape[n:]), w.scale)
     return w.reshape(-1, *w.shape[n:])
+
+
+def _heads_linear(x_btd: Array, w: Array | QArray) -> Array:
+    """x @ w for a [d, heads, head_dim] projection, the weight's trailing dims merged (a free
+    reshape) so that the matmul reads it as stored: as a 3-d operand the TPU compiler copies it
+    into a heads-major layout before every dispatch (all layers' weights, each time)."""
+    b, t = x_btd.shape[:2]
+    heads, head_dim = (w.q if isinstance(w, QArray) else w).shape[1:]
+    if isinstance(w, QArray):
+        w = QArray(w.q.reshape(w.q.shape[0], -1), w.scale.reshape(-1))
+    else:
+        w = w.reshape(w.shape[0], -1)
+    return linear("btd,dx->btx", x_btd, w).reshape(b, t, heads, head_dim)
 
 
 # ---------------------------------------------------------------- the model
@@ -359,6 +376,11 @@ class Decoder(nnx.Module):
     def _norm(self, x: Array, w: Array) -> Array:
         return rms_norm(x, w, self.cfg.rms_norm_eps, self.cfg.norm_weight_offset)
 
+    def _acc(self, x: Array):
+        """The result type of a row-parallel matmul (see linear): x's on the accelerator path,
+        float32 on the CPU path (where a bfloat16 result runs slower)."""
+        return x.dtype if self.path.stacked else jnp.float32
+
     def _scores(self) -> dict[str, float | None]:
         """How attention scales and caps its scores (attention's and the kernel's scale, softcap)."""
         return dict(scale=self.cfg.attn_scale, softcap=self.cfg.attn_logit_softcapping)
@@ -367,9 +389,7 @@ class Decoder(nnx.Module):
                layer: int | Array, carry: KVCache | None) -> tuple[Array, KVCache | None]:
         cfg = self.cfg
         h = self._norm(x, w["attn_norm"])
-        q = linear("btd,dnh->btnh", h, w["wq"])
-        k = linear("btd,dkh->btkh", h, w["wk"])
-        v = linear("btd,dkh->btkh", h, w["wv"])
+        q, k, v = (_heads_linear(h, w[name]) for name in ("wq", "wk", "wv"))
         if cfg.qkv_bias:
             q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
         if cfg.qk_norm:  # per head, over head_dim
@@ -378,7 +398,7 @@ class Decoder(nnx.Module):
         q, k = rope(q, positions_bt, inv_freq, factor), rope(k, positions_bt, inv_freq, factor)
         out, carry = attend(layer, q, k, v, carry)
         b, t = out.shape[:2]  # heads and head_dim merged: the matmul then reads wo as stored
-        out = linear("btx,xd->btd", out.reshape(b, t, -1), _merge_leading(w["wo"], 2))
+        out = linear("btx,xd->btd", out.reshape(b, t, -1), _merge_leading(w["wo"], 2), accumulate=self._acc(x))
         x = x + (self._norm(out, w["post_attn_norm"]) if cfg.post_norms else out)
         out = self._mlp(self._norm(x, w["mlp_norm"]), w)
         x = x + (self._norm(out, w["post_mlp_norm"]) if cfg.post_norms else out)
@@ -388,7 +408,7 @@ class Decoder(nnx.Module):
         """The layer's MLP: gated, or a mixture of experts (cfg.num_experts > 0)."""
         cfg = self.cfg
         if not cfg.num_experts:
-            return gated_mlp(x_btd, w["w_gate"], w["w_up"], w["w_down"], cfg.activation)
+            return gated_mlp(x_btd, w["w_gate"], w["w_up"], w["w_down"], cfg.activation, self._acc(x_btd))
         moe = functools.partial(moe_mlp, top_k=cfg.num_experts_per_tok, renormalize=cfg.norm_topk_prob,
                                 activation=cfg.activation)
         names = ("router", "w_gate", "w_up", "w_down")
@@ -488,7 +508,7 @@ class Decoder(nnx.Module):
             rows = jnp.arange(b, dtype=jnp.int32)
 
             def attend(layer, q, k, v, cache):
-                cache = cache.write(layer, rows, positions_bt, k, v)
+                cache = cache.write(layer, None, positions_bt, k, v)
                 return self._cache_attention(q, cache, layer, rows, positions_b, rows_on_data=True), cache
             x, cache = self._run_layers(self.embed_tokens(tokens_bt), positions_bt, attend, cache)
             return self.head(x), cache

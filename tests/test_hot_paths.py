@@ -128,3 +128,24 @@ def test_mixtures_of_experts_give_the_cpu_paths_tokens_on_the_stacked_paths(newe
                                np.concatenate([o.logprobs for o in reference]), atol=1e-4)
     np.testing.assert_allclose(engine.logits(PROMPTS[:2]), logits, atol=1e-4, equal_nan=True)
     assert engine.compile_counts["decode"] == 1
+
+
+@pytest.mark.parametrize("t", [1, 3])
+def test_the_decode_write_of_int8_scales_equals_the_scatter(t):
+    """Decode writes every slot's int8 scales by a select over the layer (a scatter there makes
+    the TPU compiler relayout them each step): it stores what the per-row scatter stores,
+    dropping positions past max_len the same way."""
+    import jax.numpy as jnp
+    from model.config import PRESETS
+    from model.sharding import make_mesh
+    cfg = PRESETS["tiny-llama"]
+    cache = StackedKVCache.create(cfg, 4, 16, jnp.float32, make_mesh((1, 1)), int8=True)
+    k = jnp.asarray(rng.normal(size=(4, t, cfg.num_kv_heads, cfg.head_dim)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(4, t, cfg.num_kv_heads, cfg.head_dim)), jnp.float32)
+    positions = jnp.asarray([0, 5, 14, 15])[:, None] + jnp.arange(t)[None, :]  # the last rows run past 16
+    layer = jnp.asarray(1)
+    by_select = cache.write(layer, None, positions, k, v)
+    by_scatter = cache.write(layer, jnp.arange(4), positions, k, v)
+    for a, b in zip(by_select.__dict__.values(), by_scatter.__dict__.values()):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert float(jnp.abs(by_select.k_scale[1]).sum()) > 0

@@ -93,11 +93,11 @@ def test_verification_against_a_draft_distribution_samples_the_targets():
     np.testing.assert_allclose(kept.mean(), np.minimum(p[0], np.exp(np.asarray(logq[0, 0]))).sum(), atol=0.01)
 
 
-def test_filtered_logits_are_the_same_through_candidates_and_through_the_full_sort():
+def test_filtered_logits_are_the_same_through_candidates_and_through_the_exact_fallback():
     logits = jnp.asarray(np.random.default_rng(3).normal(0, 2, (4, 50)), jnp.float32)
     t, k, p = jnp.asarray([0.7, 1.0, 1.3, 0.0]), jnp.asarray([0, 7, 0, 0]), jnp.asarray([0.95, 1.0, 0.5, 1.0])
     exact = filtered_logits(logits, t, k, p, candidates=50)  # every set within the candidates
-    narrow = filtered_logits(logits, t, k, p, candidates=4)  # row 0's nucleus is wider: the sort fallback
+    narrow = filtered_logits(logits, t, k, p, candidates=4)  # row 0's nucleus is wider: the exact fallback
     np.testing.assert_allclose(np.asarray(narrow), np.asarray(exact), rtol=1e-6)
     finite = np.isfinite(np.asarray(exact)).sum(axis=1)
     assert finite[1] == 7 and finite[3] == 1 and 1 <= finite[2] < 50  # top-k 7; greedy one-hot; a nucleus
