@@ -237,19 +237,19 @@ class StackedKVCache:
         if self.k_scale is None:
             return StackedKVCache(put(self.k, k_btkh), put(self.v, v_btkh))
         (kq, ks), (vq, vs) = _quantize_vectors(k_btkh), _quantize_vectors(v_btkh)
-        put_scale = functools.partial(_put_scales if slots_b is None else _scatter_scales, layer, s, positions_bt)
+        if slots_b is None:
+            put_scale = functools.partial(_put_scales, layer, positions_bt)
+        else:
+            put_scale = lambda buf, value: buf.at[layer, s, :, 0, positions_bt].set(value, mode="drop")  # noqa: E731
         return StackedKVCache(put(self.k, kq), put(self.v, vq), put_scale(self.k_scale, ks),
                               put_scale(self.v_scale, vs))
 
 
-def _scatter_scales(layer, s, positions_bt, buf, value):
-    return buf.at[layer, s, :, 0, positions_bt].set(value, mode="drop")
-
-
-def _put_scales(layer, s, positions_bt, buf, value):
-    """_scatter_scales for every slot in order, as a select over the layer's [slots, kv, 1, len]
-    scales. A scatter there makes the TPU compiler copy them out of their [1, len] tiling and
-    back, in every layer and step: about 7x the bytes (measured with launch.aot)."""
+def _put_scales(layer, positions_bt, buf, value):
+    """Every slot's new scales (row i is slot i; positions past len dropped), as a select over
+    the layer's [slots, kv, 1, len] scales. A scatter there makes the TPU compiler copy them out
+    of their [1, len] tiling and back in every layer and step: 19 MB per layer and chip instead
+    of 4.5 on the 70B shape (launch.aot's cost copies, docs/benchmarks.md)."""
     old = jax.lax.dynamic_index_in_dim(buf, layer, 0, keepdims=False)
     lengths = jnp.arange(buf.shape[-1])
     new = old
