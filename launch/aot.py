@@ -65,7 +65,13 @@ GiB = 2 ** 30
 # VMEM write and the VMEM reads (a lone [8, 4096] x [4096, 1792] bf16 matmul: 73.5 MB for a 14.7
 # MB weight). With prefetching off every operand is read from HBM at each use (14.8 MB there):
 # the HBM traffic of the program without VMEM reuse, an upper bound on the real program's.
-COST_OPTIONS = {"xla_msa_enable": False, "xla_max_cross_program_prefetches": 0}
+# The compiler also splits a matmul whose input is all-gathered, or whose output is
+# reduce-scattered, into a loop over the devices' shards (a windowed einsum, overlapping the
+# transfers with the matmul); cost analysis counts a loop's body once, so it would see 1/4 of
+# those matmuls. The cost copies compile them whole: the same matmuls, counted in full.
+COST_OPTIONS = {"xla_msa_enable": False, "xla_max_cross_program_prefetches": 0,
+                "xla_tpu_enable_windowed_einsum_for_all_gather": False,
+                "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False}
 ESTIMATES = ("TPU compiler estimates (libtpu, deviceless): memory_analysis() and cost_analysis() of the "
              "engine's own jitted functions; nothing ran on a TPU")
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 from typing import Any, Callable, Sequence
 
 import jax
@@ -92,12 +93,15 @@ def rms_norm(x: Array, w: Array, eps: float, offset: float = 0.0) -> Array:
     return (y * (offset + w.astype(jnp.float32))).astype(x.dtype)
 
 
-def rope(x_btnh: Array, positions_bt: Array, inv_freq_h: Array, factor: float | Array = 1.0) -> Array:
+def rope(x_btnh: Array, positions_bt: Array, inv_freq_h: Array, factor: float | Array = 1.0,
+         compute_dtype=jnp.float32) -> Array:
     """Rotary embedding in HF's rotate-half layout (first and second halves of head_dim pair up);
-    cos and sin times `factor` (LongRoPE's attention factor)."""
+    cos and sin times `factor` (LongRoPE's attention factor). compute_dtype: of the rotation
+    (cos and sin are computed in float32 and cast to it, as HF's models do to their dtype)."""
     angles = positions_bt[:, :, None].astype(jnp.float32) * inv_freq_h[None, None, :]  # [b, t, h/2]
     cos, sin = jnp.cos(angles)[:, :, None, :] * factor, jnp.sin(angles)[:, :, None, :] * factor
-    x1, x2 = jnp.split(x_btnh.astype(jnp.float32), 2, axis=-1)
+    cos, sin = cos.astype(compute_dtype), sin.astype(compute_dtype)
+    x1, x2 = jnp.split(x_btnh.astype(compute_dtype), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_btnh.dtype)
 
 
@@ -203,11 +207,33 @@ def packed_mask(positions_bt: Array, segments_bt: Array, window: int | Array | N
     return mask
 
 
-def gated_mlp(x_btd: Array, w_gate, w_up, w_down, activation: str, accumulate=jnp.float32) -> Array:
+def gated_mlp(x_btd: Array, w_gate, w_up, w_down, activation: str, accumulate=jnp.float32,
+              groups: int | None = None) -> Array:
+    """groups: as in fused_linear (gate and up as one matmul); None: two matmuls."""
     act = jax.nn.silu if activation == "silu" else lambda a: jax.nn.gelu(a, approximate=True)
-    gate = linear("btd,df->btf", x_btd, w_gate)
-    up = linear("btd,df->btf", x_btd, w_up)
+    if groups is None:
+        gate, up = (linear("btd,df->btf", x_btd, w) for w in (w_gate, w_up))
+    else:
+        gate, up = fused_linear(x_btd, [w_gate, w_up], groups)
     return linear("btf,fd->btd", act(gate) * up, w_down, accumulate=accumulate)
+
+
+def fused_linear(x_btd: Array, ws: Sequence[Array | QArray], groups: int) -> list[Array]:
+    """[x @ w for w in ws] (each w [d, n_i]) as one matmul, so that x is read once instead of
+    once per weight. The weights are concatenated per group of columns: with each w's columns
+    split over `groups` devices (tensor parallel), group g of the result is device g's columns of
+    every w, so the concatenation and the split stay on the device."""
+    def grouped(w):  # [d, n] -> [d, groups, n / groups]
+        if isinstance(w, QArray):
+            return QArray(w.q.reshape(w.q.shape[0], groups, -1), w.scale.reshape(groups, -1))
+        return w.reshape(w.shape[0], groups, -1)
+    parts = [grouped(w) for w in ws]
+    widths = [(p.q if isinstance(p, QArray) else p).shape[-1] for p in parts]
+    w = jax.tree.map(lambda *a: jnp.concatenate(a, axis=-1), *parts)
+    out = linear("btd,dgn->btgn", x_btd, w)
+    cuts = list(itertools.accumulate(widths))[:-1]
+    b, t = x_btd.shape[:2]
+    return [o.reshape(b, t, -1) for o in jnp.split(out, cuts, axis=-1)]
 
 
 def route(x_td: Array, router_de: Array, top_k: int, renormalize: bool) -> tuple[Array, Array]:
@@ -266,17 +292,23 @@ def _merge_leading(w: Array | QArray, n: int) -> Array | QArray:
     return w.reshape(-1, *w.shape[n:])
 
 
-def _heads_linear(x_btd: Array, w: Array | QArray) -> Array:
-    """x @ w for a [d, heads, head_dim] projection, the weight's trailing dims merged (a free
-    reshape) so that the matmul reads it as stored: as a 3-d operand the TPU compiler copies it
-    into a heads-major layout before every dispatch (all layers' weights, each time)."""
-    b, t = x_btd.shape[:2]
-    heads, head_dim = (w.q if isinstance(w, QArray) else w).shape[1:]
+def _merge_trailing(w: Array | QArray) -> Array | QArray:
+    """A [d, heads, head_dim] projection as [d, heads * head_dim] (a free reshape): the matmul
+    then reads it as stored, where as a 3-d operand the TPU compiler copies it into a heads-major
+    layout before every dispatch (all layers' weights, each time)."""
     if isinstance(w, QArray):
-        w = QArray(w.q.reshape(w.q.shape[0], -1), w.scale.reshape(-1))
-    else:
-        w = w.reshape(w.shape[0], -1)
-    return linear("btd,dx->btx", x_btd, w).reshape(b, t, heads, head_dim)
+        return QArray(w.q.reshape(w.q.shape[0], -1), w.scale.reshape(-1))
+    return w.reshape(w.shape[0], -1)
+
+
+def _heads_linear(x_btd: Array, ws: Sequence[Array | QArray], groups: int | None = None) -> list[Array]:
+    """[x @ w for w in ws] for [d, heads, head_dim] projections, as [b, t, heads, head_dim]:
+    one matmul each, or with groups (see fused_linear) one for all."""
+    b, t = x_btd.shape[:2]
+    merged = [_merge_trailing(w) for w in ws]
+    outs = ([linear("btd,dx->btx", x_btd, w) for w in merged] if groups is None
+            else fused_linear(x_btd, merged, groups))
+    return [o.reshape(b, t, *(w.q if isinstance(w, QArray) else w).shape[1:]) for o, w in zip(outs, ws)]
 
 
 # ---------------------------------------------------------------- the model
@@ -346,7 +378,7 @@ class Decoder(nnx.Module):
             x = jnp.take(table, tokens_bt, axis=0)
         if self.cfg.scale_embeddings:
             x = x * jnp.asarray(self.cfg.hidden_size ** 0.5, x.dtype)
-        return constrain(x, ("batch", "seq", "embed"), self.mesh)
+        return self._residual(x)
 
     def head(self, x_btd: Array) -> Array:
         """Final norm and vocabulary projection; float32 logits [b, t, v]."""
@@ -381,6 +413,38 @@ class Decoder(nnx.Module):
         float32 on the CPU path (where a bfloat16 result runs slower)."""
         return x.dtype if self.path.stacked else jnp.float32
 
+    def _residual(self, x_btd: Array) -> Array:
+        """x in the residual stream's placement: on the accelerator path its tokens split over
+        "model" (sequence parallel: a prefill's norms and adds then read 1/model of it per chip,
+        and its row-parallel matmuls reduce-scatter instead of all-reduce); elsewhere as "seq"."""
+        seq = "residual_seq" if self.path.stacked else "seq"
+        return constrain(x_btd, ("batch", seq, "embed"), self.mesh)
+
+    def _gathered(self, x_btd: Array) -> Array:
+        """x with all its tokens on every "model" device: the input of column-parallel matmuls."""
+        return constrain(x_btd, ("batch", "seq", "embed"), self.mesh)
+
+    def _fusion(self, x_btd: Array, names: Sequence[str]) -> int | None:
+        """The groups with which the projections `names` of x run as one matmul (fused_linear),
+        or None for one matmul each. Fused on the accelerator path when x is bigger than the
+        weights (a prefill: reading x once instead of len(names) times saves more than
+        concatenating the weights costs; decode keeps reading the weights once) and every
+        weight's columns are split alike (over "model", or not at all)."""
+        if not self.path.stacked:
+            return None
+        specs = param_specs(self.cfg)
+        weight_bytes = sum(math.prod(specs[n].shape) * x_btd.dtype.itemsize for n in names)
+        if x_btd.size * x_btd.dtype.itemsize * (len(names) - 1) <= 2 * weight_bytes // self._model_size():
+            return None
+        splits = {logical_to_spec(specs[n].axes, specs[n].shape, self.mesh)[1:] != ()
+                  if self.mesh is not None else False for n in names}
+        if len(splits) > 1:
+            return None
+        return self._model_size() if splits.pop() else 1
+
+    def _model_size(self) -> int:
+        return 1 if self.mesh is None else self.mesh.shape[MODEL]
+
     def _scores(self) -> dict[str, float | None]:
         """How attention scales and caps its scores (attention's and the kernel's scale, softcap)."""
         return dict(scale=self.cfg.attn_scale, softcap=self.cfg.attn_logit_softcapping)
@@ -388,27 +452,33 @@ class Decoder(nnx.Module):
     def _block(self, x: Array, w: dict[str, Array], positions_bt: Array, attend: AttendFn,
                layer: int | Array, carry: KVCache | None) -> tuple[Array, KVCache | None]:
         cfg = self.cfg
-        h = self._norm(x, w["attn_norm"])
-        q, k, v = (_heads_linear(h, w[name]) for name in ("wq", "wk", "wv"))
+        h = self._gathered(self._norm(x, w["attn_norm"]))
+        names = ("wq", "wk", "wv")
+        q, k, v = _heads_linear(h, [w[n] for n in names], self._fusion(h, names))
         if cfg.qkv_bias:
             q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
         if cfg.qk_norm:  # per head, over head_dim
             q, k = self._norm(q, w["q_norm"]), self._norm(k, w["k_norm"])
         inv_freq, factor = self._rope(layer)
-        q, k = rope(q, positions_bt, inv_freq, factor), rope(k, positions_bt, inv_freq, factor)
+        # the accelerator path rotates in the activations' dtype, as HF's models do: a bfloat16
+        # rotation spares a prefill a float32 copy of q (0.1 GB per layer and chip on an 8B)
+        dtype = q.dtype if self.path.stacked else jnp.float32
+        q, k = (rope(a, positions_bt, inv_freq, factor, dtype) for a in (q, k))
         out, carry = attend(layer, q, k, v, carry)
         b, t = out.shape[:2]  # heads and head_dim merged: the matmul then reads wo as stored
-        out = linear("btx,xd->btd", out.reshape(b, t, -1), _merge_leading(w["wo"], 2), accumulate=self._acc(x))
+        out = self._residual(linear("btx,xd->btd", out.reshape(b, t, -1), _merge_leading(w["wo"], 2),
+                                    accumulate=self._acc(x)))
         x = x + (self._norm(out, w["post_attn_norm"]) if cfg.post_norms else out)
-        out = self._mlp(self._norm(x, w["mlp_norm"]), w)
+        out = self._residual(self._mlp(self._gathered(self._norm(x, w["mlp_norm"])), w))
         x = x + (self._norm(out, w["post_mlp_norm"]) if cfg.post_norms else out)
-        return constrain(x, ("batch", "seq", "embed"), self.mesh), carry
+        return self._residual(x), carry
 
     def _mlp(self, x_btd: Array, w: dict[str, Array | QArray]) -> Array:
         """The layer's MLP: gated, or a mixture of experts (cfg.num_experts > 0)."""
         cfg = self.cfg
         if not cfg.num_experts:
-            return gated_mlp(x_btd, w["w_gate"], w["w_up"], w["w_down"], cfg.activation, self._acc(x_btd))
+            return gated_mlp(x_btd, w["w_gate"], w["w_up"], w["w_down"], cfg.activation, self._acc(x_btd),
+                             self._fusion(x_btd, ("w_gate", "w_up")))
         moe = functools.partial(moe_mlp, top_k=cfg.num_experts_per_tok, renormalize=cfg.norm_topk_prob,
                                 activation=cfg.activation)
         names = ("router", "w_gate", "w_up", "w_down")

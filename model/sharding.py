@@ -33,6 +33,11 @@ RULES: dict[str, str | None] = {
     "slots": DATA,
     "cache_len": None,
     "seq": None,
+    # The residual stream between blocks on the accelerator path: its tokens split over "model"
+    # (sequence parallel), so norms and residual adds touch 1/model of it; each block gathers it
+    # before its projections and reduce-scatters their partial sums back (see Decoder._block).
+    # A step of fewer tokens than "model" devices (decode) replicates it, as "seq" does.
+    "residual_seq": MODEL,
 }
 
 

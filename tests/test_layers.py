@@ -12,7 +12,8 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_
 from hf_reference import VARIANTS, make_hf_model, save_hf_model
 from model import Engine
 from model.config import rope_attention_factor, rope_inv_freq
-from model.decoder import attention, attention_mask, gated_mlp, moe_mlp, rms_norm, rope, to_cache_layout
+from model.decoder import (attention, attention_mask, fused_linear, gated_mlp, linear, moe_mlp, rms_norm, rope,
+                           to_cache_layout)
 
 SEEDS = (0, 1, 2)
 
@@ -135,6 +136,26 @@ def test_mlp(layer0):
         else:
             ours = gated_mlp(h, w["w_gate"], w["w_up"], w["w_down"], cfg.activation)
         np.testing.assert_allclose(np.asarray(ours), _np(ref), rtol=1e-5, atol=1e-5, err_msg=f"layer {layer}")
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+@pytest.mark.parametrize("int8", [False, True])
+def test_projections_fused_into_one_matmul_equal_one_matmul_each(groups, int8):
+    """fused_linear (a prefill's q/k/v, and gate/up, on the accelerator path): the weights
+    concatenated per device group give each weight's own product, int8 scales included; and the
+    gated MLP with gate and up fused equals it without."""
+    import jax
+    from model.quantize import quantize
+    keys = jax.random.split(jax.random.key(0), 5)
+    x = jax.random.normal(keys[0], (2, 5, 16))
+    ws = [jax.random.normal(keys[i], (16, n)) for i, n in ((1, 32), (2, 8), (3, 8))]
+    if int8:
+        ws = [quantize(w, (0,)) for w in ws]
+    for ours, w in zip(fused_linear(x, ws, groups), ws):
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(linear("btd,df->btf", x, w)), rtol=1e-5, atol=1e-5)
+    down = jax.random.normal(keys[4], (32, 16))
+    np.testing.assert_allclose(np.asarray(gated_mlp(x, ws[0], ws[0], down, "silu", groups=groups)),
+                               np.asarray(gated_mlp(x, ws[0], ws[0], down, "silu")), rtol=1e-5, atol=1e-5)
 
 
 def test_the_mixture_of_experts_runs_grouped_matmuls_not_every_expert_on_every_token():
