@@ -546,12 +546,24 @@ class Decoder(nnx.Module):
                 cache = cache.write(layer, slots_b, positions_bt, k, v)
                 return self._cache_attention(q, cache, layer, slots_b, starts_b, rows_on_data=False), cache
             return self._run_layers(self.embed_tokens(tokens_bt), positions_bt, attend, cache)
+        fresh = jnp.all(starts_b == 0)  # every row starts a prompt: nothing cached before it
+
         def attend(layer, q, k, v, cache):
             cache = cache.write(layer, slots_b, positions_bt, k, v)
-            rows = [None if x is None else [jnp.take(c, slots_b, axis=0, mode="clip") for c in x]
-                    for x in cache.layer(layer)]
-            mask = attention_mask(positions_bt, jnp.arange(cache.max_len), self._window(layer))
-            return attention(q, rows[0], rows[1], mask, rows[2], rows[3], **self._scores()), cache
+            window = self._window(layer)
+
+            def over_cache(q, k, v, chunks):  # each row's slot, all of max_len
+                rows = [None if x is None else [jnp.take(c, slots_b, axis=0, mode="clip") for c in x] for x in chunks]
+                mask = attention_mask(positions_bt, jnp.arange(cache.max_len), window)
+                return attention(q, rows[0], rows[1], mask, rows[2], rows[3], **self._scores())
+
+            def over_piece(q, k, v, chunks):  # the piece's own keys: t positions, not max_len
+                mask = attention_mask(positions_bt, jnp.arange(q.shape[1]), window)
+                return attention(q, *to_cache_layout(k, v), mask, **self._scores())
+
+            if cache.k_scale is not None:  # int8: attend to the stored (quantized) keys, as decode does
+                return over_cache(q, k, v, cache.layer(layer)), cache
+            return jax.lax.cond(fresh, over_piece, over_cache, q, k, v, cache.layer(layer)), cache
 
         return self._run_layers(self.embed_tokens(tokens_bt), positions_bt, attend, cache)
 
