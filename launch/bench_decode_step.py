@@ -14,6 +14,7 @@ import json
 import statistics
 import time
 
+import model  # noqa: E402,F401  (first: its start-up defaults must precede jax's import)
 import jax
 import jax.numpy as jnp
 

@@ -29,6 +29,7 @@ import statistics
 import time
 from typing import Callable, Sequence
 
+import model  # noqa: E402,F401  (first: its start-up defaults must precede jax's import)
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -31,6 +31,7 @@ import os
 import time
 from typing import Any, Callable
 
+import model  # noqa: E402,F401  (first: its start-up defaults must precede jax's import)
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -45,6 +45,7 @@ import shutil
 import subprocess
 import time
 
+import model  # noqa: E402,F401  (first: its start-up defaults must precede jax's import)
 import jax
 import jax.numpy as jnp
 import numpy as np

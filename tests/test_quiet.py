@@ -55,3 +55,18 @@ def test_a_preview_never_imports_tensorflow():
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "False"
+
+
+def test_the_benchmark_and_training_scripts_start_quiet_on_a_cpu_host():
+    """Each launch script that imports jax itself imports `model` first, whose start-up defaults
+    must be set before jax reads them: else JAX probes for a TPU (libtpu is installed for
+    deviceless compilation) and logs its host-discovery errors."""
+    script = ("import launch.bench_engine, launch.bench_decode_step, launch.bench_draft, launch.distill_draft, "
+              "launch.train_demo\nimport jax\nprint(jax.devices()[0].platform)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "TF_CPP_MIN_LOG_LEVEL", "XLA_FLAGS")}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "cpu"
+    noisy = [line for line in proc.stderr.splitlines() if any(word in line for word in NOISE)]
+    assert not noisy, proc.stderr
