@@ -266,6 +266,7 @@ def test_decode_over_live_chunks_matches_the_full_forward_across_chunk_boundarie
         for i, (p, o) in enumerate(zip(prompts, outs)) if i != 1]
 
 
+@pytest.mark.slow  # test_warmup_compiles_everything_a_mixed_workload_needs covers warm-up in the default run
 def test_warmup_compiles_a_decode_per_live_chunk_count():
     eng = Engine.from_pretrained("tiny-llama", mesh_shape=(1, 1), dtype="float32", max_slots=2, max_len=256, seed=1)
     report = eng.warmup()

@@ -38,10 +38,10 @@ def test_the_platform_picks_its_path_and_a_cpu_can_run_the_others():
 
 
 @pytest.mark.parametrize("path,mesh,kw", [
-    ("tpu", (1, 1), {}),
+    pytest.param("tpu", (1, 1), {}, marks=pytest.mark.slow),  # the (2, 2) and (2, 1) meshes below cover it
     ("tpu", (2, 2), {"kv_cache_dtype": "int8"}),  # slots over data, kv heads over model; int8 cache
     ("tpu", (2, 1), {"prefix_cache_entries": 2, "prefix_block": 16}),
-    ("gpu", (1, 4), {}),  # 2 kv heads over 4 devices: replicated, query heads gathered
+    pytest.param("gpu", (1, 4), {}, marks=pytest.mark.slow),  # 2 kv heads over 4 devices: replicated
     ("gpu", (1, 2), {"quantize": "int8"}),  # int8 weights, stacked per layer
 ])
 def test_accelerator_paths_give_the_cpu_paths_tokens(reference, path, mesh, kw):
@@ -90,7 +90,7 @@ def _checkpoint_engine(path, hot, mesh=(1, 1)):
 
 
 @pytest.mark.parametrize("variant,path,mesh", [
-    ("qwen3", "gpu", (1, 1)),   # q/k norms
+    pytest.param("qwen3", "gpu", (1, 1), marks=pytest.mark.slow),  # q/k norms (also qwen3-moe's, slow too)
     ("gemma2", "tpu", (2, 2)),  # sliding and global layers alternate (a traced window in the kernel),
     pytest.param("gemma2", "gpu", (1, 1), marks=pytest.mark.slow),  # soft-caps, post norms
     pytest.param("gemma3", "gpu", (1, 1), marks=pytest.mark.slow),  # sliding x2, full, sliding; two RoPEs

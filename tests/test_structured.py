@@ -63,7 +63,7 @@ def check(engine, kind, spec, out):
 
 
 @pytest.mark.parametrize("kind, spec", [("json_schema", SCHEMA), ("regex", REGEX), ("choice", CHOICES)])
-@pytest.mark.parametrize("model", ["demo", "random_demo_shape"])
+@pytest.mark.parametrize("model", ["demo", pytest.param("random_demo_shape", marks=pytest.mark.slow)])
 def test_every_output_follows_its_constraint_greedy_and_sampled(kind, spec, model, request):
     engine = request.getfixturevalue(model)
     constraint = engine.constraint(kind, spec)
