@@ -93,6 +93,7 @@ def test_slots_are_reused_when_sequences_end_at_different_steps():
         assert out.token_ids == eng.generate([p], sp)[0].token_ids
 
 
+@pytest.mark.slow  # kept out of the default run for CI time; make test-slow runs it
 def test_static_waves_give_the_same_outputs_as_inflight():
     prompts = [rng.integers(3, 256, size=n).tolist() for n in (4, 11, 2, 7, 13, 5, 9)]
     params = [greedy(n) if n % 2 else greedy(n, temperature=0.8, seed=n) for n in (1, 9, 3, 14, 6, 2, 11)]
@@ -136,6 +137,7 @@ def test_a_slot_is_refilled_within_the_dispatch_its_sequence_ends_in():
     assert [o.token_ids for o in outs] == alone and [len(t) for t in alone] == [3, 5, 3]
 
 
+@pytest.mark.slow  # kept out of the default run for CI time; make test-slow runs it
 def test_compiles_once_per_prefill_shape_plus_one_decode():
     eng = Engine.from_pretrained("tiny-llama", mesh_shape=(1, 1), dtype="float32", max_slots=8, max_len=128)
     prompts = [rng.integers(3, 256, size=int(n)).tolist() for n in rng.integers(1, 120, size=50)]

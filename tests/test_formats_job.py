@@ -144,6 +144,7 @@ def test_every_format_gives_the_same_completions(tmp_path, chat_checkpoint, engi
     assert bad["response"]["status_code"] == 400 and "top_p" in bad["response"]["body"]["error"]["message"]
 
 
+@pytest.mark.slow  # kept out of the default run for CI time; make test-slow runs it
 def test_seeded_sampling_is_the_same_whatever_the_sharding_and_batching(tmp_path):
     recs = [{"id": f"r{i}", "prompt": PROMPTS[i % 4], "temperature": 0.9} for i in range(10)]
     recs.append({"id": "chat", "messages": CHAT})  # the demo checkpoint has no chat template

@@ -3,12 +3,15 @@
 import json
 import os
 
+import pytest
+
 from pipeline.job import run
 
 PROMPTS = ["In the beginning", "The hacker", "And the LORD said unto Moses,", "A kludge is", "Blessed are the",
            "The program", "Thou shalt not", "Every hacker knows that"]
 
 
+@pytest.mark.slow  # kept out of the default run for CI time; make test-slow runs it
 def test_two_worker_processes_equal_one_process(tmp_path, monkeypatch, capfd):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     (tmp_path / "in").mkdir()

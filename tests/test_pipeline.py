@@ -135,6 +135,7 @@ def test_parse_text_and_jsonl_records():
     assert isinstance(parse(b'{"prompt": "p", "top_k": 1.5}', 0, "a", 1, "jsonl", DEFAULTS), Result)
 
 
+@pytest.mark.slow  # kept out of the default run for CI time; make test-slow runs it
 def test_preview_returns_records(capsys):
     records = preview.generate(["The hacker", "In the beginning"], max_tokens=8, progress=False)
     assert [r["prompt"] for r in records] == ["The hacker", "In the beginning"]

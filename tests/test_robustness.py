@@ -206,6 +206,7 @@ def test_unsupported_fields_in_parquet_and_tfrecord_are_refused(tmp_path):
 # ------------------------------------------------------------------ through the job
 
 
+@pytest.mark.slow  # kept out of the default run for CI time; make test-slow runs it
 def test_a_job_over_hostile_shards_accounts_for_every_record(tmp_path):
     inp = tmp_path / "in"
     inp.mkdir()

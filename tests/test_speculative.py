@@ -346,6 +346,7 @@ def test_the_demo_draft_keeps_the_demo_models_greedy_tokens():
     assert 0.2 < accepted / proposed < 0.9
 
 
+@pytest.mark.slow  # kept out of the default run for CI time; make test-slow runs it
 def test_a_job_speculates_from_its_model_yaml_and_reports_acceptance(tmp_path):
     """`speculative: ngram` in the model YAML: the same completions as without (greedy, float32),
     and the manifest's engine numbers carry the acceptance."""

@@ -99,6 +99,7 @@ def test_logprobs_are_the_models_own_under_a_constraint(demo):
     np.testing.assert_allclose(out.logprobs, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow  # kept out of the default run for CI time; make test-slow runs it
 def test_the_table_repacks_and_grows_while_rows_run():
     """A table with room for 2 small automata: new constraints evict unused ones (states move,
     running rows are remapped), and one bigger than the table grows it."""
