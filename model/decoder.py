@@ -228,7 +228,7 @@ def fused_linear(x_btd: Array, ws: Sequence[Array | QArray], groups: int) -> lis
             return QArray(w.q.reshape(w.q.shape[0], groups, -1), w.scale.reshape(groups, -1))
         return w.reshape(w.shape[0], groups, -1)
     parts = [grouped(w) for w in ws]
-    widths = [(p.q if isinstance(p, QArray) else p).shape[-1] for p in parts]
+    widths = [p.shape[-1] for p in parts]
     w = jax.tree.map(lambda *a: jnp.concatenate(a, axis=-1), *parts)
     out = linear("btd,dgn->btgn", x_btd, w)
     cuts = list(itertools.accumulate(widths))[:-1]
@@ -308,7 +308,7 @@ def _heads_linear(x_btd: Array, ws: Sequence[Array | QArray], groups: int | None
     merged = [_merge_trailing(w) for w in ws]
     outs = ([linear("btd,dx->btx", x_btd, w) for w in merged] if groups is None
             else fused_linear(x_btd, merged, groups))
-    return [o.reshape(b, t, *(w.q if isinstance(w, QArray) else w).shape[1:]) for o, w in zip(outs, ws)]
+    return [o.reshape(b, t, *w.shape[1:]) for o, w in zip(outs, ws)]
 
 
 # ---------------------------------------------------------------- the model
