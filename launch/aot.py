@@ -57,7 +57,7 @@ from model import ragged_attention as ragged  # noqa: E402
 from model.config import PRESETS, ModelConfig  # noqa: E402
 from model.engine import Engine, resolve_checkpoint  # noqa: E402
 from model.sampling import CANDIDATES  # noqa: E402
-from model.sharding import bytes_per_device, make_mesh  # noqa: E402
+from model.sharding import bytes_per_device, make_mesh, split_experts  # noqa: E402
 
 GiB = 2 ** 30
 # For the cost copies (whole_model_cost): XLA's TPU cost analysis counts the bytes of every memory
@@ -317,6 +317,7 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
     if cfg.num_experts:
         result.update(active_params=cfg.num_active_params, experts=cfg.num_experts,
                       experts_per_token=cfg.num_experts_per_tok,
+                      experts_split=split_experts(cfg.num_experts, cfg.intermediate_size, mesh),
                       expected_experts_hit_per_step=expected_experts_hit(cfg, engine.max_slots // mesh.shape["data"]))
     errors = []
     if resident > chip.hbm_bytes:
@@ -457,7 +458,9 @@ def format_report(r: dict[str, Any]) -> str:
         f"{r['peak_bf16_flops_per_chip'] / 1e12:.0f} TFLOP/s bf16",
         f"{r['note']}.",
     ] + ([f"mixture of experts: {r['experts_per_token']} of {r['experts']} experts per token, "
-           f"{r['active_params'] / 1e9:.2f}B active params; a decode step's ideal bytes count the "
+           f"{r['active_params'] / 1e9:.2f}B active params, "
+           f"{'whole experts' if r['experts_split'] else 'a slice of every expert'} on each chip; "
+           f"a decode step's ideal bytes count the "
            f"{r['expected_experts_hit_per_step']:.1f} experts per layer its rows are expected to hit (uniform routing)"]
          if "experts" in r else []) + [
         f"resident per chip: weights {_gib(res['weights'])} + KV cache {_gib(res['kv_cache'])} "

@@ -46,7 +46,7 @@ def stack_layers(params: dict[str, Any], cfg: ModelConfig, mesh: jax.sharding.Me
     values and scales each stacked), placed with a replicated "layers" axis; already-stacked
     weights pass through. One weight at a time, each list dropped once stacked, so peak memory is
     the model plus one weight. Abstract weights give abstract stacked weights."""
-    specs, out = param_specs(cfg), dict(params)
+    specs, out = param_specs(cfg, mesh), dict(params)
     for name, value in params.items():
         if not (specs[name].per_layer and isinstance(value, (list, tuple))):
             continue
@@ -261,27 +261,33 @@ def grouped_linear(x_md: Array, w: Array | QArray, group_sizes_e: Array, expert_
 
 
 def moe_mlp(x_btd: Array, router_de: Array, w_gate, w_up, w_down, top_k: int, renormalize: bool,
-            activation: str) -> Array:
+            activation: str, first_expert: Array | int = 0) -> Array:
     """Mixture of experts [b, t, d] -> float32 [b, t, d]: each token runs through its top_k
     experts' gated MLPs (w_gate, w_up [e, d, f], w_down [e, f, d]), their outputs summed with the
     router's weights (in float32, so that partial sums over devices add up before rounding). The
     t*k (token, expert) pairs are sorted by expert so that each expert's matmul is one group of a
-    ragged_dot: every pair is computed, none dropped, no capacity limit."""
+    ragged_dot: every pair is computed, none dropped, no capacity limit.
+
+    The weights may hold only experts first_expert .. first_expert + e - 1 of the router's (one
+    device's share when experts are split over devices): the pairs routed to other experts sort
+    after every group, where ragged_dot leaves its rows zero, and add nothing here."""
     b, t, d = x_btd.shape
     x_td = x_btd.reshape(b * t, d)
     experts_tk, weights_tk = route(x_td, router_de, top_k, renormalize)
-    num_experts = router_de.shape[-1]
-    expert_m = experts_tk.reshape(-1)  # m = t * k pairs, token-major
-    order_m = jnp.argsort(expert_m, stable=True)
-    sorted_expert_m = expert_m[order_m]
-    group_sizes_e = jnp.zeros((num_experts,), jnp.int32).at[expert_m].add(1)
+    held = w_down.shape[0]
+    local_m = experts_tk.reshape(-1) - first_expert  # m = t * k pairs, token-major
+    mine_m = (local_m >= 0) & (local_m < held)
+    key_m = jnp.where(mine_m, local_m, held)  # pairs of experts held elsewhere: one group past the last
+    order_m = jnp.argsort(key_m, stable=True)
+    sorted_m = jnp.minimum(key_m[order_m], held - 1)  # each row's expert, for an int8 weight's scales
+    group_sizes_e = jnp.zeros((held + 1,), jnp.int32).at[key_m].add(1)[:held]
     xs_md = x_td[order_m // top_k]
     act = jax.nn.silu if activation == "silu" else lambda a: jax.nn.gelu(a, approximate=True)
-    h_mf = act(grouped_linear(xs_md, w_gate, group_sizes_e, sorted_expert_m)) * grouped_linear(
-        xs_md, w_up, group_sizes_e, sorted_expert_m)
-    out_md = grouped_linear(h_mf, w_down, group_sizes_e, sorted_expert_m, jnp.float32)
+    h_mf = act(grouped_linear(xs_md, w_gate, group_sizes_e, sorted_m)) * grouped_linear(
+        xs_md, w_up, group_sizes_e, sorted_m)
+    out_md = grouped_linear(h_mf, w_down, group_sizes_e, sorted_m, jnp.float32)
     out_md = jnp.zeros_like(out_md).at[order_m].set(out_md)  # back to token-major order
-    out_tkd = out_md.reshape(b * t, top_k, d) * weights_tk[..., None]
+    out_tkd = jnp.where(mine_m.reshape(b * t, top_k, 1), out_md.reshape(b * t, top_k, d) * weights_tk[..., None], 0.0)
     return jnp.sum(out_tkd, axis=1).reshape(b, t, d)
 
 
@@ -488,20 +494,25 @@ class Decoder(nnx.Module):
 
     def _moe_sharded(self, moe: Callable, x_btd: Array, w: dict[str, Array | QArray]) -> Array:
         """moe_mlp per device under shard_map, each with its rows (split over "data" as the
-        activations are) and its share of every expert's weights, as RULES places them (each
-        expert's MLP width split over "model": see docs/moe.md). Routing is computed on every
-        device alike; the down projections' partial sums are added over "model"."""
-        specs = param_specs(self.cfg)
+        activations are) and its share of the experts' weights as RULES places them: whole
+        experts when they divide over "model" (expert parallel), else a slice of every expert's
+        MLP width (see docs/moe.md). Routing is computed on every device alike; the outputs, each
+        device's experts' or width slices' partial sums, are added over "model"."""
+        specs = param_specs(self.cfg, self.mesh)
 
         def spec(name, x):
             return logical_to_spec(_axes_of(name, specs[name], x), x.shape, self.mesh)
         w_specs = {n: jax.tree.map(lambda x, n=n: spec(n, x), v) for n, v in w.items()}
         x_spec = logical_to_spec(("batch", "seq", "embed"), x_btd.shape, self.mesh)
-        width_split = MODEL in tuple(w_specs["w_down"].q if isinstance(w["w_down"], QArray) else w_specs["w_down"])
+        down = tuple(w_specs["w_down"].q if isinstance(w["w_down"], QArray) else w_specs["w_down"])
+        split = MODEL in down
+        by_expert = bool(down) and down[0] == MODEL
 
         def local(x, ws):
-            out = moe(x, ws["router"], ws["w_gate"], ws["w_up"], ws["w_down"])
-            return jax.lax.psum(out, MODEL) if width_split else out
+            held = ws["w_down"].shape[0]
+            first = jax.lax.axis_index(MODEL) * held if by_expert else 0
+            out = moe(x, ws["router"], ws["w_gate"], ws["w_up"], ws["w_down"], first_expert=first)
+            return jax.lax.psum(out, MODEL) if split else out
         return jax.shard_map(local, mesh=self.mesh, in_specs=(x_spec, w_specs), out_specs=x_spec,
                              check_vma=False)(x_btd, w)
 

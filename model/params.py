@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from model.config import ModelConfig
-from model.sharding import named_sharding
+from model.sharding import named_sharding, split_experts
 
 Array = jax.Array
 
@@ -27,8 +27,9 @@ class ParamSpec:
     per_layer: bool = False  # params[name] is then a list of num_layers such arrays
 
 
-def param_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
-    """Every weight of the decoder, by name."""
+def param_specs(cfg: ModelConfig, mesh: jax.sharding.Mesh | None = None) -> dict[str, ParamSpec]:
+    """Every weight of the decoder, by name; given the mesh they go on, a mixture of experts'
+    weights name their experts dim only if whole experts are split over it (split_experts)."""
     D, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     norm_init = "zeros" if cfg.norm_weight_offset else "ones"  # Gemma scales by (1 + w)
@@ -48,9 +49,10 @@ def param_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
     }
     if cfg.num_experts:  # the MLP weights, one per expert, and the router (small: never split)
         E = cfg.num_experts
-        specs["w_gate"] = layer((E, D, F), ("experts", "embed", "ffw"))
-        specs["w_up"] = layer((E, D, F), ("experts", "embed", "ffw"))
-        specs["w_down"] = layer((E, F, D), ("experts", "ffw", "embed"))
+        e = "experts" if mesh is not None and split_experts(E, F, mesh) else None  # else "ffw" splits
+        specs["w_gate"] = layer((E, D, F), (e, "embed", "ffw"))
+        specs["w_up"] = layer((E, D, F), (e, "embed", "ffw"))
+        specs["w_down"] = layer((E, F, D), (e, "ffw", "embed"))
         specs["router"] = layer((D, E), ("embed", None))
     if cfg.qk_norm:
         specs["q_norm"] = layer((H,), ("head_dim",), norm_init)
@@ -70,7 +72,7 @@ def param_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
 def param_shardings(cfg: ModelConfig, mesh: jax.sharding.Mesh) -> dict[str, Any]:
     """The NamedSharding of every weight, in the params' structure (a list for per-layer ones)."""
     out = {}
-    for name, spec in param_specs(cfg).items():
+    for name, spec in param_specs(cfg, mesh).items():
         sharding = named_sharding(spec.axes, spec.shape, mesh)
         out[name] = [sharding] * cfg.num_layers if spec.per_layer else sharding
     return out
@@ -81,7 +83,7 @@ def abstract_params(cfg: ModelConfig, dtype: jnp.dtype, mesh: jax.sharding.Mesh)
     what init_params or load_params return, with nothing allocated (for compiling ahead of time)."""
     shardings = param_shardings(cfg, mesh)
     return {name: jax.tree.map(lambda s, spec=spec: jax.ShapeDtypeStruct(spec.shape, dtype, sharding=s), shardings[name])
-            for name, spec in param_specs(cfg).items()}
+            for name, spec in param_specs(cfg, mesh).items()}
 
 
 def init_params(cfg: ModelConfig, key: Array, dtype: jnp.dtype, std: float = 0.02) -> dict[str, Any]:

@@ -60,7 +60,7 @@ def quantize_params(params: dict, cfg, mesh: jax.sharding.Mesh) -> dict:
     """int8 copies of the matmul weights, placed like the originals; norms and biases stay as they are.
     One weight at a time, so peak memory is the model plus one weight. Abstract weights
     (jax.ShapeDtypeStructs, see params.abstract_params) give abstract int8 weights."""
-    specs = param_specs(cfg)
+    specs = param_specs(cfg, mesh)
     out = {}
     for name, value in params.items():
         if name not in CONTRACTED:

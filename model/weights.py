@@ -304,7 +304,7 @@ def load_params(path: str, cfg: ModelConfig, dtype: Any, mesh: jax.sharding.Mesh
                              f"e.g. {unexpected[:5]}")
         np_dtype = np.dtype(dtype)
         params = {}
-        for name, spec in param_specs(cfg).items():
+        for name, spec in param_specs(cfg, mesh).items():
             sharding = named_sharding(spec.axes, spec.shape, mesh)
             arrays = []
             for key in wanted[name]:  # one tensor per layer for per-layer weights

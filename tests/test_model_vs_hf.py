@@ -116,11 +116,30 @@ def test_a_2x4_mesh_gives_the_single_device_logits_and_tokens(newer):
     path, one = newer
     mesh = Engine.from_pretrained(path, mesh_shape=(2, 4), dtype="float32", max_slots=4, max_len=64)
     assert mesh.params["wq"][0][...].addressable_shards[0].data.shape[1] == mesh.cfg.num_heads // 4  # heads split
-    if mesh.cfg.num_experts:  # every expert on every device, each expert's MLP width split over "model"
+    if mesh.cfg.num_experts:  # 4 or 8 experts over "model" 4: whole experts split (expert parallel)
         local = mesh.params["w_down"][0][...].addressable_shards[0].data.shape
-        assert local == (mesh.cfg.num_experts, mesh.cfg.intermediate_size // 4, mesh.cfg.hidden_size)
+        assert local == (mesh.cfg.num_experts // 4, mesh.cfg.intermediate_size, mesh.cfg.hidden_size)
     np.testing.assert_allclose(mesh.logits(PROMPTS), one.logits(PROMPTS), atol=1e-5, equal_nan=True)
     prompts = PROMPTS[:2]  # one prefill bucket: fewer compiles
+    assert [o.token_ids for o in mesh.generate(prompts, GREEDY)] == [o.token_ids for o in one.generate(prompts, GREEDY)]
+
+
+@pytest.mark.parametrize("mesh_shape,quantize,whole", [
+    ((1, 8), None, False),   # 4 experts do not divide over 8 devices: each expert's width split
+    ((2, 4), "int8", True),  # whole experts split, int8 values and their per-expert scales with them
+])
+def test_mixture_of_experts_split_by_width_or_by_expert_gives_the_single_device_result(
+        mesh_shape, quantize, whole, tmp_path):
+    path = save_hf_model(make_hf_model("mixtral", seed=3), tmp_path)
+    kw = dict(dtype="float32", max_slots=4, max_len=64, quantize=quantize)
+    one = Engine.from_pretrained(path, mesh_shape=(1, 1), **kw)
+    mesh = Engine.from_pretrained(path, mesh_shape=mesh_shape, **kw)
+    w_down = mesh.weights()["w_down"][0]
+    local = (w_down.q if quantize else w_down).addressable_shards[0].data.shape
+    e, f, d, model = mesh.cfg.num_experts, mesh.cfg.intermediate_size, mesh.cfg.hidden_size, mesh_shape[1]
+    assert local == ((e // model, f, d) if whole else (e, f // model, d))
+    np.testing.assert_allclose(mesh.logits(PROMPTS), one.logits(PROMPTS), atol=1e-5, equal_nan=True)
+    prompts = PROMPTS[:2]
     assert [o.token_ids for o in mesh.generate(prompts, GREEDY)] == [o.token_ids for o in one.generate(prompts, GREEDY)]
 
 

@@ -7,7 +7,8 @@ from jax.sharding import PartitionSpec as P
 
 from hf_reference import make_hf_model, save_hf_model
 from model import Engine, SamplingParams
-from model.sharding import logical_to_spec, make_mesh
+from model.config import PRESETS
+from model.sharding import logical_to_spec, make_mesh, split_experts
 
 PROMPTS = [[5, 17, 42], list(range(30, 41)), list(range(100, 117)), [9] * 25, [3, 4], list(range(60, 80))]
 GREEDY = SamplingParams(max_new_tokens=12, ignore_eos=True)
@@ -59,3 +60,18 @@ def test_rules_replicate_what_does_not_divide_and_reject_two_dims_on_one_axis():
         make_mesh((4, 4))
     with pytest.raises(ValueError, match="no rule"):
         logical_to_spec(("nonsense",), (4,), mesh)
+
+
+def test_experts_split_whole_only_where_their_width_slices_would_not_be_whole_lane_tiles():
+    """docs/moe.md: Mixtral's 14336-wide experts split by width (1792 = 14 x 128 on 8 devices);
+    Qwen3-30B-A3B's 128 experts of width 768 split whole (192-wide slices on 4 are not whole
+    tiles); experts that do not divide over "model" always split by width."""
+    mixtral, qwen = PRESETS["mixtral-8x7b"], PRESETS["qwen3-30b-a3b"]
+    assert not split_experts(mixtral.num_experts, mixtral.intermediate_size, make_mesh((1, 8)))
+    assert split_experts(qwen.num_experts, qwen.intermediate_size, make_mesh((2, 4)))
+    assert not split_experts(qwen.num_experts, qwen.intermediate_size, make_mesh((8, 1)))  # nothing on "model"
+    assert not split_experts(6, 64, make_mesh((2, 4)))  # 6 experts do not divide over 4
+    mesh = make_mesh((2, 4))
+    # an expert weight [experts, embed, ffw]: the experts dim takes "model" first, the width stays whole
+    assert logical_to_spec(("experts", "embed", "ffw"), (8, 64, 48), mesh) == P("model")
+    assert logical_to_spec((None, "embed", "ffw"), (8, 64, 48), mesh) == P(None, None, "model")
