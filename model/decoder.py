@@ -247,24 +247,25 @@ def route(x_td: Array, router_de: Array, top_k: int, renormalize: bool) -> tuple
     return experts.astype(jnp.int32), weights
 
 
-def grouped_linear(x_md: Array, w: Array | QArray, group_sizes_e: Array, expert_m: Array,
-                   out_dtype: jnp.dtype | None = None) -> Array:
+def grouped_linear(x_md: Array, w: Array | QArray, group_sizes_e: Array, expert_m: Array) -> Array:
     """Rows of x sorted by expert, each times its expert's matrix: jax.lax.ragged_dot of x [m, d]
-    and w [e, d, f] with group_sizes_e rows per expert -> [m, f] (in out_dtype, default x's). An
-    int8 w is converted to x's dtype as `linear` does, and its per-expert, per-output-channel
-    scale [e, f] applied to each row's output (expert_m: each row's expert)."""
-    q = w.q.astype(x_md.dtype) if isinstance(w, QArray) else w
-    out = jax.lax.ragged_dot(x_md, q, group_sizes_e, preferred_element_type=jnp.float32)
-    if isinstance(w, QArray):
-        out = out * w.scale[expert_m]
-    return out.astype(out_dtype or x_md.dtype)
+    and w [e, d, f] with group_sizes_e rows per expert -> [m, f] in x's dtype. The matmul
+    accumulates in float32 and writes x's dtype itself: on TPU a float32 result costs twice the
+    bytes of these [m, f] arrays (m = tokens x experts per token), then a pass to convert. An int8
+    w is converted to x's dtype as `linear` does, and its per-expert, per-output-channel scale
+    [e, f] applied to each row's float32 output (expert_m: each row's expert)."""
+    if not isinstance(w, QArray):
+        return jax.lax.ragged_dot(x_md, w, group_sizes_e, preferred_element_type=x_md.dtype)
+    out = jax.lax.ragged_dot(x_md, w.q.astype(x_md.dtype), group_sizes_e, preferred_element_type=jnp.float32)
+    return (out * w.scale[expert_m]).astype(x_md.dtype)
 
 
 def moe_mlp(x_btd: Array, router_de: Array, w_gate, w_up, w_down, top_k: int, renormalize: bool,
             activation: str, first_expert: Array | int = 0) -> Array:
     """Mixture of experts [b, t, d] -> float32 [b, t, d]: each token runs through its top_k
-    experts' gated MLPs (w_gate, w_up [e, d, f], w_down [e, f, d]), their outputs summed with the
-    router's weights (in float32, so that partial sums over devices add up before rounding). The
+    experts' gated MLPs (w_gate, w_up [e, d, f], w_down [e, f, d]), each in x's dtype as
+    transformers runs them, and their outputs summed with the router's weights in float32 (so
+    that sums over devices add up before rounding). The
     t*k (token, expert) pairs are sorted by expert so that each expert's matmul is one group of a
     ragged_dot: every pair is computed, none dropped, no capacity limit.
 
@@ -285,9 +286,10 @@ def moe_mlp(x_btd: Array, router_de: Array, w_gate, w_up, w_down, top_k: int, re
     act = jax.nn.silu if activation == "silu" else lambda a: jax.nn.gelu(a, approximate=True)
     h_mf = act(grouped_linear(xs_md, w_gate, group_sizes_e, sorted_m)) * grouped_linear(
         xs_md, w_up, group_sizes_e, sorted_m)
-    out_md = grouped_linear(h_mf, w_down, group_sizes_e, sorted_m, jnp.float32)
+    out_md = grouped_linear(h_mf, w_down, group_sizes_e, sorted_m)
     out_md = jnp.zeros_like(out_md).at[order_m].set(out_md)  # back to token-major order
-    out_tkd = jnp.where(mine_m.reshape(b * t, top_k, 1), out_md.reshape(b * t, top_k, d) * weights_tk[..., None], 0.0)
+    out_tkd = out_md.reshape(b * t, top_k, d).astype(jnp.float32) * weights_tk[..., None]
+    out_tkd = jnp.where(mine_m.reshape(b * t, top_k, 1), out_tkd, 0.0)
     return jnp.sum(out_tkd, axis=1).reshape(b, t, d)
 
 
