@@ -556,7 +556,7 @@ class Decoder(nnx.Module):
         positions_bt = starts_b[:, None] + jnp.arange(tokens_bt.shape[1])[None, :]
         if self.path.stacked:
             def attend(layer, q, k, v, cache):
-                cache = cache.write(layer, slots_b, positions_bt, k, v)
+                cache = cache.write_runs(layer, slots_b, starts_b, k, v, self.mesh)
                 return self._cache_attention(q, cache, layer, slots_b, starts_b, rows_on_data=False), cache
             return self._run_layers(self.embed_tokens(tokens_bt), positions_bt, attend, cache)
         fresh = jnp.all(starts_b == 0)  # every row starts a prompt: nothing cached before it

@@ -37,6 +37,34 @@ def test_the_platform_picks_its_path_and_a_cpu_can_run_the_others():
         hot_path("cpu", "npu")
 
 
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("mesh_shape", [None, (2, 2)])
+def test_prefill_windows_write_what_the_scatter_writes(int8, mesh_shape):
+    """StackedKVCache.write_runs (one in-place window per row) against write (a scatter): a
+    dropped row (slot out of range), a run past max_len (its tail dropped, the window moved back),
+    slots split over "data" and heads over "model"."""
+    import jax
+    import jax.numpy as jnp
+
+    from model.sharding import make_mesh
+    layers, slots, kv, n, hd, b, t = 2, 4, 2, 16, 8, 4, 6
+    mesh = None if mesh_shape is None else make_mesh(mesh_shape)
+    shape = (layers, slots, kv, n, hd)
+    if int8:
+        cache = StackedKVCache(*(jnp.asarray(rng.integers(-5, 5, size=shape), jnp.int8) for _ in range(2)),
+                               *(jnp.asarray(rng.uniform(0.5, 1, size=(*shape[:3], 1, n)), jnp.float32) for _ in range(2)))
+    else:
+        cache = StackedKVCache(*(jnp.asarray(rng.normal(size=shape), jnp.float32) for _ in range(2)))
+    if mesh is not None:
+        cache = jax.device_put(cache, cache.shardings(mesh))
+    k = jnp.asarray(rng.normal(size=(b, t, kv, hd)), jnp.float32)
+    slots_b, starts_b, layer = jnp.array([1, 4, 3, 0]), jnp.array([0, 3, 12, 5]), jnp.int32(1)
+    want = cache.write(layer, slots_b, starts_b[:, None] + jnp.arange(t)[None], k, 2 * k)
+    got = jax.jit(lambda c: c.write_runs(layer, slots_b, starts_b, k, 2 * k, mesh))(cache)
+    for a, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(a))
+
+
 @pytest.mark.parametrize("path,mesh,kw", [
     pytest.param("tpu", (1, 1), {}, marks=pytest.mark.slow),  # the (2, 2) and (2, 1) meshes below cover it
     ("tpu", (2, 2), {"kv_cache_dtype": "int8"}),  # slots over data, kv heads over model; int8 cache
