@@ -293,6 +293,58 @@ def moe_mlp(x_btd: Array, router_de: Array, w_gate, w_up, w_down, top_k: int, re
     return jnp.sum(out_tkd, axis=1).reshape(b, t, d)
 
 
+def expert_capacity(tokens: int, top_k: int, num_experts: int) -> int:
+    """Rows each expert gets in moe_mlp_batched: twice the mean load under uniform routing, in
+    multiples of 4, at most `tokens` (an expert never gets more: a token picks it once)."""
+    return min(tokens, 4 * math.ceil(2 * tokens * top_k / num_experts / 4))
+
+
+def _batched_linear(x_ecd: Array, w: Array | QArray) -> Array:
+    """Each expert's block of rows times its matrix: [e, c, d] x [e, d, f] -> [e, c, f], as
+    `linear` (float32 accumulation; an int8 w's per-expert, per-output-channel scale [e, f])."""
+    if isinstance(w, QArray):
+        out = jnp.einsum("ecd,edf->ecf", x_ecd, w.q.astype(x_ecd.dtype), preferred_element_type=jnp.float32)
+        return (out * w.scale[:, None, :]).astype(x_ecd.dtype)
+    return jnp.einsum("ecd,edf->ecf", x_ecd, w, preferred_element_type=jnp.float32).astype(x_ecd.dtype)
+
+
+def moe_mlp_batched(x_btd: Array, router_de: Array, w_gate, w_up, w_down, top_k: int, renormalize: bool,
+                    activation: str, first_expert: Array | int = 0) -> Array:
+    """moe_mlp for the CPU path, whose compiler has no grouped matmul (ragged_dot there is a
+    masked dense matmul of every row against every expert: `experts` times the pairs' flops).
+    Each expert's rows are gathered into a block of `capacity` rows (expert_capacity), the three
+    matmuls run batched over the experts, and each pair's output is gathered back: about twice the
+    pairs' flops, each expert's weights read once and in place. A step where some expert gets more
+    rows than that runs with every expert holding all t rows instead (lax.cond), so no pair is
+    dropped. Same arguments and result as moe_mlp, first_expert included."""
+    b, t, d = x_btd.shape
+    x_td = x_btd.reshape(b * t, d)
+    experts_tk, weights_tk = route(x_td, router_de, top_k, renormalize)
+    held = w_down.shape[0]
+    local_m = experts_tk.reshape(-1) - first_expert  # m = t * k pairs, token-major
+    onehot_me = (local_m[:, None] == jnp.arange(held)).astype(jnp.int32)  # none for others' experts
+    rank_m = jnp.sum((jnp.cumsum(onehot_me, axis=0) - 1) * onehot_me, axis=-1)  # the pair's row in its block
+    load_e = jnp.sum(onehot_me, axis=0)
+    mine_m = jnp.sum(onehot_me, axis=-1) > 0
+    token_m = jnp.arange(local_m.shape[0]) // top_k
+    act = jax.nn.silu if activation == "silu" else lambda a: jax.nn.gelu(a, approximate=True)
+
+    def run(capacity):  # blocks [experts, capacity, d]: the experts a leading batch dim of each matmul
+        rows = held * capacity
+        slot_m = jnp.where(mine_m & (rank_m < capacity), local_m * capacity + rank_m, rows)
+        xs = jnp.zeros((rows + 1, d), x_td.dtype).at[slot_m].set(x_td[token_m])[:rows].reshape(held, capacity, d)
+        h = act(_batched_linear(xs, w_gate)) * _batched_linear(xs, w_up)
+        y = _batched_linear(h, w_down).reshape(rows, d)
+        y_m = y[jnp.minimum(slot_m, rows - 1)].astype(jnp.float32) * weights_tk.reshape(-1, 1)
+        return jnp.sum(jnp.where((slot_m < rows)[:, None], y_m, 0.0).reshape(b * t, top_k, d), axis=1)
+
+    capacity = expert_capacity(b * t, top_k, router_de.shape[-1])
+    if capacity == b * t:
+        return run(capacity).reshape(b, t, d)
+    out = jax.lax.cond(jnp.max(load_e) <= capacity, lambda: run(capacity), lambda: run(b * t))
+    return out.reshape(b, t, d)
+
+
 def _merge_leading(w: Array | QArray, n: int) -> Array | QArray:
     """w with its first n dims merged into one (a free reshape of the stored array)."""
     if isinstance(w, QArray):
@@ -487,8 +539,9 @@ class Decoder(nnx.Module):
         if not cfg.num_experts:
             return gated_mlp(x_btd, w["w_gate"], w["w_up"], w["w_down"], cfg.activation, self._acc(x_btd),
                              self._fusion(x_btd, ("w_gate", "w_up")))
-        moe = functools.partial(moe_mlp, top_k=cfg.num_experts_per_tok, renormalize=cfg.norm_topk_prob,
-                                activation=cfg.activation)
+        # grouped matmuls where the compiler has them (TPU, GPU); batched blocks on the CPU path
+        moe = functools.partial(moe_mlp if self.path.stacked else moe_mlp_batched, top_k=cfg.num_experts_per_tok,
+                                renormalize=cfg.norm_topk_prob, activation=cfg.activation)
         names = ("router", "w_gate", "w_up", "w_down")
         if self.mesh is None or self.mesh.size == 1:
             return moe(x_btd, *(w[n] for n in names)).astype(x_btd.dtype)

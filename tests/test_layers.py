@@ -12,7 +12,8 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_
 from hf_reference import VARIANTS, make_hf_model, save_hf_model
 from model import Engine
 from model.config import rope_attention_factor, rope_inv_freq
-from model.decoder import (attention, attention_mask, fused_linear, gated_mlp, linear, moe_mlp, rms_norm, rope,
+from model.decoder import (attention, attention_mask, expert_capacity, fused_linear, gated_mlp, linear, moe_mlp,
+                           moe_mlp_batched, rms_norm, rope,
                            to_cache_layout)
 
 SEEDS = (0, 1, 2)
@@ -175,3 +176,31 @@ def test_the_mixture_of_experts_runs_grouped_matmuls_not_every_expert_on_every_t
     idle = sorted(set(range(e)) - set(chosen[0].tolist()))
     poked = down.at[np.asarray(idle)].set(1e3)  # weights no row of token 0 uses
     np.testing.assert_array_equal(np.asarray(run(poked))[0, 0], np.asarray(run(down))[0, 0])
+
+
+@pytest.mark.parametrize("same_tokens", [False, True])
+@pytest.mark.parametrize("int8", [False, True])
+def test_the_cpu_paths_batched_experts_give_the_grouped_matmuls_result(same_tokens, int8):
+    """moe_mlp_batched (each expert's rows in a block of expert_capacity rows, batched matmuls)
+    equals moe_mlp: with rows spread over the experts, and with every token alike, so that two
+    experts get all 16 rows, past the capacity of 8 (the step then runs with blocks of 16); with
+    int8 weights; and with the experts held in two halves (first_expert), whose sum is the whole."""
+    import jax
+
+    from model.quantize import quantize
+    e, d, f, k, t = 8, 16, 12, 2, 16
+    keys = jax.random.split(jax.random.key(1), 5)
+    router = jax.random.normal(keys[0], (d, e))
+    gate, up = (jax.random.normal(keys[i], (e, d, f)) for i in (1, 2))
+    down = jax.random.normal(keys[3], (e, f, d))
+    x = jax.random.normal(keys[4], (2, t // 2, d))
+    if same_tokens:
+        x = jnp.broadcast_to(x[:1, :1], x.shape)
+    ws = [quantize(w, (1,)) for w in (gate, up, down)] if int8 else [gate, up, down]
+    assert expert_capacity(t, k, e) == 8
+    want = np.asarray(moe_mlp(x, router, *ws, k, True, "silu"))
+    np.testing.assert_allclose(np.asarray(moe_mlp_batched(x, router, *ws, k, True, "silu")), want, rtol=1e-5, atol=1e-5)
+    halves = [jax.tree.map(lambda a, h=h: a[h * e // 2:(h + 1) * e // 2], ws) for h in (0, 1)]
+    split = sum(np.asarray(moe_mlp_batched(x, router, *half, k, True, "silu", first_expert=h * e // 2))
+                for h, half in enumerate(halves))
+    np.testing.assert_allclose(split, want, rtol=1e-5, atol=1e-5)
