@@ -167,7 +167,7 @@ def kernel_cache_bytes(engine: Engine, starts: Sequence[int], t: int) -> int:
     value block (and their scales when int8). Cost analysis cannot see inside the kernel."""
     k = engine.cache.k
     layers, slots, heads, max_len, head_dim = k.sharding.shard_shape(k.shape)
-    block_q, block_k = ragged.default_blocks(t, max_len)
+    block_q, block_k = ragged.default_blocks(t, max_len, engine.cfg.num_heads // engine.cfg.num_kv_heads)
     blocks = sum(ragged.blocks_fetched(np.asarray(starts), t, window=window, block_k=block_k, block_q=block_q,
                                        max_len=max_len, slots=np.arange(len(starts)) % slots, num_slots=slots)
                  for window in engine.cfg.layer_windows)  # per layer: Gemma's alternate windows

@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from model import ragged_attention as ragged
@@ -94,15 +95,30 @@ def rms_norm(x: Array, w: Array, eps: float, offset: float = 0.0) -> Array:
 
 
 def rope(x_btnh: Array, positions_bt: Array, inv_freq_h: Array, factor: float | Array = 1.0,
-         compute_dtype=jnp.float32) -> Array:
+         compute_dtype=jnp.float32, swap_by_matmul: bool = False) -> Array:
     """Rotary embedding in HF's rotate-half layout (first and second halves of head_dim pair up);
     cos and sin times `factor` (LongRoPE's attention factor). compute_dtype: of the rotation
-    (cos and sin are computed in float32 and cast to it, as HF's models do to their dtype)."""
+    (cos and sin are computed in float32 and cast to it, as HF's models do to their dtype).
+
+    swap_by_matmul: form the swapped halves [-x2, x1] as a matmul with a fixed +-1 matrix rather
+    than by slices and a concatenation. Exact (each output is one input, negated or not). The TPU
+    compiler writes the rotation in one fusion then, where the concatenation took a fusion and a
+    copy of its own: 34 MB less per layer and chip on an 8B prefill (docs/benchmarks.md), for 0.3%
+    more flops."""
     angles = positions_bt[:, :, None].astype(jnp.float32) * inv_freq_h[None, None, :]  # [b, t, h/2]
     cos, sin = jnp.cos(angles)[:, :, None, :] * factor, jnp.sin(angles)[:, :, None, :] * factor
     cos, sin = cos.astype(compute_dtype), sin.astype(compute_dtype)
-    x1, x2 = jnp.split(x_btnh.astype(compute_dtype), 2, axis=-1)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_btnh.dtype)
+    x = x_btnh.astype(compute_dtype)
+    if not swap_by_matmul:
+        x1, x2 = jnp.split(x, 2, axis=-1)
+        return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_btnh.dtype)
+    half = x.shape[-1] // 2
+    swap = np.zeros((2 * half, 2 * half), np.float32)
+    swap[np.arange(half) + half, np.arange(half)] = -1.0  # output i < half: -x2[i]
+    swap[np.arange(half), np.arange(half) + half] = 1.0   # output half + i: x1[i]
+    swapped = jnp.einsum("btnh,hg->btng", x, jnp.asarray(swap, compute_dtype), precision=jax.lax.Precision.HIGHEST)
+    cos, sin = (jnp.concatenate([a, a], axis=-1) for a in (cos, sin))
+    return (x * cos + swapped * sin).astype(x_btnh.dtype)
 
 
 def attention(q_btnh: Array, k_bkhs: Array | Sequence[Array], v_bksh: Array | Sequence[Array], mask_bts: Array,
@@ -523,7 +539,7 @@ class Decoder(nnx.Module):
         # the accelerator path rotates in the activations' dtype, as HF's models do: a bfloat16
         # rotation spares a prefill a float32 copy of q (0.1 GB per layer and chip on an 8B)
         dtype = q.dtype if self.path.stacked else jnp.float32
-        q, k = (rope(a, positions_bt, inv_freq, factor, dtype) for a in (q, k))
+        q, k = (rope(a, positions_bt, inv_freq, factor, dtype, swap_by_matmul=self.path.stacked) for a in (q, k))
         out, carry = attend(layer, q, k, v, carry)
         b, t = out.shape[:2]  # heads and head_dim merged: the matmul then reads wo as stored
         out = self._residual(linear("btx,xd->btd", out.reshape(b, t, -1), _merge_leading(w["wo"], 2),
@@ -683,7 +699,8 @@ class Decoder(nnx.Module):
         traced = isinstance(window, jax.Array)  # layers differ: the scan's value, passed as an operand
         kw = dict(k_scale=cache.k_scale, v_scale=cache.v_scale, window=window, **self._scores())
         if self.path.attention == "pallas":
-            block_q, block_k = ragged.default_blocks(q_btnh.shape[1], cache.max_len)
+            block_q, block_k = ragged.default_blocks(q_btnh.shape[1], cache.max_len,
+                                                     self.cfg.num_heads // self.cfg.num_kv_heads)
             fn = functools.partial(ragged.ragged_attention, interpret=self.path.interpret, block_q=block_q,
                                    block_k=block_k)
         else:

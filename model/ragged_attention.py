@@ -39,16 +39,24 @@ from jax.experimental.pallas import tpu as pltpu
 # Default block sizes for v5e with head_dim 128: a 512-position k/v block pair is 256 KiB of
 # bfloat16, about the per-grid-step overhead in HBM time; prefill's score tile stays in scoped VMEM.
 BLOCK_K, BLOCK_Q = 512, 256
+# Most query rows (positions x the query heads of one kv head) in a block: a prefill's q block is
+# up to this many / group positions, so that its [rows, BLOCK_K] float32 scores and weights (4 MiB
+# each) fit the scoped VMEM. Each q block fetches the k/v blocks up to its diagonal, so fewer,
+# larger q blocks fetch fewer: 512 positions at 4 heads per kv head halve an 8B prefill's cache
+# reads against 256 (docs/benchmarks.md).
+QUERY_ROWS = 2048
 
 # A traced window that masks nothing: every earlier position lies within it.
 NO_WINDOW = 1 << 30
 
 
-def default_blocks(t: int, max_len: int) -> tuple[int, int]:
-    """(block_q, block_k) for t queries per row over a cache of max_len: the defaults, shrunk to
-    divide t and max_len. Up to BLOCK_Q queries are one block whatever t is (a speculative
-    verify step's k + 1): a block's rows must be a multiple of 8 or all of them."""
-    return (t if t <= BLOCK_Q else math.gcd(t, BLOCK_Q)), math.gcd(max_len, BLOCK_K)
+def default_blocks(t: int, max_len: int, group: int = 1) -> tuple[int, int]:
+    """(block_q, block_k) for t queries per row over a cache of max_len, `group` query heads per kv
+    head: block_q the larger of BLOCK_Q and QUERY_ROWS // group, up to 2 * BLOCK_Q, block_k
+    BLOCK_K, each shrunk to divide t and max_len. Up to BLOCK_Q queries are one block whatever t is
+    (a speculative verify step's k + 1): a block's rows must be a multiple of 8 or all of them."""
+    most = min(2 * BLOCK_Q, max(BLOCK_Q, QUERY_ROWS // group))
+    return (t if t <= most else math.gcd(t, most)), math.gcd(max_len, BLOCK_K)
 
 
 def _block_sizes(t: int, max_len: int, block_q: int, block_k: int) -> tuple[int, int]:

@@ -75,9 +75,15 @@ def test_rope(layer0):
         np.testing.assert_allclose(np.asarray(ours, np.float32), _np(inv_freq), rtol=1e-6)
         assert rope_attention_factor(cfg, cfg.is_sliding(layer)) == pytest.approx(factor)
         for x, ref in ((q, ref_q), (k, ref_k)):
-            got = rope(jnp.asarray(_np(x).transpose(0, 2, 1, 3)), jnp.asarray(positions.numpy()),
-                       jnp.asarray(_np(inv_freq)), factor)
+            args = (jnp.asarray(_np(x).transpose(0, 2, 1, 3)), jnp.asarray(positions.numpy()),
+                    jnp.asarray(_np(inv_freq)), factor)
+            got = rope(*args)
             np.testing.assert_allclose(np.asarray(got), _np(ref).transpose(0, 2, 1, 3), atol=2e-5)
+            # the accelerator path's form: the swapped halves by a +-1 matmul, exact in bfloat16 too
+            np.testing.assert_allclose(np.asarray(rope(*args, swap_by_matmul=True)), np.asarray(got), atol=1e-6)
+            low = (args[0].astype(jnp.bfloat16), *args[1:], jnp.bfloat16)
+            np.testing.assert_array_equal(np.asarray(rope(*low, swap_by_matmul=True), np.float32),
+                                          np.asarray(rope(*low), np.float32))
 
 
 def test_attention(layer0):
