@@ -105,9 +105,10 @@ def blocks_fetched(starts, t: int, *, window: int | None, block_k: int, block_q:
 
 
 def _kernel(layer_ref, slots_ref, starts_ref, fetch_ref, first_ref, last_ref, window_ref, q_ref, k_ref, v_ref,
-            *refs, group, block_q, block_k, num_q_blocks, num_slots, windowed, scale, softcap, int8):
-    """One (kv head, row, q block, k block) step: q [group * block_q, h] (rows are positions x
-    heads), k and v [block_k, h]. Flash-style online softmax in float32 scratch."""
+            *refs, group, block_q, block_k, num_q_blocks, num_slots, windowed, scale, softcap, int8, heads_major):
+    """One (kv head, row, q block, k block) step: q [block_q * group, h] (rows are positions x
+    heads), or [group, block_q, h] when heads_major (rows are heads x positions); k and v
+    [block_k, h]. Flash-style online softmax in float32 scratch."""
     ks_ref, vs_ref = refs[:2] if int8 else (None, None)
     o_ref, m_ref, l_ref, acc_ref = refs[-4:]
     i, qb, kb = pl.program_id(1), pl.program_id(2), pl.program_id(3)
@@ -124,7 +125,7 @@ def _kernel(layer_ref, slots_ref, starts_ref, fetch_ref, first_ref, last_ref, wi
 
     @pl.when(live)
     def _compute():
-        q = q_ref[...]
+        q = q_ref[...].reshape(-1, q_ref.shape[-1])  # heads_major: [group, block_q, h] as its rows
         k = k_ref[...].astype(q.dtype)  # int8 -> compute dtype: exact for |x| <= 127
         s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         s = s * scale
@@ -133,7 +134,8 @@ def _kernel(layer_ref, slots_ref, starts_ref, fetch_ref, first_ref, last_ref, wi
         if softcap is not None:
             s = jnp.tanh(s / softcap) * softcap
         shape = s.shape
-        q_pos = starts_ref[i] + qb * block_q + lax.div(lax.broadcasted_iota(jnp.int32, shape, 0), group)
+        row = lax.broadcasted_iota(jnp.int32, shape, 0)
+        q_pos = starts_ref[i] + qb * block_q + (lax.rem(row, block_q) if heads_major else lax.div(row, group))
         k_pos = kb * block_k + lax.broadcasted_iota(jnp.int32, shape, 1)
         mask = k_pos <= q_pos
         if windowed:
@@ -154,7 +156,7 @@ def _kernel(layer_ref, slots_ref, starts_ref, fetch_ref, first_ref, last_ref, wi
     @pl.when(kb == pl.num_programs(3) - 1)
     def _finish():
         l = l_ref[...]
-        o_ref[...] = (acc_ref[...] / jnp.where(l == 0, 1.0, l)).astype(o_ref.dtype)  # no key seen: 0
+        o_ref[...] = (acc_ref[...] / jnp.where(l == 0, 1.0, l)).astype(o_ref.dtype).reshape(o_ref.shape)  # no key: 0
 
 
 def ragged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer, slots: jax.Array,
@@ -198,7 +200,15 @@ def ragged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer
         j = i * nq + qb
         return layer_ref[0], fetch_ref[i], kh, jnp.minimum(jnp.maximum(kb, first_ref[j]), last_ref[j])
 
-    q_spec = pl.BlockSpec((None, None, rows, h), lambda kh, i, qb, kb, *_: (i, kh, qb, 0))
+    # A prefill's q goes in as [b, K, group, t, h] (each kv head's query heads, then positions):
+    # the layout the projection and RoPE write without a transpose, where [b, K, t * group, h]
+    # took the TPU compiler two copies of q per layer (67 MB per layer and chip on an 8B prefill).
+    # Blocks of a few positions (decode, a verify step's k + 1) keep positions x heads as rows.
+    heads_major = block_q % 16 == 0
+    if heads_major:
+        q_spec = pl.BlockSpec((None, None, group, block_q, h), lambda kh, i, qb, kb, *_: (i, kh, 0, qb, 0))
+    else:
+        q_spec = pl.BlockSpec((None, None, rows, h), lambda kh, i, qb, kb, *_: (i, kh, qb, 0))
     kv_spec = pl.BlockSpec((None, None, None, block_k, h), lambda *a: (*kv_block(*a), 0))
     in_specs = [q_spec, kv_spec, kv_spec]
     operands = [k_cache, v_cache]
@@ -209,14 +219,17 @@ def ragged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer
         in_specs += [pl.BlockSpec((None, None, None, 1, block_k), scale_block)] * 2
         operands += [k_scale, v_scale]
 
-    q_bkrh = q.reshape(b, t, K, group, h).transpose(0, 2, 1, 3, 4).reshape(b, K, t * group, h)
+    if heads_major:
+        q_in = q.reshape(b, t, K, group, h).transpose(0, 2, 3, 1, 4)  # [b, K, group, t, h]
+    else:
+        q_in = q.reshape(b, t, K, group, h).transpose(0, 2, 1, 3, 4).reshape(b, K, t * group, h)
     # keys each query sees, summed: a decode row may see all of T; a prefill is costed as a prompt
     # from position 0 (causal), since the starts are only known at run time; a traced window as none
     static_window = window if isinstance(window, int) else T
     seen = [min(T, j + 1, static_window) for j in range(t)] if t > 1 else [min(T, static_window)]
     kernel = functools.partial(_kernel, group=group, block_q=block_q, block_k=block_k, num_q_blocks=nq,
                                num_slots=S, windowed=window is not None, scale=h ** -0.5 if scale is None else scale,
-                               softcap=softcap, int8=int8)
+                               softcap=softcap, int8=int8, heads_major=heads_major)
     out = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -226,13 +239,15 @@ def ragged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer
             out_specs=q_spec,
             scratch_shapes=[pltpu.VMEM((rows, 1), jnp.float32), pltpu.VMEM((rows, 1), jnp.float32),
                             pltpu.VMEM((rows, h), jnp.float32)]),
-        out_shape=jax.ShapeDtypeStruct(q_bkrh.shape, q.dtype),
+        out_shape=jax.ShapeDtypeStruct(q_in.shape, q.dtype),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         cost_estimate=pl.CostEstimate(flops=4 * b * n * h * sum(seen),
                                       transcendentals=(1 if softcap is None else 2) * b * n * sum(seen),
                                       bytes_accessed=2 * q.size * q.dtype.itemsize),
         interpret=interpret,
-    )(*prefetch, q_bkrh, *operands)
+    )(*prefetch, q_in, *operands)
+    if heads_major:
+        return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
     return out.reshape(b, K, t, group, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
 
 

@@ -46,12 +46,15 @@ def test_decode_in_bfloat16():
     np.testing.assert_allclose(out, ref, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("t,block_q", [(16, 8), (32, 16)], ids=["positions-major", "heads-major"])
 @pytest.mark.parametrize("window", [None, 20])
-def test_prefill_from_zero_and_after_a_cached_prefix(window):
-    q, k, v = _inputs(2, 4, 16, 4, 2)
+def test_prefill_from_zero_and_after_a_cached_prefix(window, t, block_q):
+    """Two q blocks per row; blocks of 16 positions or more take q as [b, kv, group, t, h] (each
+    kv head's query heads, then positions), smaller ones as [b, kv, t * group, h]."""
+    q, k, v = _inputs(2, 4, t, 4, 2)
     # rows start at 0, continue a prefix at 24 and 37, and one runs past max_len (a right-padded
-    # chunk whose tail queries sit at positions >= T); two q blocks per row
-    out, ref = _both(q, k, v, 0, [1, 0, 3, 2], [0, 24, 37, 56], window=window)
+    # chunk whose tail queries sit at positions >= T)
+    out, ref = _both(q, k, v, 0, [1, 0, 3, 2], [0, 24, 37, 56], window=window, block_q=block_q)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 
