@@ -227,10 +227,12 @@ class StackedKVCache:
                               place(self.k_scale, STACKED_SCALE_AXES), place(self.v_scale, STACKED_SCALE_AXES))
 
     def write(self, layer: jax.Array, slots_b: jax.Array | None, positions_bt: jax.Array, k_btkh: jax.Array,
-              v_btkh: jax.Array, chunks: int | None = None) -> "StackedKVCache":
+              v_btkh: jax.Array, chunks: int | None = None, scale_windows: bool = False) -> "StackedKVCache":
         """Stores row i's keys/values [b, t, kv_heads, head_dim] at slot slots_b[i], positions
         positions_bt[i] of `layer` (a traced index). Out-of-range slots and positions are dropped.
-        slots_b None: row i is slot i, for every slot (decode)."""
+        slots_b None: row i is slot i, for every slot (decode). scale_windows: an int8 cache's
+        decode scales go in as one in-place window per slot (positions_bt's rows then runs of
+        consecutive positions; only where the slots are not split over devices)."""
         s = (jnp.arange(self.max_slots) if slots_b is None else slots_b)[:, None]
 
         def put(buf, value):  # indexing [l, s, :, p] puts the (b, t) dims first, as in `value`
@@ -239,7 +241,14 @@ class StackedKVCache:
         if self.k_scale is None:
             return StackedKVCache(put(self.k, k_btkh), put(self.v, v_btkh))
         (kq, ks), (vq, vs) = _quantize_vectors(k_btkh), _quantize_vectors(v_btkh)
-        if slots_b is None:
+        if slots_b is None and scale_windows and self.max_slots <= DECODE_WINDOW_SLOTS:
+            # every slot's new scales (t consecutive positions from positions_bt[:, 0]) as one
+            # in-place window per slot: 3.3 MB less per layer and chip than _put_scales' select
+            # over the layer's scales on the 70B shape (64 slots; docs/benchmarks.md)
+            every = jnp.arange(self.max_slots)
+            put_scale = lambda buf, value: _write_windows(buf, layer, every, positions_bt[:, 0],  # noqa: E731
+                                                          value[..., None], 4)
+        elif slots_b is None:
             put_scale = functools.partial(_put_scales, layer, positions_bt)
         else:
             put_scale = lambda buf, value: buf.at[layer, s, :, 0, positions_bt].set(value, mode="drop")  # noqa: E731
@@ -285,6 +294,8 @@ class StackedKVCache:
 
 # Most prefill rows written by in-place windows (StackedKVCache.write_runs); the rows are unrolled
 RUN_ROWS = 32
+# Most slots whose decode scales are written by in-place windows (unrolled too); more use a select
+DECODE_WINDOW_SLOTS = 128
 
 
 def _write_windows(buf: jax.Array, layer: jax.Array, slots_b: jax.Array, starts_b: jax.Array, rows: jax.Array,

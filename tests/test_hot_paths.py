@@ -4,6 +4,7 @@ kernel's XLA reference) give the CPU path's tokens, compile decode once, and sha
 architectures whose layers differ (Gemma 2 and 3: per-layer windows, Gemma 3: per-layer RoPE),
 which the scan over layers looks up by the traced layer index."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -43,7 +44,6 @@ def test_prefill_windows_write_what_the_scatter_writes(int8, mesh_shape):
     """StackedKVCache.write_runs (one in-place window per row) against write (a scatter): a
     dropped row (slot out of range), a run past max_len (its tail dropped, the window moved back),
     slots split over "data" and heads over "model"."""
-    import jax
     import jax.numpy as jnp
 
     from model.sharding import make_mesh
@@ -61,6 +61,24 @@ def test_prefill_windows_write_what_the_scatter_writes(int8, mesh_shape):
     slots_b, starts_b, layer = jnp.array([1, 4, 3, 0]), jnp.array([0, 3, 12, 5]), jnp.int32(1)
     want = cache.write(layer, slots_b, starts_b[:, None] + jnp.arange(t)[None], k, 2 * k)
     got = jax.jit(lambda c: c.write_runs(layer, slots_b, starts_b, k, 2 * k, mesh))(cache)
+    for a, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(a))
+
+
+@pytest.mark.parametrize("t", [1, 3])
+def test_decode_scale_windows_write_what_the_select_writes(t):
+    """An int8 cache's decode write (every slot, t consecutive positions: a decode or verify step)
+    with its scales as one window per slot equals the select over the layer's scales, a slot whose
+    run passes max_len included."""
+    import jax.numpy as jnp
+    layers, slots, kv, n, hd = 2, 4, 2, 16, 8
+    shape = (layers, slots, kv, n, hd)
+    cache = StackedKVCache(*(jnp.asarray(rng.integers(-5, 5, size=shape), jnp.int8) for _ in range(2)),
+                           *(jnp.asarray(rng.uniform(0.5, 1, size=(*shape[:3], 1, n)), jnp.float32) for _ in range(2)))
+    k = jnp.asarray(rng.normal(size=(slots, t, kv, hd)), jnp.float32)
+    positions = jnp.array([0, 5, n - 2, 9])[:, None] + jnp.arange(t)[None]
+    want = cache.write(jnp.int32(1), None, positions, k, 2 * k)
+    got = cache.write(jnp.int32(1), None, positions, k, 2 * k, scale_windows=True)
     for a, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(a))
 
