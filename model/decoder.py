@@ -223,10 +223,15 @@ def packed_mask(positions_bt: Array, segments_bt: Array, window: int | Array | N
     return mask
 
 
+def _activation(name: str) -> Callable[[Array], Array]:
+    """The MLP's activation: SiLU, or GELU in its tanh approximation (Gemma, Phi-3's configs)."""
+    return jax.nn.silu if name == "silu" else lambda a: jax.nn.gelu(a, approximate=True)
+
+
 def gated_mlp(x_btd: Array, w_gate, w_up, w_down, activation: str, accumulate=jnp.float32,
               groups: int | None = None) -> Array:
     """groups: as in fused_linear (gate and up as one matmul); None: two matmuls."""
-    act = jax.nn.silu if activation == "silu" else lambda a: jax.nn.gelu(a, approximate=True)
+    act = _activation(activation)
     if groups is None:
         gate, up = (linear("btd,df->btf", x_btd, w) for w in (w_gate, w_up))
     else:
@@ -276,30 +281,38 @@ def grouped_linear(x_md: Array, w: Array | QArray, group_sizes_e: Array, expert_
     return (out * w.scale[expert_m]).astype(x_md.dtype)
 
 
+def _routed_pairs(x_btd: Array, router_de: Array, top_k: int, renormalize: bool, first_expert: Array | int,
+                  held: int) -> tuple[Array, Array, Array, Array]:
+    """Routing shared by moe_mlp and moe_mlp_batched: (x as [tokens, d], the router's weights
+    [tokens, k], each (token, expert) pair's expert among the `held` from first_expert on [t * k]
+    (token-major), and whether that expert is held here [t * k])."""
+    x_td = x_btd.reshape(-1, x_btd.shape[-1])
+    experts_tk, weights_tk = route(x_td, router_de, top_k, renormalize)
+    local_m = experts_tk.reshape(-1) - first_expert
+    return x_td, weights_tk, local_m, (local_m >= 0) & (local_m < held)
+
+
 def moe_mlp(x_btd: Array, router_de: Array, w_gate, w_up, w_down, top_k: int, renormalize: bool,
             activation: str, first_expert: Array | int = 0) -> Array:
     """Mixture of experts [b, t, d] -> float32 [b, t, d]: each token runs through its top_k
     experts' gated MLPs (w_gate, w_up [e, d, f], w_down [e, f, d]), each in x's dtype as
     transformers runs them, and their outputs summed with the router's weights in float32 (so
-    that sums over devices add up before rounding). The
-    t*k (token, expert) pairs are sorted by expert so that each expert's matmul is one group of a
-    ragged_dot: every pair is computed, none dropped, no capacity limit.
+    that sums over devices add up before rounding). The t*k (token, expert) pairs are sorted by
+    expert so that each expert's matmul is one group of a ragged_dot: every pair is computed, none
+    dropped, no capacity limit.
 
     The weights may hold only experts first_expert .. first_expert + e - 1 of the router's (one
     device's share when experts are split over devices): the pairs routed to other experts sort
     after every group, where ragged_dot leaves its rows zero, and add nothing here."""
     b, t, d = x_btd.shape
-    x_td = x_btd.reshape(b * t, d)
-    experts_tk, weights_tk = route(x_td, router_de, top_k, renormalize)
     held = w_down.shape[0]
-    local_m = experts_tk.reshape(-1) - first_expert  # m = t * k pairs, token-major
-    mine_m = (local_m >= 0) & (local_m < held)
+    x_td, weights_tk, local_m, mine_m = _routed_pairs(x_btd, router_de, top_k, renormalize, first_expert, held)
     key_m = jnp.where(mine_m, local_m, held)  # pairs of experts held elsewhere: one group past the last
     order_m = jnp.argsort(key_m, stable=True)
     sorted_m = jnp.minimum(key_m[order_m], held - 1)  # each row's expert, for an int8 weight's scales
     group_sizes_e = jnp.zeros((held + 1,), jnp.int32).at[key_m].add(1)[:held]
     xs_md = x_td[order_m // top_k]
-    act = jax.nn.silu if activation == "silu" else lambda a: jax.nn.gelu(a, approximate=True)
+    act = _activation(activation)
     h_mf = act(grouped_linear(xs_md, w_gate, group_sizes_e, sorted_m)) * grouped_linear(
         xs_md, w_up, group_sizes_e, sorted_m)
     out_md = grouped_linear(h_mf, w_down, group_sizes_e, sorted_m)
@@ -334,16 +347,13 @@ def moe_mlp_batched(x_btd: Array, router_de: Array, w_gate, w_up, w_down, top_k:
     rows than that runs with every expert holding all t rows instead (lax.cond), so no pair is
     dropped. Same arguments and result as moe_mlp, first_expert included."""
     b, t, d = x_btd.shape
-    x_td = x_btd.reshape(b * t, d)
-    experts_tk, weights_tk = route(x_td, router_de, top_k, renormalize)
     held = w_down.shape[0]
-    local_m = experts_tk.reshape(-1) - first_expert  # m = t * k pairs, token-major
+    x_td, weights_tk, local_m, mine_m = _routed_pairs(x_btd, router_de, top_k, renormalize, first_expert, held)
     onehot_me = (local_m[:, None] == jnp.arange(held)).astype(jnp.int32)  # none for others' experts
     rank_m = jnp.sum((jnp.cumsum(onehot_me, axis=0) - 1) * onehot_me, axis=-1)  # the pair's row in its block
     load_e = jnp.sum(onehot_me, axis=0)
-    mine_m = jnp.sum(onehot_me, axis=-1) > 0
     token_m = jnp.arange(local_m.shape[0]) // top_k
-    act = jax.nn.silu if activation == "silu" else lambda a: jax.nn.gelu(a, approximate=True)
+    act = _activation(activation)
 
     def run(capacity):  # blocks [experts, capacity, d]: the experts a leading batch dim of each matmul
         rows = held * capacity

@@ -21,7 +21,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-
 from jax.sharding import PartitionSpec as P
 
 from model.config import ModelConfig
@@ -281,8 +280,9 @@ class StackedKVCache:
         def local(cache, new, slots_b, starts_b):
             if sharded:  # a slot of another "data" group: out of range here, dropped
                 slots_b = slots_b - jax.lax.axis_index("data") * cache.max_slots
+            positions_axis = StackedKVCache(3, 3, 4, 4) if int8 else StackedKVCache(3, 3)  # of each buffer
             return jax.tree.map(lambda buf, rows, pos: _write_windows(buf, layer, slots_b, starts_b, rows, pos),
-                                cache, new, StackedKVCache(3, 3, 4, 4) if int8 else StackedKVCache(3, 3))
+                                cache, new, positions_axis)
 
         if not sharded:
             return local(self, new, slots_b, starts_b)
