@@ -680,11 +680,9 @@ class Decoder(nnx.Module):
         positions_bt = positions_b[:, None] + jnp.arange(tokens_bt.shape[1], dtype=positions_b.dtype)[None, :]
         if self.path.stacked:
             rows = jnp.arange(b, dtype=jnp.int32)
-            slots_split = self.mesh is not None and logical_to_spec(
-                STACKED_AXES, cache.k.shape, self.mesh)[1:2] == (DATA,)
 
             def attend(layer, q, k, v, cache):
-                cache = cache.write(layer, None, positions_bt, k, v, scale_windows=not slots_split)
+                cache = cache.write(layer, None, positions_bt, k, v, scale_windows=True, mesh=self.mesh)
                 return self._cache_attention(q, cache, layer, rows, positions_b, rows_on_data=True), cache
             x, cache = self._run_layers(self.embed_tokens(tokens_bt), positions_bt, attend, cache)
             return self.head(x), cache

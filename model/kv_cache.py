@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from model.config import ModelConfig
-from model.sharding import named_sharding
+from model.sharding import DATA, named_sharding
 
 K_AXES = ("slots", "kv_heads", "head_dim", "cache_len")
 V_AXES = ("slots", "kv_heads", "cache_len", "head_dim")
@@ -226,25 +226,37 @@ class StackedKVCache:
                               place(self.k_scale, STACKED_SCALE_AXES), place(self.v_scale, STACKED_SCALE_AXES))
 
     def write(self, layer: jax.Array, slots_b: jax.Array | None, positions_bt: jax.Array, k_btkh: jax.Array,
-              v_btkh: jax.Array, chunks: int | None = None, scale_windows: bool = False) -> "StackedKVCache":
+              v_btkh: jax.Array, chunks: int | None = None, scale_windows: bool = False,
+              mesh: jax.sharding.Mesh | None = None) -> "StackedKVCache":
         """Stores row i's keys/values [b, t, kv_heads, head_dim] at slot slots_b[i], positions
         positions_bt[i] of `layer` (a traced index). Out-of-range slots and positions are dropped.
-        slots_b None: row i is slot i, for every slot (decode). scale_windows: an int8 cache's
-        decode scales go in as one in-place window per slot (positions_bt's rows then runs of
-        consecutive positions; only where the slots are not split over devices)."""
+        slots_b None: row i is slot i, for every slot (decode; see _put_positions).
+        scale_windows: an int8 cache's decode scales go in as one in-place window per slot
+        (positions_bt's rows then runs of consecutive positions).
+        mesh (decode only): where it splits the slots over "data", each "data" group writes its
+        own slots' rows (the partitioner cannot tell that the slot indices stay on their device)."""
+        if slots_b is None and mesh is not None and self._slots_split(mesh):
+            specs = jax.tree.map(lambda sh: sh.spec, self.shardings(mesh))
+            heads = (tuple(specs.k) + (None,) * 3)[2]
+            rows = P(DATA, None, heads, None)  # [slots, t, kv heads, head_dim], as the cache splits them
+            local = lambda cache, layer, positions, k, v: cache.write(  # noqa: E731
+                layer, None, positions, k, v, scale_windows=scale_windows)
+            return jax.shard_map(local, mesh=mesh, in_specs=(specs, P(), P(DATA), rows, rows), out_specs=specs,
+                                 check_vma=False)(self, layer, positions_bt, k_btkh, v_btkh)
         s = (jnp.arange(self.max_slots) if slots_b is None else slots_b)[:, None]
+        windows = scale_windows and slots_b is None and self.max_slots <= DECODE_WINDOW_SLOTS
+        every = jnp.arange(self.max_slots)
 
-        def put(buf, value):  # indexing [l, s, :, p] puts the (b, t) dims first, as in `value`
+        def put(buf, value):
+            if slots_b is None:
+                return _put_positions(buf, layer, positions_bt, value.astype(buf.dtype))
+            # indexing [l, s, :, p] puts the (b, t) dims first, as in `value`
             return buf.at[layer, s, :, positions_bt].set(value.astype(buf.dtype), mode="drop")
 
         if self.k_scale is None:
             return StackedKVCache(put(self.k, k_btkh), put(self.v, v_btkh))
         (kq, ks), (vq, vs) = _quantize_vectors(k_btkh), _quantize_vectors(v_btkh)
-        if slots_b is None and scale_windows and self.max_slots <= DECODE_WINDOW_SLOTS:
-            # every slot's new scales (t consecutive positions from positions_bt[:, 0]) as one
-            # in-place window per slot: 3.3 MB less per layer and chip than _put_scales' select
-            # over the layer's scales on the 70B shape (64 slots; docs/benchmarks.md)
-            every = jnp.arange(self.max_slots)
+        if windows:
             put_scale = lambda buf, value: _write_windows(buf, layer, every, positions_bt[:, 0],  # noqa: E731
                                                           value[..., None], 4)
         elif slots_b is None:
@@ -253,6 +265,9 @@ class StackedKVCache:
             put_scale = lambda buf, value: buf.at[layer, s, :, 0, positions_bt].set(value, mode="drop")  # noqa: E731
         return StackedKVCache(put(self.k, kq), put(self.v, vq), put_scale(self.k_scale, ks),
                               put_scale(self.v_scale, vs))
+
+    def _slots_split(self, mesh: jax.sharding.Mesh) -> bool:
+        return mesh.size > 1 and tuple(self.shardings(mesh).k.spec)[1:2] == (DATA,)
 
     def write_runs(self, layer: jax.Array, slots_b: jax.Array, starts_b: jax.Array, k_btkh: jax.Array,
                    v_btkh: jax.Array, mesh: jax.sharding.Mesh | None = None) -> "StackedKVCache":
@@ -321,6 +336,19 @@ def _write_windows(buf: jax.Array, layer: jax.Array, slots_b: jax.Array, starts_
         keep = keep.reshape([t if a == pos_axis else 1 for a in range(buf.ndim)])
         buf = jax.lax.dynamic_update_slice(buf, jnp.where(keep, moved, old), index)
     return buf
+
+
+def _put_positions(buf: jax.Array, layer: jax.Array, positions_bt: jax.Array, value_btkh: jax.Array) -> jax.Array:
+    """Decode's write of every slot's t new keys or values (row i is slot i) into buf [layers,
+    slots, kv, len, head_dim], indexed by (slot, kv head, position) so that each scattered window
+    is one head_dim row. (Indexed by (slot, position) only, the window is [kv, head_dim]; with
+    more than one kv head per chip, the TPU compiler then lays the whole cache out for that window
+    and copies each layer into the kernel's layout and back: 0.27 GB per layer and chip on the 8B
+    shape's (2, 4) mesh.) Positions past len are dropped."""
+    b, t, kv, _ = value_btkh.shape
+    slots, heads = jnp.arange(b)[:, None, None], jnp.arange(kv)[None, :, None]
+    rows = jnp.swapaxes(value_btkh, 1, 2)  # [b, kv, t, head_dim]
+    return buf.at[layer, slots, heads, positions_bt[:, None, :]].set(rows, mode="drop")
 
 
 def _put_scales(layer, positions_bt, buf, value):

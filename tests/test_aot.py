@@ -141,3 +141,20 @@ def test_a_mixture_of_experts_compiles_and_its_ideal_counts_the_experts_its_rows
     assert unread == round(experts * (1 - 3.5 / 8)) + embed
     assert result["decode"][0]["bytes_accessed_per_chip"] > 0 and result["prefill"]["flops_per_chip"] > 0
     assert "2 of 8 experts" in report
+
+
+@needs_libtpu
+@pytest.mark.parametrize("kv", [None, "int8"])
+def test_decode_writes_the_cache_in_place_with_several_kv_heads_per_chip(kv):
+    """With two kv heads of 128 lanes on each chip and the slots split over "data", a decode
+    step's cache write once made the compiler lay the cache out for the write's [kv, head_dim]
+    rows and copy every layer into the kernel's layout and back (19.8 GB of temporaries per chip
+    on the 8B shape's (2, 4) mesh; here, with 64 slots per chip). The step's temporaries stay
+    below one layer's keys."""
+    from model.config import llama_preset
+    cfg = llama_preset(vocab=256, hidden=512, layers=2, heads=4, kv_heads=4, ffw=256)  # head_dim 128
+    engine = Engine.abstract(cfg, make_mesh((2, 2), _v5e()), dtype="bfloat16", max_slots=128, max_len=1024,
+                             kv_cache_dtype=kv)
+    memory = engine.lower_decode(1).compile().memory_analysis()
+    per_layer_k = 64 * 2 * 1024 * 128 * (1 if kv else 2)  # slots, kv heads, positions, head_dim per chip
+    assert memory.temp_size_in_bytes < per_layer_k  # before: 204 MB (bfloat16), 138 MB (int8)

@@ -65,22 +65,34 @@ def test_prefill_windows_write_what_the_scatter_writes(int8, mesh_shape):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(a))
 
 
+@pytest.mark.parametrize("int8", [False, True])
 @pytest.mark.parametrize("t", [1, 3])
-def test_decode_scale_windows_write_what_the_select_writes(t):
-    """An int8 cache's decode write (every slot, t consecutive positions: a decode or verify step)
-    with its scales as one window per slot equals the select over the layer's scales, a slot whose
-    run passes max_len included."""
+def test_decode_writes_what_a_scatter_by_slot_writes(t, int8):
+    """A decode or verify step's write (every slot, t consecutive positions): keys and values by
+    (slot, kv head, position), an int8 cache's scales by the select over the layer or as one window
+    per slot, and each "data" group writing its own slots on a (2, 2) mesh; against the scatter by
+    (slot, position) a prefill uses, with a slot whose run passes max_len."""
     import jax.numpy as jnp
+
+    from model.sharding import make_mesh
     layers, slots, kv, n, hd = 2, 4, 2, 16, 8
     shape = (layers, slots, kv, n, hd)
-    cache = StackedKVCache(*(jnp.asarray(rng.integers(-5, 5, size=shape), jnp.int8) for _ in range(2)),
-                           *(jnp.asarray(rng.uniform(0.5, 1, size=(*shape[:3], 1, n)), jnp.float32) for _ in range(2)))
+    if int8:
+        cache = StackedKVCache(*(jnp.asarray(rng.integers(-5, 5, size=shape), jnp.int8) for _ in range(2)),
+                               *(jnp.asarray(rng.uniform(0.5, 1, size=(*shape[:3], 1, n)), jnp.float32) for _ in range(2)))
+    else:
+        cache = StackedKVCache(*(jnp.asarray(rng.normal(size=shape), jnp.float32) for _ in range(2)))
     k = jnp.asarray(rng.normal(size=(slots, t, kv, hd)), jnp.float32)
     positions = jnp.array([0, 5, n - 2, 9])[:, None] + jnp.arange(t)[None]
-    want = cache.write(jnp.int32(1), None, positions, k, 2 * k)
-    got = cache.write(jnp.int32(1), None, positions, k, 2 * k, scale_windows=True)
-    for a, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
-        np.testing.assert_array_equal(np.asarray(g), np.asarray(a))
+    layer = jnp.int32(1)
+    want = cache.write(layer, jnp.arange(slots), positions, k, 2 * k)
+    mesh = make_mesh((2, 2))
+    split = jax.device_put(cache, cache.shardings(mesh))
+    for got in (cache.write(layer, None, positions, k, 2 * k),
+                cache.write(layer, None, positions, k, 2 * k, scale_windows=True),
+                jax.jit(lambda c: c.write(layer, None, positions, k, 2 * k, scale_windows=True, mesh=mesh))(split)):
+        for a, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(a))
 
 
 @pytest.mark.parametrize("path,mesh,kw", [
