@@ -11,8 +11,13 @@ Workloads (the demo's own prompts, EOS ignored so every row generates `--new` to
 Every engine is warmed up first (which also measures a verify step's cost for the gate); each
 figure is the median of `--runs` timed runs, tokens generated / wall seconds.
 
+`--widen N` measures against the target widened N times (launch/widen_model.py: the same function
+at N^2 times the parameters, built in a temporary directory), so that a decode step waits on its
+weights as a large model's does; the draft, distilled against the target, fits it unchanged.
+
 Run:  python -m launch.bench_speculative            # ~2 min on a 2-core CPU
       python -m launch.bench_speculative --quick
+      python -m launch.bench_speculative --widen 4 --workloads batch1   # a 79M-parameter target
 """
 
 from __future__ import annotations
@@ -23,12 +28,17 @@ import glob
 import json
 import os
 import statistics
+import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from launch.bench_engine import machine_info  # noqa: E402
+from launch.widen_model import widen  # noqa: E402
 from model import Engine, SamplingParams  # noqa: E402
+from model.engine import CHECKPOINTS  # noqa: E402
+
+WORKLOADS = ("batch1", "copy", "busy")
 
 
 def parse_args(argv=None):
@@ -41,10 +51,15 @@ def parse_args(argv=None):
     p.add_argument("--copy-slots", type=int, default=4)
     p.add_argument("--busy-slots", type=int, default=32)
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--widen", type=int, default=1, help="measure against the target widened this many times")
+    p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated, of {WORKLOADS}")
     p.add_argument("--out", default="bench_speculative.json")
     p.add_argument("--quick", action="store_true", help="a smoke run: 2 prompts, 16 tokens, 1 run")
     args = p.parse_args(argv)
     args.ks = [int(k) for k in args.ks.split(",")]
+    args.workloads = args.workloads.split(",")
+    if unknown := set(args.workloads) - set(WORKLOADS):
+        p.error(f"--workloads {sorted(unknown)}: not among {WORKLOADS}")
     if args.quick:
         args.prompts, args.new, args.runs, args.busy_slots = 2, 16, 1, 4
     return args
@@ -83,12 +98,13 @@ def timed(engine: Engine, prompts: list[list[int]], sampling: list[SamplingParam
             "decode_calls": after["decode_calls"] - before["decode_calls"]}
 
 
-def bench(args) -> dict:
+def bench(args, target: str | None = None) -> dict:
+    """target: the checkpoint to load (default args.target)."""
     seeds = demo_prompts()
     results, rows = {}, []
 
     def engines(slots: int, kinds: tuple[str, ...], ks: list[int]) -> dict[str, Engine]:
-        base = Engine.from_pretrained(args.target, mesh_shape=(1, 1), dtype="float32", max_slots=slots, max_len=256)
+        base = Engine.from_pretrained(target or args.target, mesh_shape=(1, 1), dtype="float32", max_slots=slots, max_len=256)
         out = {"plain": base}
         for kind in kinds:
             extra = {"draft": args.draft} if kind == "draft" else {"speculative": "ngram"}
@@ -114,12 +130,15 @@ def bench(args) -> dict:
                          "verify cost": r["verify_cost"] if r["verify_cost"] is not None else ""})
 
     greedy = SamplingParams(max_new_tokens=args.new, ignore_eos=True)
-    es = engines(1, ("draft", "ngram"), args.ks)
-    run("batch1", es, seeds[:args.prompts], greedy)
-    es = engines(args.copy_slots, ("ngram",), args.ks)
-    run("copy", es, copy_prompts(es["plain"], seeds[:args.prompts], 48), greedy)
-    es = engines(args.busy_slots, ("ngram",), args.ks[-1:])
-    run("busy", es, (seeds * 8)[:8 * args.prompts], dataclasses.replace(greedy, temperature=1.0))
+    if "batch1" in args.workloads:
+        es = engines(1, ("draft", "ngram"), args.ks)
+        run("batch1", es, seeds[:args.prompts], greedy)
+    if "copy" in args.workloads:
+        es = engines(args.copy_slots, ("ngram",), args.ks)
+        run("copy", es, copy_prompts(es["plain"], seeds[:args.prompts], 48), greedy)
+    if "busy" in args.workloads:
+        es = engines(args.busy_slots, ("ngram",), args.ks[-1:])
+        run("busy", es, (seeds * 8)[:8 * args.prompts], dataclasses.replace(greedy, temperature=1.0))
     return {"machine": machine_info(), "args": vars(args), "results": results, "rows": rows}
 
 
@@ -133,7 +152,12 @@ def table(rows: list[dict]) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    result = bench(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        target = None
+        if args.widen > 1:
+            src = CHECKPOINTS.get(args.target, args.target)
+            target = widen(src, os.path.join(tmp, f"{os.path.basename(src)}-x{args.widen}"), args.widen)
+        result = bench(args, target)
     print(table(result["rows"]))
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
