@@ -75,7 +75,9 @@ def test_bad_and_big_inputs_are_accounted_for_in_manifest_and_metrics(tmp_path, 
     assert counters["shards_written"] == 3
     dists = m["metrics"]["distributions"]
     assert dists["batch_records"]["sum"] == m["completions"] and dists["batch_latency_ms"]["count"] >= 1
-    assert dists["batch_tokens_per_s"]["max"] > 0
+    # one rate per batch; its value is whole tokens/s, and a first batch that compiles the engine on
+    # a loaded host can make fewer than one (20 tokens in 23 s), so its size is not asserted
+    assert dists["batch_tokens_per_s"]["count"] == dists["batch_latency_ms"]["count"]
     t = m["timings"]  # the totals of the per-batch, per-step and engine numbers above
     assert t["batches"] == dists["batch_engine_wait_us"]["count"] == dists["batch_host_us"]["count"] >= 1
     assert t["steps_s"]["write"] == round(dists["write_shard_us"]["sum"] / 1e6, 3)
