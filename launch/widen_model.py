@@ -2,14 +2,13 @@
 measuring speculative decoding on a CPU, where the 5.5M demo model is too small for a decode step
 to wait on its weights.
 
-Every width grows by `factor`: hidden size, attention and kv heads, and MLP width. The residual
-stream becomes `factor` copies of the original one (tiled), which RMSNorm leaves unchanged (the
-mean of the squares is the same). Each weight that reads the stream is tiled along its input and
-divided by `factor`; each that writes it is tiled along its output. Heads are tiled too (head
-h + j * heads is a copy of head h, and it reads kv head (h + j * heads) // group, a copy of h's own),
-so attention writes `factor` copies of its sum, and o_proj divides them back. The MLP's hidden units
-are tiled the same way. The output head is untied: the embedding is tiled, the head is the tiled
-embedding divided by `factor`. Logits equal the source model's up to float rounding
+Every width grows by `factor`: hidden size, attention and kv heads, and MLP width. Every
+activation becomes `factor` tiled copies of the original: the residual stream (which RMSNorm leaves
+unchanged: the mean of the squares is the same), the heads (head h + j * heads is a copy of head h,
+and it reads kv head (h + j * heads) // group, a copy of h's own) and the MLP's hidden units. So
+every projection [out, in] is tiled along both axes, which writes `factor` copies of each output,
+and divided by `factor`, since it reads `factor` copies of each input. The embedding is tiled; the
+output head is untied, the tiled embedding divided by `factor`. Logits equal the source model's up to float rounding
 (tests/test_widen_model.py), so a draft distilled against the source is one for the copy too.
 
 Nothing is trained: the copy knows exactly what the source knows, at factor^2 times the cost.
@@ -32,8 +31,7 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 def widen_tensors(tensors: dict[str, np.ndarray], factor: int) -> dict[str, np.ndarray]:
     """The wider checkpoint's tensors, from a Llama-layout state dict (HF names, [out, in])."""
-    if factor < 1:
-        raise ValueError(f"factor={factor} must be at least 1")
+    _check_factor(factor)
     out = {}
     for name, w in tensors.items():
         kind = name.split(".")[-2]
@@ -43,7 +41,7 @@ def widen_tensors(tensors: dict[str, np.ndarray], factor: int) -> dict[str, np.n
             out[name] = np.tile(w, factor)
         elif name == "model.embed_tokens.weight":
             out[name] = np.tile(w, (1, factor))
-        elif kind in PROJECTIONS:  # [out, in]: factor copies of each output, reading factor copies of each input
+        elif kind in PROJECTIONS:
             out[name] = np.tile(w, (factor, factor)) / factor
         elif name == "lm_head.weight":
             out[name] = np.tile(w, (1, factor)) / factor
@@ -55,18 +53,21 @@ def widen_tensors(tensors: dict[str, np.ndarray], factor: int) -> dict[str, np.n
     return {k: np.ascontiguousarray(v, dtype=dtype) for k, v in out.items()}
 
 
-def widen_config(config: dict, factor: int) -> dict:
+def _check_factor(factor: int) -> None:
     if factor < 1:
         raise ValueError(f"factor={factor} must be at least 1")
+
+
+def widen_config(config: dict, factor: int) -> dict:
+    _check_factor(factor)
     if config.get("model_type") not in ("llama", "mistral"):
         raise ValueError(f"widen_model handles Llama and Mistral checkpoints; model_type={config.get('model_type')!r}")
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    wide = dict(config, hidden_size=config["hidden_size"] * factor,
+    return dict(config, hidden_size=config["hidden_size"] * factor,
                 intermediate_size=config["intermediate_size"] * factor,
                 num_attention_heads=config["num_attention_heads"] * factor,
                 num_key_value_heads=config.get("num_key_value_heads", config["num_attention_heads"]) * factor,
                 head_dim=head_dim, tie_word_embeddings=False)
-    return wide
 
 
 def widen(src: str, dst: str, factor: int) -> str:

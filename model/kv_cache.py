@@ -234,7 +234,8 @@ class StackedKVCache:
         scale_windows: an int8 cache's decode scales go in as one in-place window per slot
         (positions_bt's rows then runs of consecutive positions).
         mesh (decode only): where it splits the slots over "data", each "data" group writes its
-        own slots' rows (the partitioner cannot tell that the slot indices stay on their device)."""
+        own slots' rows under shard_map, so that an int8 cache's scales go in as windows there too
+        (_write_windows indexes slots by their global number)."""
         if slots_b is None and mesh is not None and self._slots_split(mesh):
             specs = jax.tree.map(lambda sh: sh.spec, self.shardings(mesh))
             heads = (tuple(specs.k) + (None,) * 3)[2]
@@ -244,8 +245,7 @@ class StackedKVCache:
             return jax.shard_map(local, mesh=mesh, in_specs=(specs, P(), P(DATA), rows, rows), out_specs=specs,
                                  check_vma=False)(self, layer, positions_bt, k_btkh, v_btkh)
         s = (jnp.arange(self.max_slots) if slots_b is None else slots_b)[:, None]
-        windows = scale_windows and slots_b is None and self.max_slots <= DECODE_WINDOW_SLOTS
-        every = jnp.arange(self.max_slots)
+        scale_by_window = scale_windows and slots_b is None and self.max_slots <= DECODE_WINDOW_SLOTS
 
         def put(buf, value):
             if slots_b is None:
@@ -256,7 +256,8 @@ class StackedKVCache:
         if self.k_scale is None:
             return StackedKVCache(put(self.k, k_btkh), put(self.v, v_btkh))
         (kq, ks), (vq, vs) = _quantize_vectors(k_btkh), _quantize_vectors(v_btkh)
-        if windows:
+        if scale_by_window:
+            every = jnp.arange(self.max_slots)
             put_scale = lambda buf, value: _write_windows(buf, layer, every, positions_bt[:, 0],  # noqa: E731
                                                           value[..., None], 4)
         elif slots_b is None:
