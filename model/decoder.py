@@ -239,22 +239,29 @@ def gated_mlp(x_btd: Array, w_gate, w_up, w_down, activation: str, accumulate=jn
     return linear("btf,fd->btd", act(gate) * up, w_down, accumulate=accumulate)
 
 
-def fused_linear(x_btd: Array, ws: Sequence[Array | QArray], groups: int) -> list[Array]:
+def fused_linear(x_btd: Array, ws: Sequence[Array | QArray], groups: int, head_dim: int | None = None) -> list[Array]:
     """[x @ w for w in ws] (each w [d, n_i]) as one matmul, so that x is read once instead of
     once per weight. The weights are concatenated per group of columns: with each w's columns
     split over `groups` devices (tensor parallel), group g of the result is device g's columns of
-    every w, so the concatenation and the split stay on the device."""
-    def grouped(w):  # [d, n] -> [d, groups, n / groups]
+    every w, so the concatenation and the split stay on the device.
+
+    head_dim: every w's columns are whole heads of this size (q, k, v). The product then keeps
+    heads as a dim of its own, [b, t, groups, heads, head_dim], and each projection is a slice of
+    whole heads that the next op reads in place. As one flat dim, the TPU compiler copied q out
+    of the product and laid it out again as [heads, head_dim] (75 MB per layer and chip on an 8B
+    prefill, docs/benchmarks.md)."""
+    cols = (groups, -1) if head_dim is None else (groups, -1, head_dim)
+
+    def grouped(w):  # [d, n] -> [d, groups, n / groups] or [d, groups, heads / groups, head_dim]
         if isinstance(w, QArray):
-            return QArray(w.q.reshape(w.q.shape[0], groups, -1), w.scale.reshape(groups, -1))
-        return w.reshape(w.shape[0], groups, -1)
+            return QArray(w.q.reshape(w.q.shape[0], *cols), w.scale.reshape(cols))
+        return w.reshape(w.shape[0], *cols)
     parts = [grouped(w) for w in ws]
-    widths = [p.shape[-1] for p in parts]
-    w = jax.tree.map(lambda *a: jnp.concatenate(a, axis=-1), *parts)
-    out = linear("btd,dgn->btgn", x_btd, w)
-    cuts = list(itertools.accumulate(widths))[:-1]
+    w = jax.tree.map(lambda *a: jnp.concatenate(a, axis=1 - len(cols)), *parts)  # columns or heads
+    out = linear("btd,dgn->btgn" if head_dim is None else "btd,dgnh->btgnh", x_btd, w)
+    cuts = list(itertools.accumulate(p.shape[2] for p in parts))[:-1]
     b, t = x_btd.shape[:2]
-    return [o.reshape(b, t, -1) for o in jnp.split(out, cuts, axis=-1)]
+    return [o.reshape(b, t, -1) for o in jnp.split(out, cuts, axis=3)]
 
 
 def route(x_td: Array, router_de: Array, top_k: int, renormalize: bool) -> tuple[Array, Array]:
@@ -393,7 +400,7 @@ def _heads_linear(x_btd: Array, ws: Sequence[Array | QArray], groups: int | None
     b, t = x_btd.shape[:2]
     merged = [_merge_trailing(w) for w in ws]
     outs = ([linear("btd,dx->btx", x_btd, w) for w in merged] if groups is None
-            else fused_linear(x_btd, merged, groups))
+            else fused_linear(x_btd, merged, groups, ws[0].shape[-1]))
     return [o.reshape(b, t, *w.shape[1:]) for o, w in zip(outs, ws)]
 
 

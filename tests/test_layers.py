@@ -147,10 +147,11 @@ def test_mlp(layer0):
 
 @pytest.mark.parametrize("groups", [1, 2, 4])
 @pytest.mark.parametrize("int8", [False, True])
-def test_projections_fused_into_one_matmul_equal_one_matmul_each(groups, int8):
+@pytest.mark.parametrize("head_dim", [None, 2])
+def test_projections_fused_into_one_matmul_equal_one_matmul_each(groups, int8, head_dim):
     """fused_linear (a prefill's q/k/v, and gate/up, on the accelerator path): the weights
-    concatenated per device group give each weight's own product, int8 scales included; and the
-    gated MLP with gate and up fused equals it without."""
+    concatenated per device group, as flat columns or as heads of head_dim, give each weight's own
+    product, int8 scales included; and the gated MLP with gate and up fused equals it without."""
     import jax
     from model.quantize import quantize
     keys = jax.random.split(jax.random.key(0), 5)
@@ -158,7 +159,7 @@ def test_projections_fused_into_one_matmul_equal_one_matmul_each(groups, int8):
     ws = [jax.random.normal(keys[i], (16, n)) for i, n in ((1, 32), (2, 8), (3, 8))]
     if int8:
         ws = [quantize(w, (0,)) for w in ws]
-    for ours, w in zip(fused_linear(x, ws, groups), ws):
+    for ours, w in zip(fused_linear(x, ws, groups, head_dim), ws):
         np.testing.assert_allclose(np.asarray(ours), np.asarray(linear("btd,df->btf", x, w)), rtol=1e-5, atol=1e-5)
     down = jax.random.normal(keys[4], (32, 16))
     np.testing.assert_allclose(np.asarray(gated_mlp(x, ws[0], ws[0], down, "silu", groups=groups)),
