@@ -31,11 +31,15 @@ report-screenshot: demo
 	chromium --headless --no-sandbox --hide-scrollbars --window-size=1000,2400 \
 		--screenshot=$(CURDIR)/docs/report.png file://$(CURDIR)/out/demo/_report.html
 
+# Two workers (pytest-xdist), a test file to each at a time: the CI machine's two cores, where one
+# pytest process keeps about one busy (most of a test is tracing and compiling).
+TEST_WORKERS ?= -n 2 --dist loadfile
+
 test: install-dev
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q $(TEST_WORKERS)
 
 test-slow: install-dev
-	$(PYTHON) -m pytest -q -m slow
+	$(PYTHON) -m pytest -q -m slow $(TEST_WORKERS)
 
 bench: install-dev
 	$(PYTHON) -m launch.bench_engine
