@@ -257,7 +257,8 @@ def fused_linear(x_btd: Array, ws: Sequence[Array | QArray], groups: int, head_d
             return QArray(w.q.reshape(w.q.shape[0], *cols), w.scale.reshape(cols))
         return w.reshape(w.shape[0], *cols)
     parts = [grouped(w) for w in ws]
-    w = jax.tree.map(lambda *a: jnp.concatenate(a, axis=1 - len(cols)), *parts)  # columns or heads
+    along = -1 if head_dim is None else -2  # the columns, or the heads (weights and int8 scales alike)
+    w = jax.tree.map(lambda *a: jnp.concatenate(a, axis=along), *parts)
     out = linear("btd,dgn->btgn" if head_dim is None else "btd,dgnh->btgnh", x_btd, w)
     cuts = list(itertools.accumulate(p.shape[2] for p in parts))[:-1]
     b, t = x_btd.shape[:2]
