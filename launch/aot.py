@@ -261,6 +261,9 @@ class Compiler:
         return self._get(("prefill", rows, bucket), f"prefill {rows}x{bucket}",
                          lambda: self.engine.lower_prefill(rows, bucket))
 
+    def first(self, rows: int) -> Compiled:
+        return self._get(("first", rows), f"first tokens of {rows} rows", lambda: self.engine.lower_first(rows))
+
     def _get(self, key, name, lower) -> Compiled:
         if key not in self.done:
             self.log(f"  compiling {name} ...", flush=True)
@@ -294,9 +297,7 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
     bucket = args.prefill_len or min(2048, args.max_len)
     if bucket not in engine.buckets:
         raise SystemExit(f"--prefill_len {bucket} is not one of the engine's prompt buckets {engine.buckets}")
-    warmup_shapes = [("prefill", b, t) for b, t in engine.prefill_shapes()] + [
-        (kind, n) for kind in ("decode", "verify")[:1 + bool(args.speculative)]
-        for n in range(1, len(engine.cache.sizes) + 1)]
+    warmup_shapes = engine.warmup_functions()
     warmup = {"functions": len(warmup_shapes), "compile_s": None}
     weights = bytes_per_device(engine.params)
     cache, state = bytes_per_device(engine.cache), bytes_per_device(engine.state)
@@ -388,8 +389,7 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
                        memory=c.memory, peak_bytes=c.peak_bytes)
 
     if args.warmup:
-        done = [compiler.prefill(k[1], k[2]) if k[0] == "prefill" else getattr(compiler, k[0])(k[1])
-                for k in warmup_shapes]
+        done = [getattr(compiler, kind)(*shape) for kind, *shape in warmup_shapes]
         warmup["compile_s"] = round(sum(c.compile_s for c in done), 1)
         failed = [c.name for c in done if c.error]
         if failed:

@@ -206,7 +206,8 @@ class Engine:
         self.spec_steps = max(1, self.decode_steps // 2)  # verify steps per dispatch
         self.spec = self._new_spec()
         self._gate = SpecGate()
-        self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1, 2, 3))
+        self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1, 2))
+        self._first = jax.jit(self._first_fn, donate_argnums=(0, 1))
         self._decode = jax.jit(self._decode_fn, donate_argnums=(1, 2, 3), static_argnums=(5, 6))
         self._verify = jax.jit(self._verify_fn, donate_argnums=(1, 2, 3), static_argnums=(5, 6, 7))
         self._remap = jax.jit(self._remap_fn, donate_argnums=(0,))
@@ -278,19 +279,36 @@ class Engine:
 
     # ------------------------------------------------------------ jitted device functions
 
-    def _prefill_fn(self, weights, cache: KVCache, state: SlotState, spec: SpecState | None, tokens_bt, starts_b,
-                    lengths_b, slots_b, final_b, rows, table):
+    def _prefill_fn(self, weights, cache: KVCache, spec: SpecState | None, tokens_bt, starts_b, lengths_b, slots_b):
         """tokens_bt: row i's prompt tokens from starts_b[i] (its cached prefix or earlier pieces
-        end there) to lengths_b[i], right-padded, for cache slot slots_b[i]. final_b: the prompt
-        ends at lengths_b[i]; its first token is sampled and the slot decodes from the next
-        dispatch. Otherwise this is a piece of a longer prompt: the slot stays inactive at
-        position lengths_b[i], where the next piece starts (decode writes a padding key there,
-        which that piece overwrites)."""
+        end there) to lengths_b[i], right-padded, for cache slot slots_b[i]: their keys and values
+        go into the cache (a speculative engine's token history and draft cache too). Returns
+        (cache, spec, float32 logits [b, vocab] after each row's last token), which _first_fn
+        samples from: it is a function of its own because the sampler takes the TPU compiler
+        longer than the model's forward, and its variants are one per row count, not one per
+        (rows, bucket) pair."""
         model, draft = self._models(weights)
         b = tokens_bt.shape[0]
         x, cache = model.prefill(tokens_bt, starts_b, slots_b, cache)
-        last = x[jnp.arange(b), lengths_b - starts_b - 1][:, None]
-        logits = model.head(last)[:, 0]
+        logits = model.head(x[jnp.arange(b), lengths_b - starts_b - 1][:, None])[:, 0]
+        logits = jax.lax.with_sharding_constraint(logits, self._logits_sharding(b))
+        cache = jax.lax.with_sharding_constraint(cache, self._cache_sharding)
+        if spec is not None:  # the piece's tokens; the draft's KV
+            positions = starts_b[:, None] + jnp.arange(tokens_bt.shape[1])[None, :]
+            positions = jnp.where(positions < lengths_b[:, None], positions, self.max_len)  # padding: dropped
+            history = spec.history.at[slots_b[:, None], positions].set(tokens_bt, mode="drop")
+            draft_cache = spec.draft_cache
+            if draft is not None:
+                draft_cache = draft.prefill(tokens_bt, starts_b, slots_b, draft_cache)[1]
+            spec = self._place_spec(SpecState(history, draft_cache))
+        return cache, spec, logits
+
+    def _first_fn(self, state: SlotState, history, logits, lengths_b, slots_b, final_b, rows: SlotState, table):
+        """The first token of each prefill row from its logits, and the row's slot state. final_b:
+        the prompt ends at lengths_b[i]; the slot decodes from the next dispatch. Otherwise that
+        was a piece of a longer prompt: the slot stays inactive at position lengths_b[i], where
+        the next piece starts (decode writes a padding key there, which that piece overwrites).
+        history: a speculative engine's token history (None without), the token appended."""
         masked = self._mask(logits, rows.cstate, table, rows.constrained)
         token = self._sample(masked, rows.temperature, rows.top_k, rows.top_p, rows.seed, jnp.zeros_like(lengths_b))
         logprob = token_logprobs(logits, token)
@@ -300,17 +318,9 @@ class Engine:
                                   generated=jnp.ones_like(lengths_b),
                                   cstate=advance(rows.cstate, token, table, rows.constrained))
         state = jax.tree.map(lambda s, r: s.at[slots_b].set(r, mode="drop"), state, new)
-        cache = jax.lax.with_sharding_constraint(cache, self._cache_sharding)
-        if spec is not None:  # the piece's tokens, then the sampled one after them; the draft's KV
-            positions = starts_b[:, None] + jnp.arange(tokens_bt.shape[1])[None, :]
-            positions = jnp.where(positions < lengths_b[:, None], positions, self.max_len)  # padding: dropped
-            history = spec.history.at[slots_b[:, None], positions].set(tokens_bt, mode="drop")
+        if history is not None:
             history = self._place_rows(history.at[slots_b, lengths_b].set(token, mode="drop"))
-            draft_cache = spec.draft_cache
-            if draft is not None:
-                draft_cache = draft.prefill(tokens_bt, starts_b, slots_b, draft_cache)[1]
-            spec = self._place_spec(SpecState(history, draft_cache))
-        return cache, self._place_state(state), spec, token, logprob, code, top
+        return self._place_state(state), history, token, logprob, code, top
 
     def _decode_fn(self, weights, cache: KVCache, state: SlotState, spec: SpecState | None, table, steps: int,
                    chunks: int):
@@ -499,6 +509,11 @@ class Engine:
         never see a new input sharding (which would recompile)."""
         return jax.tree.map(self._place_rows, state)
 
+    def _logits_sharding(self, rows: int) -> jax.sharding.NamedSharding:
+        """A prefill's logits [rows, vocab], between _prefill and _first: the vocabulary split as
+        the head's weight is."""
+        return named_sharding((None, "vocab"), (rows, self.cfg.vocab_size), self.mesh)
+
     def _place_rows(self, x):
         """An array of per-slot rows (the slot state's, the speculative history) placed as the
         slot state is: rows over 'data'."""
@@ -624,7 +639,8 @@ class Engine:
         """How many variants of each device function have been compiled (or loaded from the
         persistent cache): JAX's own count of each jitted function's cache entries."""
         count = lambda fn: getattr(fn, "_cache_size", lambda: 0)()  # noqa: E731
-        return {"prefill": count(self._prefill), "decode": count(self._decode), "verify": count(self._verify),
+        return {"prefill": count(self._prefill), "first": count(self._first), "decode": count(self._decode),
+                "verify": count(self._verify),
                 "forward": count(self._forward), "score": count(self._score)}
 
     def generate(self, prompts: Sequence[Sequence[int]],
@@ -829,9 +845,12 @@ class Engine:
 
     def prefill_rows(self, bucket: int) -> list[int]:
         """The row counts a prefill of this bucket compiles for: powers of two up to
-        prefill_batch(bucket). Refilling one slot must not pay for a full batch of rows."""
+        prefill_batch(bucket), from the fewest that make the hot path's min_prefill_tokens (within
+        the step's prefill budgets). Refilling one slot must not pay for a full batch of rows."""
         top = self.prefill_batch(bucket)
-        return sorted({min(1 << i, top) for i in range(top.bit_length() + 1)})
+        floor = min(self.path.min_prefill_tokens, self.prefill_chunk or math.inf, self.prefill_tokens)
+        least = min(top, 1 << math.ceil(math.log2(max(1, -(-floor // bucket)))))
+        return sorted({min(1 << i, top) for i in range(top.bit_length() + 1)} - set(range(least)))
 
     def _piece_end(self, q: "_Sequence", start: int) -> int:
         """Where the piece of q's prompt that starts at `start` ends."""
@@ -986,9 +1005,19 @@ class Engine:
         return [(b, t) for t in self.buckets if self.piece_len is None or t <= self.piece_len
                 for b in self.prefill_rows(t)]
 
+    def warmup_functions(self) -> list[tuple]:
+        """What warmup() compiles: ("prefill", rows, bucket) per prefill shape, ("first", rows)
+        per row count among them (the first tokens' sampler), and ("decode", chunks), plus
+        ("verify", chunks) when speculative, per count of live cache chunks (one on the stacked
+        path). launch/aot.py compiles the same list."""
+        shapes = self.prefill_shapes()
+        chunks = range(1, len(self.cache.sizes) + 1)
+        return ([("prefill", b, t) for b, t in shapes] + [("first", b) for b in sorted({b for b, _ in shapes})]
+                + [(kind, n) for kind in ("decode", "verify")[:1 + bool(self.spec_k)] for n in chunks])
+
     def warmup(self) -> dict[str, float]:
-        """Compiles every prefill shape and the decode step (for each count of live cache chunks,
-        on the CPU path) now, so that a job compiles nothing later. Prefill runs on padding rows
+        """Compiles what warmup_functions() lists now (every prefill shape, its first tokens'
+        sampler, the decode step), so that a job compiles nothing later. Prefill runs on padding rows
         only (their writes are dropped), decode only while no slot is active. Returns how many
         functions this compiled (or loaded from the persistent cache) and the seconds it took."""
         self._check_concrete("warmup")
@@ -1041,24 +1070,34 @@ class Engine:
                 "spec_steps": int(s.get("spec_steps", 0))}
 
     @contextlib.contextmanager
-    def _timed(self, kind: str, fn=None):
-        """Adds the block's seconds to `kind`, or to compile when `fn` (a jitted function) compiled in it."""
-        count = getattr(fn, "_cache_size", lambda: 0)  # a jitted function's compiled variants
+    def _timed(self, kind: str, *fns):
+        """Adds the block's seconds to `kind`, or to compile when one of `fns` (jitted functions)
+        compiled in it."""
+        count = lambda: sum(getattr(fn, "_cache_size", lambda: 0)() for fn in fns)  # noqa: E731
         size, start = count(), time.perf_counter()
         yield
         seconds = time.perf_counter() - start
         compiled = count() > size
         with self._stats_lock:
             self._stats["compile_s" if compiled else f"{kind}_s"] += seconds
-            if fn is not None:
+            if fns:
                 self._stats[f"{kind}_calls"] += 1
 
     def lower_prefill(self, rows: int, bucket: int) -> jax.stages.Lowered:
-        """The prefill of `rows` prompts padded to `bucket` tokens, lowered for the engine's mesh
-        (as warmup() would call it); `.compile()` it for cost and memory figures."""
-        *arrays, rows_host = self._padding_prefill(rows, bucket)
-        return self._prefill.lower(self._weights, self.cache, self.state, self.spec, *map(_abstract, arrays),
-                                   jax.tree.map(_abstract, rows_host), self._table)
+        """The prefill of `rows` prompts padded to `bucket` tokens (their first tokens are
+        lower_first's), lowered for the engine's mesh (as warmup() would call it); `.compile()`
+        it for cost and memory figures."""
+        tokens, starts, lengths, slots, *_ = self._padding_prefill(rows, bucket)
+        return self._prefill.lower(self._weights, self.cache, self.spec, *map(_abstract, (tokens, starts, lengths,
+                                                                                          slots)))
+
+    def lower_first(self, rows: int) -> jax.stages.Lowered:
+        """The first tokens of a prefill of `rows` prompts (sampled from its logits), lowered."""
+        _, _, lengths, slots, final, rows_host = self._padding_prefill(rows, MIN_BUCKET)
+        logits = jax.ShapeDtypeStruct((rows, self.cfg.vocab_size), jnp.float32, sharding=self._logits_sharding(rows))
+        return self._first.lower(self.state, None if self.spec is None else self.spec.history, logits,
+                                 *map(_abstract, (lengths, slots, final)), jax.tree.map(_abstract, rows_host),
+                                 self._table)
 
     def lower_decode(self, chunks: int) -> jax.stages.Lowered:
         """The decode dispatch (`decode_steps` tokens per slot) over the cache's first `chunks`
@@ -1085,10 +1124,14 @@ class Engine:
 
     def _call_prefill(self, tokens, starts, lengths, slot_ids, final, rows: SlotState):
         rows = jax.tree.map(jnp.asarray, rows)
-        with self._timed("prefill", self._prefill):
-            self.cache, self.state, self.spec, first, logprob, codes, top = self._prefill(
-                self._weights, self.cache, self.state, self.spec, jnp.asarray(tokens), jnp.asarray(starts),
-                jnp.asarray(lengths), jnp.asarray(slot_ids), jnp.asarray(final), rows, self._table)
+        lengths, slot_ids = jnp.asarray(lengths), jnp.asarray(slot_ids)
+        with self._timed("prefill", self._prefill, self._first):
+            self.cache, spec, logits = self._prefill(self._weights, self.cache, self.spec, jnp.asarray(tokens),
+                                                     jnp.asarray(starts), lengths, slot_ids)
+            self.state, history, first, logprob, codes, top = self._first(
+                self.state, None if spec is None else spec.history, logits, lengths, slot_ids, jnp.asarray(final),
+                rows, self._table)
+            self.spec = None if spec is None else dataclasses.replace(spec, history=history)
             return np.asarray(first), np.asarray(logprob), np.asarray(codes), jax.tree.map(np.asarray, top)
 
     def _stop_ids(self, sp: SamplingParams) -> tuple[int, ...]:

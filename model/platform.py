@@ -86,6 +86,12 @@ class HotPath:
     attention: over the stacked cache, "pallas" (model/ragged_attention.py: reads only each row's
         live blocks) or "xla" (the reference: masks all of max_len).
     interpret: run Pallas kernels in interpret mode (the TPU path on a CPU host, for tests).
+    min_prefill_tokens: a prefill call runs at least this many tokens (rows x bucket), padding
+        rows added. Below about this many, a prefill only streams the weights once: at bf16 a
+        chip does 2 flops per weight byte per token, and its peak flops over its HBM bandwidth
+        is about 240 (v5e), 560 (v6e), 300 (H100), 200 (H200) flops per byte, so fewer tokens
+        take the weights' read time whatever their count. Each row count left out is a function
+        fewer to compile at warm-up. 0 on the CPU, whose compute is the bound.
     cost_model: a copy of the engine for cost analysis only (launch/aot.py): the stacked path's
         layers run unrolled over one weight array per layer (cost analysis counts a loop's body
         once, and a static slice of a stacked weight as a read of the whole stack), with the
@@ -98,6 +104,7 @@ class HotPath:
     attention: str = "xla"
     interpret: bool = False
     cost_model: bool = False
+    min_prefill_tokens: int = 0
 
     @property
     def stacked_weights(self) -> bool:
@@ -115,7 +122,7 @@ def hot_path(platform: str, choice: str = "auto") -> HotPath:
         raise ValueError(f"hot_path={choice!r}; expected one of {HOT_PATHS}")
     name = platform if choice == "auto" else choice
     if name == "tpu":
-        return HotPath("tpu", stacked=True, attention="pallas", interpret=platform != "tpu")
+        return HotPath("tpu", stacked=True, attention="pallas", interpret=platform != "tpu", min_prefill_tokens=256)
     if name == "gpu":
-        return HotPath("gpu", stacked=True, attention="xla")
+        return HotPath("gpu", stacked=True, attention="xla", min_prefill_tokens=256)
     return HotPath("cpu", stacked=False)

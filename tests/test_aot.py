@@ -63,8 +63,14 @@ def test_tiny_model_compiles_for_a_v5e_slice_with_tensor_parallel_mesh():
     prefill = result["prefill"]
     assert PREFILL_KEYS <= set(prefill) and prefill["tokens"] == 128
     assert prefill["flops_per_chip"] > prefill["ideal_flops_per_chip"] > 0
-    shapes = Engine.abstract(PRESETS["tiny-llama"], make_mesh((1, 4), _v5e()), max_slots=8, max_len=1024).prefill_shapes()
-    assert result["warmup"] == {"functions": len(shapes) + 1, "compile_s": None}
+    engine = Engine.abstract(PRESETS["tiny-llama"], make_mesh((1, 4), _v5e()), max_slots=8, max_len=1024)
+    functions = engine.warmup_functions()
+    # a prefill runs at least 256 tokens on the TPU path: 8 rows of 16 or 32 tokens, 4 or 8 of 64, ...
+    assert [f for f in functions if f[0] == "prefill"][:4] == [("prefill", 8, 16), ("prefill", 8, 32),
+                                                              ("prefill", 4, 64), ("prefill", 8, 64)]
+    rows = sorted({b for b, _ in engine.prefill_shapes()})
+    assert functions[-1 - len(rows):] == [("first", b) for b in rows] + [("decode", 1)]
+    assert result["warmup"] == {"functions": len(functions), "compile_s": None}
     assert "compiler estimates" in report and "fits: yes" in report
 
 
@@ -77,8 +83,10 @@ def test_the_speculative_verify_step_compiles_for_the_tpu_and_is_costed_against_
     v = result["verify"]
     assert result["fits"] and "error" not in v and v["positions_per_row"] == 5
     assert v["bytes_accessed_per_chip"] > 0 and v["kernel_cache_bytes"] > 0 and v["bytes_vs_decode_step"] > 0.5
-    shapes = Engine.abstract(PRESETS["tiny-llama"], make_mesh((1, 4), _v5e()), max_slots=8, max_len=1024).prefill_shapes()
-    assert result["warmup"]["functions"] == len(shapes) + 2  # and one decode and one verify
+    functions = Engine.abstract(PRESETS["tiny-llama"], make_mesh((1, 4), _v5e()), max_slots=8, max_len=1024,
+                                speculative="ngram").warmup_functions()
+    assert functions[-2:] == [("decode", 1), ("verify", 1)]
+    assert result["warmup"]["functions"] == len(functions)
     assert "speculative verify step" in report
 
 
@@ -89,7 +97,8 @@ def test_the_cpu_path_compiles_for_the_tpu_for_comparison_with_one_decode_per_li
     assert result["hot_path"] == "cpu" and result["fits"] is True
     # 256 positions in two chunks: a quarter live (+ the engine's in-flight margin) reads one
     assert [(d["chunks"], d["positions_read"]) for d in result["decode"]] == [(1, 128), (2, 256)]
-    assert result["warmup"] == {"functions": 22, "compile_s": None}
+    # 5 buckets x rows {1, 2, 4, 8}, the first tokens of each row count, a decode per chunk count
+    assert result["warmup"] == {"functions": 20 + 4 + 2, "compile_s": None}
 
 
 def _v5e():
@@ -106,8 +115,8 @@ def test_data_and_model_parallel_mesh_shards_the_cache_and_warms_up_every_functi
     whole_cache = 2 * 2 * 64 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2  # slots, len, k+v, bf16
     assert result["resident_bytes_per_chip"]["kv_cache"] == whole_cache // 4  # slots over data, kv heads over model
     assert result["fits"] is True and result["decode"][-1]["live_fraction"] == 1.0
-    # 3 buckets x rows {1, 2} + one decode
-    assert result["warmup"]["functions"] == 7 and result["warmup"]["compile_s"] > 0
+    # 3 buckets x 2 rows (at least 256 tokens a call, at most 2 rows here), the first tokens of 2 rows, one decode
+    assert result["warmup"]["functions"] == 5 and result["warmup"]["compile_s"] > 0
 
 
 @needs_libtpu
