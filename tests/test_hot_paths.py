@@ -126,6 +126,18 @@ def test_accelerator_paths_give_the_cpu_paths_tokens(reference, path, mesh, kw):
         assert engine.prefix_cache.stats.hits >= 1
 
 
+def test_an_accelerator_paths_warmup_compiles_all_a_workload_needs(reference):
+    """Its prefills of at least 256 tokens and its first-token samplers, one per row count: the
+    scheduler never asks for a shape warmup_functions() leaves out."""
+    engine = _engine("gpu")
+    assert engine.warmup()["functions"] == len(engine.warmup_functions())
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, secs, **kw: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None)
+    assert [o.token_ids for o in engine.generate(PROMPTS, GREEDY)] == [o.token_ids for o in reference]
+    assert compiles == []
+
+
 def test_the_stacked_engine_hands_back_weights_per_layer_as_loaded():
     cpu, tpu = _engine("cpu"), _engine("gpu")
     for name, value in cpu.weights().items():
