@@ -850,7 +850,7 @@ class Engine:
         top = self.prefill_batch(bucket)
         floor = min(self.path.min_prefill_tokens, self.prefill_chunk or math.inf, self.prefill_tokens)
         least = min(top, 1 << math.ceil(math.log2(max(1, -(-floor // bucket)))))
-        return sorted({min(1 << i, top) for i in range(top.bit_length() + 1)} - set(range(least)))
+        return [r for r in sorted({min(1 << i, top) for i in range(top.bit_length() + 1)}) if r >= least]
 
     def _piece_end(self, q: "_Sequence", start: int) -> int:
         """Where the piece of q's prompt that starts at `start` ends."""
