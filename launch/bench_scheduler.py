@@ -13,6 +13,7 @@ compiles (should be 0 in timed runs) and the rest (host work: scheduling, bookke
     python -m launch.bench_scheduler                              # the default set of variants
     python -m launch.bench_scheduler --chunks off 128 512 --runs 3
     python -m launch.bench_scheduler --quick                      # smoke run
+    python -m launch.bench_scheduler --chunks 512 --longest-chunks 512 --refill-on-read --octave-buckets --hf short
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ def parse_args(argv):
                    help="workloads to run HF generate on (none: skip HF)")
     p.add_argument("--refill-on-read", nargs="*", default=["512"],
                    help="prefill_chunk values for in-flight arrival order refilling as before (RefillOnRead)")
+    p.add_argument("--octave-buckets", action="store_true",
+                   help="also run static, in-flight arrival (the last --chunks value) and the short workload "
+                        "with prompts padded as before (one length per doubling: OctaveBuckets)")
     p.add_argument("--out", default="bench_scheduler.json")
     args = p.parse_args(argv)
     for k, v in (QUICK if args.quick else FULL).items():
@@ -69,6 +73,15 @@ class RefillOnRead(Engine):
 
     def _free_slots(self) -> list[int]:
         return [s for s, q in enumerate(self._slot_of) if q is None]
+
+
+class OctaveBuckets(Engine):
+    """The engine as it was before the CPU path padded prompts to 4 lengths per doubling: a
+    prefill pads to the next power of two (or max_len)."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.buckets = self.groups
 
 
 def chunk_value(s: str) -> int | None:
@@ -104,6 +117,13 @@ def main(argv=None) -> dict:
                                                                             prefill_chunk=chunk_value(c),
                                                                             decode_steps=steps))
         variants[f"short: engine{tag}"] = ("short", make(decode_steps=steps))
+        if args.octave_buckets:
+            variants[f"before: static{tag}"] = ("hetero", make(OctaveBuckets, batching="static", order="arrival",
+                                                              prefill_chunk=None, decode_steps=steps))
+            variants[f"before: arrival, chunk {args.chunks[-1]}{tag}"] = (
+                "hetero", make(OctaveBuckets, order="arrival", prefill_chunk=chunk_value(args.chunks[-1]),
+                               decode_steps=steps))
+            variants[f"before: short: engine{tag}"] = ("short", make(OctaveBuckets, decode_steps=steps))
     for wname in args.hf:
         variants[f"{wname}: HF"] = (wname, None)
 
@@ -155,6 +175,14 @@ def main(argv=None) -> dict:
                 med["hetero: HF"] / med[f"longest, chunk {args.longest_chunks[-1]}{tag}"], 3)
         if "short" in args.hf:
             ratios[f"HF / short: engine{tag}"] = round(med["short: HF"] / med[f"short: engine{tag}"], 3)
+        if args.octave_buckets:
+            arrival = f"arrival, chunk {args.chunks[-1]}{tag}"
+            ratios[f"before: static / before: {arrival}"] = round(
+                med[f"before: static{tag}"] / med[f"before: {arrival}"], 3)
+            for name in (f"static{tag}", arrival, f"short: engine{tag}"):
+                ratios[f"before / now: {name}"] = round(med[f"before: {name}"] / med[name], 3)
+            if "short" in args.hf:
+                ratios[f"HF / before: short: engine{tag}"] = round(med["short: HF"] / med[f"before: short: engine{tag}"], 3)
     engine_outs = {n: o for n, o in outputs.items() if variants[n][1] is not None}
     hetero_same = len({json.dumps(o) for n, o in engine_outs.items() if variants[n][0] == "hetero"}) == 1
     checks = {"engine_variants_identical_hetero": hetero_same,

@@ -402,11 +402,16 @@ MIN_BUCKET = 16
 AUTO_SLOTS_GUESS = 64  # max_slots "auto" is known only once the engine is on its devices
 
 
-def buckets_for(max_len: int) -> list[int]:
-    """Prompt-length buckets: powers of two from MIN_BUCKET, then max_len itself."""
+def buckets_for(max_len: int, per_octave: int = 1) -> list[int]:
+    """Prompt-length buckets: powers of two from MIN_BUCKET, then max_len itself. per_octave > 1
+    adds evenly spaced lengths within each doubling, in steps of at least 8 tokens (16, 24, 32, 40,
+    48, 56, 64, 80, ... for 4), so a prompt pads by at most a step instead of up to twice its length."""
+    if per_octave < 1:
+        raise ValueError(f"per_octave={per_octave!r}; must be an integer >= 1")
     out, b = [], MIN_BUCKET
     while b < max_len:
-        out.append(b)
+        step = max(8, b // per_octave) if per_octave > 1 else b
+        out += range(b, min(2 * b, max_len), step)
         b *= 2
     return out + [max_len]
 

@@ -161,13 +161,15 @@ class Engine:
         self.max_slots, self.max_len = config.max_slots, config.context_length(cfg)
         self.decode_steps, self.prefill_tokens = config.decode_steps, config.prefill_tokens
         self.batching, self.order = config.batching, config.order
-        self.buckets = buckets_for(self.max_len)
+        # prompts batch together by octave (groups); a prefill pads to the hot path's finer buckets
+        self.groups = buckets_for(self.max_len)
         self.prefill_chunk = config.prefill_chunk
-        # tokens of one piece of a long prompt: the largest bucket within the chunk (None: whole prompts)
-        self.piece_len = max(b for b in self.buckets if b <= self.prefill_chunk) if self.prefill_chunk else None
+        # tokens of one piece of a long prompt: the largest group within the chunk (None: whole prompts)
+        self.piece_len = max(b for b in self.groups if b <= self.prefill_chunk) if self.prefill_chunk else None
         self.dtype = params["final_norm"].dtype  # activations and cache; weights may be int8
         self.path = dataclasses.replace(hot_path(mesh.devices.flat[0].platform, config.hot_path),
                                         cost_model=cost_model)
+        self.buckets = buckets_for(self.max_len, self.path.buckets_per_octave)
         if self.path.stacked_weights:
             params = stack_layers(params, cfg, mesh)
         cache_cls = StackedKVCache if self.path.stacked else KVCache
@@ -550,7 +552,7 @@ class Engine:
         self._check_concrete("logits")
         prompts = self._check_prompts(prompts, limit=self.max_len)
         longest = max(len(p) for p in prompts)
-        t = self._bucket(longest)
+        t = self._group(longest)
         tokens = np.zeros((len(prompts), t), np.int32)
         for i, p in enumerate(prompts):
             tokens[i, : len(p)] = p
@@ -601,7 +603,7 @@ class Engine:
         order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
         while order:
             t = self._score_len(len(rows[order[0]][0]))
-            group = [i for i in order if self._score_len(len(rows[i][0])) == t][:self.prefill_batch(t)]
+            group = [i for i in order if self._score_len(len(rows[i][0])) == t][:self.prefill_rows(t)[-1]]
             order = order[len(group):]
             b = next(n for n in self.prefill_rows(t) if n >= len(group))
             m = max(8, 1 << math.ceil(math.log2(max(len(rows[i][4]) for i in group) or 1)))
@@ -622,7 +624,7 @@ class Engine:
     def _score_len(self, n: int) -> int:
         """A packed scoring row's padded length: quarter steps between the length buckets (a
         prompt and its labels often just pass a power of two; 4 shapes per octave, not 1)."""
-        below = max([b for b in self.buckets if b < n] or [MIN_BUCKET])
+        below = max([b for b in self.groups if b < n] or [MIN_BUCKET])
         step = max(MIN_BUCKET, below // 4)
         return min(self.max_len, -(-n // step) * step)
 
@@ -708,12 +710,12 @@ class Engine:
 
     def _admit(self, arrivals: list["_Sequence"]) -> None:
         """Adds requests to the waiting list, in the order the slots take them: the largest
-        max_new_tokens first (order="longest_first") or arrival order, grouped by length bucket."""
+        max_new_tokens first (order="longest_first") or arrival order, grouped by length (octave)."""
         if not arrivals:
             return
         self._ensure_stop_width(max(len(q.stop_ids) for q in arrivals))
         rank = (lambda q: -q.limit) if self.order == "longest_first" else (lambda q: 0)  # noqa: E731
-        self._waiting = sorted(self._waiting + arrivals, key=lambda q: (rank(q), self._bucket(len(q.prompt)),
+        self._waiting = sorted(self._waiting + arrivals, key=lambda q: (rank(q), self._group(len(q.prompt)),
                                                                        q.arrival))
 
     def _step(self) -> None:
@@ -837,17 +839,23 @@ class Engine:
         self.spec = self._new_spec()
 
     def _bucket(self, n: int) -> int:
+        """The length a prefill of n tokens pads to."""
         return next(b for b in self.buckets if b >= n)
+
+    def _group(self, n: int) -> int:
+        """The octave of n tokens: prompts of one group batch together (and pad to the longest's bucket)."""
+        return next(b for b in self.groups if b >= n)
 
     def prefill_batch(self, bucket: int) -> int:
         """Most rows per prefill call for a bucket: as many as fit the token budget, at most max_slots."""
         return max(1, min(self.max_slots, self.prefill_tokens // bucket))
 
     def prefill_rows(self, bucket: int) -> list[int]:
-        """The row counts a prefill of this bucket compiles for: powers of two up to
-        prefill_batch(bucket), from the fewest that make the hot path's min_prefill_tokens (within
-        the step's prefill budgets). Refilling one slot must not pay for a full batch of rows."""
-        top = self.prefill_batch(bucket)
+        """The row counts a prefill of this bucket compiles for: powers of two up to the batch its
+        group holds, prefill_batch(group), from the fewest that make the hot path's
+        min_prefill_tokens (within the step's prefill budgets). Refilling one slot must not pay
+        for a full batch of rows."""
+        top = self.prefill_batch(self._group(bucket))
         floor = min(self.path.min_prefill_tokens, self.prefill_chunk or math.inf, self.prefill_tokens)
         least = min(top, 1 << math.ceil(math.log2(max(1, -(-floor // bucket)))))
         return [r for r in sorted({min(1 << i, top) for i in range(top.bit_length() + 1)}) if r >= least]
@@ -872,8 +880,9 @@ class Engine:
     def _take_batch(self, refill: bool, room: float) -> list[tuple["_Sequence", int | None]]:
         """The sequences of the next prefill call, each with the prefix-store row to copy into its
         slot first (or None). Prompts that hold a slot mid-prefill come first, then waiting ones
-        take free slots (if `refill`); all with their next piece in the first one's length bucket,
-        as many as fit `room` tokens (padded rows x bucket). Of waiting sequences that miss the
+        take free slots (if `refill`); all with their next piece in the first one's length group
+        (octave), as many as fit `room` tokens (padded rows x the group's length, which the call's
+        bucket does not exceed). Of waiting sequences that miss the
         prefix cache, one per first block goes at a time (counting those mid-prefill): the others
         then find its prefix cached."""
         held = [q for q in self._slot_of if q is not None and not q.decoding]
@@ -890,10 +899,10 @@ class Engine:
                 found[id(q)] = self.prefix_cache.lookup(q.hashes) if self.prefix_cache is not None else (None, 0)
             return found[id(q)][1]
 
-        def bucket(q: _Sequence) -> int:
-            return self._bucket(self._piece_end(q, start(q)) - start(q))
+        def group(q: _Sequence) -> int:
+            return self._group(self._piece_end(q, start(q)) - start(q))
 
-        t = bucket(candidates[0])
+        t = group(candidates[0])
         fits = [r for r in self.prefill_rows(t) if r * t <= room]
         if not fits:
             return []
@@ -901,7 +910,7 @@ class Engine:
         for q in candidates:
             if len(batch) == fits[-1] or (q.slot is None and not free):
                 break
-            if bucket(q) != t:
+            if group(q) != t:
                 continue
             row = None
             if q.slot is None:  # waiting: it takes a slot

@@ -92,6 +92,10 @@ class HotPath:
         is about 240 (v5e), 560 (v6e), 300 (H100), 200 (H200) flops per byte, so fewer tokens
         take the weights' read time whatever their count. Each row count left out is a function
         fewer to compile at warm-up. 0 on the CPU, whose compute is the bound.
+    buckets_per_octave: prompt lengths a prefill pads to per doubling (config.buckets_for). 4 on
+        the CPU, where a prefill's time follows its padded tokens and a compile takes about a
+        second: a 65-token prompt runs 80 tokens, not 128. 1 on TPU and GPU, where each prefill
+        shape is a compile of 6-20 s at warm-up (an 8B on v5e-8).
     cost_model: a copy of the engine for cost analysis only (launch/aot.py): the stacked path's
         layers run unrolled over one weight array per layer (cost analysis counts a loop's body
         once, and a static slice of a stacked weight as a read of the whole stack), with the
@@ -105,6 +109,7 @@ class HotPath:
     interpret: bool = False
     cost_model: bool = False
     min_prefill_tokens: int = 0
+    buckets_per_octave: int = 1
 
     @property
     def stacked_weights(self) -> bool:
@@ -125,4 +130,4 @@ def hot_path(platform: str, choice: str = "auto") -> HotPath:
         return HotPath("tpu", stacked=True, attention="pallas", interpret=platform != "tpu", min_prefill_tokens=256)
     if name == "gpu":
         return HotPath("gpu", stacked=True, attention="xla", min_prefill_tokens=256)
-    return HotPath("cpu", stacked=False)
+    return HotPath("cpu", stacked=False, buckets_per_octave=4)

@@ -151,7 +151,8 @@ class BatchByTokens(beam.DoFn):
     """
 
     def __init__(self, budget: int, buckets: list[int]):
-        """budget: tokens per batch; buckets: the engine's prompt-length buckets."""
+        """budget: tokens per batch; buckets: the engine's prompt-length groups (octaves, as it
+        batches prefills)."""
         self.budget, self.buckets = budget, buckets
 
     def start_bundle(self):

@@ -223,6 +223,10 @@ def test_engine_config_is_the_one_source_of_serving_defaults():
     assert EngineConfig(max_len=96).context_length(cfg) == 96
     assert EngineConfig(max_slots=4, max_len=64).batch_tokens(cfg) == 2 * 4 * 64
     assert buckets_for(96) == [16, 32, 64, 96]
+    assert buckets_for(96, per_octave=4) == [16, 24, 32, 40, 48, 56, 64, 80, 96]  # steps of 8 tokens at least
+    assert buckets_for(300, per_octave=2) == [16, 24, 32, 48, 64, 96, 128, 192, 256, 300]
+    with pytest.raises(ValueError, match="per_octave=0"):
+        buckets_for(96, per_octave=0)
     with pytest.raises(ValueError, match="max_len=100000 exceeds"):
         EngineConfig(max_len=100_000).context_length(cfg)
     for bad, match in (({"max_slots": 0}, "max_slots=0"), ({"order": "random"}, "order='random'"),

@@ -47,6 +47,24 @@ def test_accelerator_prefills_run_at_least_256_tokens_a_call():
     assert _engine("tpu", prefill_chunk=32).prefill_rows(16) == [2, 4]  # within a step's 32-token budget
 
 
+def test_cpu_prefills_pad_to_quarter_octaves_and_prompts_of_one_octave_share_a_call(reference):
+    """A CPU prefill's time follows its padded tokens, so it pads to 4 lengths per doubling; the
+    accelerators keep one (each shape is a long compile there). Prompts still batch by octave:
+    the 33-64-token prompts below fill one call, padded to the longest one's bucket."""
+    cpu, tpu = _engine("cpu"), _engine("tpu")
+    assert cpu._bucket(65) == 80 and cpu._bucket(33) == 40 and tpu._bucket(65) == 128
+    assert cpu.buckets[:9] == [16, 24, 32, 40, 48, 56, 64, 80, 96] and tpu.buckets == cpu.groups
+    shapes = []
+    call = cpu._call_prefill
+    cpu._call_prefill = lambda tokens, *a: shapes.append(np.shape(tokens)) or call(tokens, *a)
+    prompts = [rng.integers(3, 256, size=n).tolist() for n in (33, 45, 50, 34)]
+    out = cpu.generate(prompts, GREEDY)
+    assert shapes == [(4, 56)]  # one call; 50 tokens pad to 56, not 64
+    cpu._call_prefill = call
+    assert [o.token_ids for o in out] == [o.token_ids for o in _engine("cpu").generate(prompts, GREEDY)]
+    assert [o.token_ids for o in cpu.generate(PROMPTS, GREEDY)] == [o.token_ids for o in reference]
+
+
 @pytest.mark.parametrize("int8", [False, True])
 @pytest.mark.parametrize("mesh_shape", [None, (2, 2)])
 def test_prefill_windows_write_what_the_scatter_writes(int8, mesh_shape):
