@@ -143,6 +143,15 @@ def test_bench_decode_step_runs(tmp_path):
     assert result["rows"] and all(r["ms_per_step"] > 0 for r in result["rows"])
 
 
+def test_bench_matmul_runs_every_library(tmp_path):
+    from launch import bench_matmul
+    result = bench_matmul.main(["--rows", "1", "2", "--layers", "1", "--hidden", "32", "--ffw", "64", "--runs", "1",
+                                "--out", str(tmp_path / "o.json")])
+    assert [(r["lib"], r["rows"]) for r in result["rows"]] == [(lib, m) for lib in ("jax", "numpy", "torch")
+                                                               for m in (1, 2)]
+    assert all(r["ms"] >= 0 and r["gflop_per_s"] >= 0 for r in result["rows"])
+
+
 @pytest.mark.slow
 def test_bench_speculative_quick_runs(tmp_path, monkeypatch):
     from launch import bench_speculative
