@@ -603,7 +603,7 @@ class Engine:
         order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
         while order:
             t = self._score_len(len(rows[order[0]][0]))
-            group = [i for i in order if self._score_len(len(rows[i][0])) == t][:self.prefill_rows(t)[-1]]
+            group = [i for i in order if self._score_len(len(rows[i][0])) == t][:self.prefill_batch(t)]
             order = order[len(group):]
             b = next(n for n in self.prefill_rows(t) if n >= len(group))
             m = max(8, 1 << math.ceil(math.log2(max(len(rows[i][4]) for i in group) or 1)))
@@ -847,15 +847,15 @@ class Engine:
         return next(b for b in self.groups if b >= n)
 
     def prefill_batch(self, bucket: int) -> int:
-        """Most rows per prefill call for a bucket: as many as fit the token budget, at most max_slots."""
-        return max(1, min(self.max_slots, self.prefill_tokens // bucket))
+        """Most rows per prefill call for a bucket: as many as fit the token budget at its group's
+        length (the rows a call of that group may take), at most max_slots."""
+        return max(1, min(self.max_slots, self.prefill_tokens // self._group(bucket)))
 
     def prefill_rows(self, bucket: int) -> list[int]:
-        """The row counts a prefill of this bucket compiles for: powers of two up to the batch its
-        group holds, prefill_batch(group), from the fewest that make the hot path's
-        min_prefill_tokens (within the step's prefill budgets). Refilling one slot must not pay
-        for a full batch of rows."""
-        top = self.prefill_batch(self._group(bucket))
+        """The row counts a prefill of this bucket compiles for: powers of two up to
+        prefill_batch(bucket), from the fewest that make the hot path's min_prefill_tokens (within
+        the step's prefill budgets). Refilling one slot must not pay for a full batch of rows."""
+        top = self.prefill_batch(bucket)
         floor = min(self.path.min_prefill_tokens, self.prefill_chunk or math.inf, self.prefill_tokens)
         least = min(top, 1 << math.ceil(math.log2(max(1, -(-floor // bucket)))))
         return [r for r in sorted({min(1 << i, top) for i in range(top.bit_length() + 1)}) if r >= least]

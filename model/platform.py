@@ -93,8 +93,8 @@ class HotPath:
         take the weights' read time whatever their count. Each row count left out is a function
         fewer to compile at warm-up. 0 on the CPU, whose compute is the bound.
     buckets_per_octave: prompt lengths a prefill pads to per doubling (config.buckets_for). 4 on
-        the CPU, where a prefill's time follows its padded tokens and a compile takes about a
-        second: a 65-token prompt runs 80 tokens, not 128. 1 on TPU and GPU, where each prefill
+        the CPU, where a prefill's time follows its padded tokens and a compile takes seconds: a
+        65-token prompt runs 80 tokens, not 128. 1 on TPU and GPU, where each prefill
         shape is a compile of 6-20 s at warm-up (an 8B on v5e-8).
     cost_model: a copy of the engine for cost analysis only (launch/aot.py): the stacked path's
         layers run unrolled over one weight array per layer (cost analysis counts a loop's body
