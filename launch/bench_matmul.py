@@ -7,6 +7,10 @@ W2 [ffw, hidden] (float32, distinct weights per layer: 70 MB at the defaults, be
 model's MLP width), for M rows, in XLA:CPU (jitted), numpy and torch, side by side. Prints ms per
 chain, the weights' bytes over that time, and the flops rate; medians of --runs.
 
+jax-outputs-first is the engine's CPU form (model/decoder.py, HotPath.outputs_first): the same
+weights stored [out, in], and for up to FEATURES_MAX_ROWS rows the products run as W @ x^T with x^T
+materialized, which XLA:CPU runs about twice as fast at 4-16 rows.
+
     python -m launch.bench_matmul                         # rows 1 4 16 64, writes bench_matmul.json
     XLA_FLAGS=--xla_cpu_use_onednn=true python -m launch.bench_matmul --libs jax   # an XLA:CPU flag
 """
@@ -24,7 +28,7 @@ import numpy as np  # noqa: E402
 
 from launch.bench_engine import machine_info  # noqa: E402
 
-LIBS = ("jax", "numpy", "torch")
+LIBS = ("jax", "jax-outputs-first", "numpy", "torch")
 
 
 def chains(hidden: int, ffw: int, layers: int, seed: int = 0) -> dict:
@@ -42,6 +46,24 @@ def chains(hidden: int, ffw: int, layers: int, seed: int = 0) -> dict:
         def f(x, a, b):
             for u, v in zip(a, b):
                 x = x + jax.nn.silu(x @ u) @ v
+            return x
+        return lambda x: f(jnp.asarray(x), a, b).block_until_ready()
+
+    def jax_outputs_first_chain():
+        import model  # noqa: F401  (its start-up defaults precede jax's import)
+        import jax
+        import jax.numpy as jnp
+        from model.decoder import FEATURES_MAX_ROWS, from_features, linear_stored, matmul_features, to_features
+        a, b = [jnp.asarray(w.T.copy()) for w in w1], [jnp.asarray(w.T.copy()) for w in w2]
+
+        @jax.jit
+        def f(x, a, b):  # as decoder.gated_mlp_stored: the hidden [ffw, rows] between the two products
+            for u, v in zip(a, b):
+                if x.shape[0] > FEATURES_MAX_ROWS:
+                    x = x + linear_stored(jax.nn.silu(linear_stored(x, u, 1)), v, 1)
+                else:
+                    x = x + from_features(matmul_features(v, jax.nn.silu(matmul_features(u, to_features(x), 1, x.dtype)),
+                                                          1, x.dtype), x.shape[:1])
             return x
         return lambda x: f(jnp.asarray(x), a, b).block_until_ready()
 
@@ -64,7 +86,8 @@ def chains(hidden: int, ffw: int, layers: int, seed: int = 0) -> dict:
             return x
         return f
 
-    return {"jax": jax_chain, "numpy": lambda: numpy_chain, "torch": torch_chain}
+    return {"jax": jax_chain, "jax-outputs-first": jax_outputs_first_chain, "numpy": lambda: numpy_chain,
+            "torch": torch_chain}
 
 
 def main(argv=None) -> dict:
@@ -94,7 +117,7 @@ def main(argv=None) -> dict:
             rows.append({"lib": lib, "rows": m, "ms": round(s * 1e3, 2), "gb_per_s": round(weight_bytes / s / 1e9, 1),
                          "gflop_per_s": round(2 * m * weight_bytes / 4 / s / 1e9, 1)})
             r = rows[-1]
-            print(f"{lib:<6} rows {m:>4}: {r['ms']:>8.2f} ms  {r['gb_per_s']:>6.1f} GB/s  {r['gflop_per_s']:>6.1f} GFLOP/s",
+            print(f"{lib:<17} rows {m:>4}: {r['ms']:>8.2f} ms  {r['gb_per_s']:>6.1f} GB/s  {r['gflop_per_s']:>6.1f} GFLOP/s",
                   flush=True)
     result = {"args": vars(args), "xla_flags": os.environ.get("XLA_FLAGS", ""), "weight_bytes": weight_bytes,
               "machine": machine_info(), "rows": rows}

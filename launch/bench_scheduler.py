@@ -14,11 +14,13 @@ compiles (should be 0 in timed runs) and the rest (host work: scheduling, bookke
     python -m launch.bench_scheduler --chunks off 128 512 --runs 3
     python -m launch.bench_scheduler --quick                      # smoke run
     python -m launch.bench_scheduler --chunks 512 --longest-chunks 512 --refill-on-read --octave-buckets --hf short
+    python -m launch.bench_scheduler --chunks 512 --longest-chunks 512 --refill-on-read --before inputs-first --hf short
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -30,7 +32,9 @@ import torch  # noqa: E402
 
 from launch.bench_engine import machine_info  # noqa: E402
 from launch.bench_features import hf_run, ideal_step_ratios, random_checkpoint, tokens_of, workloads  # noqa: E402
+import model.engine  # noqa: E402
 from model import Engine, SamplingParams  # noqa: E402
+from model.platform import hot_path  # noqa: E402
 
 FULL = dict(vocab=8000, hidden=512, layers=6, heads=8, kv_heads=4, ffw=1408, slots=16, n=48, max_new=512,
             prompt_len=64, uniform_new=64, prefix_len=512)
@@ -51,9 +55,12 @@ def parse_args(argv):
                    help="workloads to run HF generate on (none: skip HF)")
     p.add_argument("--refill-on-read", nargs="*", default=["512"],
                    help="prefill_chunk values for in-flight arrival order refilling as before (RefillOnRead)")
-    p.add_argument("--octave-buckets", action="store_true",
+    p.add_argument("--before", choices=sorted(BEFORE),
                    help="also run static, in-flight arrival (the last --chunks value) and the short workload "
-                        "with prompts padded as before (one length per doubling: OctaveBuckets)")
+                        "on the engine as it was before a change: prompts padded to one length per doubling "
+                        "(OctaveBuckets), or matmul weights stored inputs first (InputsFirst)")
+    p.add_argument("--octave-buckets", dest="before", action="store_const", const="octave-buckets",
+                   help="the same as --before octave-buckets")
     p.add_argument("--out", default="bench_scheduler.json")
     args = p.parse_args(argv)
     for k, v in (QUICK if args.quick else FULL).items():
@@ -82,6 +89,22 @@ class OctaveBuckets(Engine):
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         self.buckets = self.groups
+
+
+class InputsFirst(Engine):
+    """The engine as it was before the CPU path stored its matmul weights outputs first
+    (HotPath.outputs_first): weights as loaded, [in, out], and every matmul x @ w."""
+
+    def __init__(self, *a, **kw):
+        choose = model.engine.hot_path
+        model.engine.hot_path = lambda *x: dataclasses.replace(hot_path(*x), outputs_first=False)
+        try:
+            super().__init__(*a, **kw)
+        finally:
+            model.engine.hot_path = choose
+
+
+BEFORE = {"octave-buckets": OctaveBuckets, "inputs-first": InputsFirst}
 
 
 def chunk_value(s: str) -> int | None:
@@ -117,13 +140,13 @@ def main(argv=None) -> dict:
                                                                             prefill_chunk=chunk_value(c),
                                                                             decode_steps=steps))
         variants[f"short: engine{tag}"] = ("short", make(decode_steps=steps))
-        if args.octave_buckets:
-            variants[f"before: static{tag}"] = ("hetero", make(OctaveBuckets, batching="static", order="arrival",
+        if args.before:
+            cls = BEFORE[args.before]
+            variants[f"before: static{tag}"] = ("hetero", make(cls, batching="static", order="arrival",
                                                               prefill_chunk=None, decode_steps=steps))
             variants[f"before: arrival, chunk {args.chunks[-1]}{tag}"] = (
-                "hetero", make(OctaveBuckets, order="arrival", prefill_chunk=chunk_value(args.chunks[-1]),
-                               decode_steps=steps))
-            variants[f"before: short: engine{tag}"] = ("short", make(OctaveBuckets, decode_steps=steps))
+                "hetero", make(cls, order="arrival", prefill_chunk=chunk_value(args.chunks[-1]), decode_steps=steps))
+            variants[f"before: short: engine{tag}"] = ("short", make(cls, decode_steps=steps))
     for wname in args.hf:
         variants[f"{wname}: HF"] = (wname, None)
 
@@ -175,7 +198,7 @@ def main(argv=None) -> dict:
                 med["hetero: HF"] / med[f"longest, chunk {args.longest_chunks[-1]}{tag}"], 3)
         if "short" in args.hf:
             ratios[f"HF / short: engine{tag}"] = round(med["short: HF"] / med[f"short: engine{tag}"], 3)
-        if args.octave_buckets:
+        if args.before:
             arrival = f"arrival, chunk {args.chunks[-1]}{tag}"
             ratios[f"before: static / before: {arrival}"] = round(
                 med[f"before: static{tag}"] / med[f"before: {arrival}"], 3)

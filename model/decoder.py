@@ -405,6 +405,88 @@ def _heads_linear(x_btd: Array, ws: Sequence[Array | QArray], groups: int | None
     return [o.reshape(b, t, *w.shape[1:]) for o, w in zip(outs, ws)]
 
 
+# ---------------------------------------------------------------- the CPU path's matmuls
+
+# The CPU path stores these weights with their output dims first, [out..., in...]: each one's
+# permutation of the params format's dims. A dense MLP's only (a mixture of experts' keep the
+# params format); a tied head reads the embedding table, which is [vocab, d] already.
+OUTPUTS_FIRST = {"wq": (1, 2, 0), "wk": (1, 2, 0), "wv": (1, 2, 0), "wo": (2, 0, 1),
+                 "w_gate": (1, 0), "w_up": (1, 0), "w_down": (1, 0), "lm_head": (1, 0)}
+# Up to this many rows (tokens), a matmul runs as w @ x^T over x^T materialized (to_features):
+# XLA:CPU's matmul of a few rows by [in, out] weights runs at half the speed of the same product
+# with the weights' rows as its long side (launch/bench_matmul.py). Above it, x @ w^T is as fast.
+FEATURES_MAX_ROWS = 128
+
+
+def _permuted(x, perm: tuple[int, ...]):
+    """x with its dims permuted: a copy of an array, or a ShapeDtypeStruct with shape and
+    NamedSharding permuted alike (abstract weights). An int8 weight's values are permuted; its
+    scale, over the output dims, stays as it is."""
+    if isinstance(x, QArray):
+        return QArray(_permuted(x.q, perm), x.scale)
+    if not isinstance(x, jax.ShapeDtypeStruct):
+        return jnp.transpose(x, perm)
+    sharding = x.sharding
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
+        spec = tuple(spec[i] for i in perm)
+        while spec and spec[-1] is None:  # as the array's own transpose writes it
+            spec = spec[:-1]
+        sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
+    return jax.ShapeDtypeStruct(tuple(x.shape[i] for i in perm), x.dtype, sharding=sharding)
+
+
+def to_features(x: Array, n_in: int = 1) -> Array:
+    """[lead..., in...] (n_in trailing dims) -> [in..., m] with m = the lead dims' size, as an
+    array of its own: the optimization barrier stops XLA from folding the transpose into the
+    matmul that reads it, which would bring back the slow form."""
+    lead = x.ndim - n_in
+    return jax.lax.optimization_barrier(jnp.moveaxis(x.reshape(-1, *x.shape[lead:]), 0, -1))
+
+
+def from_features(y: Array, lead: tuple[int, ...]) -> Array:
+    """[out..., m] -> [lead..., out...]: to_features' inverse, for a matmul's result."""
+    y = jax.lax.optimization_barrier(y)
+    return jnp.moveaxis(y, -1, 0).reshape(*lead, *y.shape[:-1])
+
+
+def matmul_features(w: Array | QArray, x_in_m: Array, n_in: int, dtype) -> Array:
+    """w [out..., in...] times x [in..., m] -> [out..., m] in `dtype`, accumulated in float32 (an
+    int8 w as in `linear`: converted to x's dtype, its scale applied to the result)."""
+    ndim = len(w.shape)
+    dims = (tuple(range(ndim - n_in, ndim)), tuple(range(n_in))), ((), ())
+    if isinstance(w, QArray):
+        out = jax.lax.dot_general(w.q.astype(x_in_m.dtype), x_in_m, dims, preferred_element_type=jnp.float32)
+        return (out * w.scale[..., None]).astype(dtype)
+    return jax.lax.dot_general(w, x_in_m, dims, preferred_element_type=jnp.float32).astype(dtype)
+
+
+def linear_stored(x: Array, w: Array | QArray, n_in: int, dtype=None) -> Array:
+    """x [lead..., in...] times a weight stored outputs first, w [out..., in...] -> [lead..., out...]
+    in `dtype` (default x's; float32 accumulation): as matmul_features over to_features(x) for a
+    few rows, else one matmul contracting both trailing dims."""
+    lead, dtype = x.shape[:x.ndim - n_in], dtype or x.dtype
+    if math.prod(lead) <= FEATURES_MAX_ROWS:
+        return from_features(matmul_features(w, to_features(x, n_in), n_in, dtype), lead)
+    dims = (tuple(range(len(lead), x.ndim)), tuple(range(len(w.shape) - n_in, len(w.shape)))), ((), ())
+    if isinstance(w, QArray):
+        out = jax.lax.dot_general(x, w.q.astype(x.dtype), dims, preferred_element_type=jnp.float32)
+        return (out * w.scale).astype(dtype)
+    return jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32).astype(dtype)
+
+
+def gated_mlp_stored(x: Array, w_gate: Array | QArray, w_up: Array | QArray, w_down: Array | QArray,
+                     activation: str) -> Array:
+    """gated_mlp with its weights stored outputs first (w_gate, w_up [f, d], w_down [d, f]); for a
+    few rows the hidden activations stay [f, m] between the matmuls."""
+    lead, act = x.shape[:-1], _activation(activation)
+    if math.prod(lead) > FEATURES_MAX_ROWS:
+        return linear_stored(act(linear_stored(x, w_gate, 1)) * linear_stored(x, w_up, 1), w_down, 1)
+    x_dm = to_features(x)
+    h_fm = act(matmul_features(w_gate, x_dm, 1, x.dtype)) * matmul_features(w_up, x_dm, 1, x.dtype)
+    return from_features(matmul_features(w_down, h_fm, 1, x.dtype), lead)
+
+
 # ---------------------------------------------------------------- the model
 
 # attend(layer, q, k, v, cache) -> (out_btnh, cache): self-attention (writing the cache, if any)
@@ -440,7 +522,15 @@ class Decoder(nnx.Module):
                 shape = tuple(a.shape)[1:] if stacked else tuple(a.shape)
                 if shape != spec.shape:
                     raise ValueError(f"weight {name!r} has shape {shape}; expected {spec.shape}")
-            if spec.per_layer and not stacked:
+        # the CPU path's dense matmul weights, stored outputs first (OUTPUTS_FIRST)
+        moe = ("w_gate", "w_up", "w_down") if cfg.num_experts else ()
+        self.outputs_first = tuple(sorted(n for n in params if self.path.outputs_first and n in OUTPUTS_FIRST
+                                          and n not in moe))
+        for name, value in params.items():
+            if name in self.outputs_first:
+                perm = OUTPUTS_FIRST[name]
+                value = [_permuted(a, perm) for a in value] if specs[name].per_layer else _permuted(value, perm)
+            if specs[name].per_layer and not self.path.stacked_weights:
                 setattr(self, name, nnx.List([nnx.Param(a) for a in value]))
             else:
                 setattr(self, name, nnx.Param(value))
@@ -452,11 +542,16 @@ class Decoder(nnx.Module):
 
     def weights(self) -> dict[str, Any]:
         """All weights in the params format: name -> array, or a list of arrays per layer."""
-        return {name: [self.weight(name, i) for i in range(self.cfg.num_layers)] if spec.per_layer
-                else self.weight(name) for name, spec in param_specs(self.cfg).items()}
+        def unstored(name, x):  # outputs first -> the params format
+            if name not in self.outputs_first:
+                return x
+            return _permuted(x, tuple(int(i) for i in np.argsort(OUTPUTS_FIRST[name])))
+        return {name: [unstored(name, self.weight(name, i)) for i in range(self.cfg.num_layers)] if spec.per_layer
+                else unstored(name, self.weight(name)) for name, spec in param_specs(self.cfg).items()}
 
     def weight(self, name: str, layer: int | None = None) -> Array | QArray:
-        """A weight's value; `layer` picks one layer's array of a per-layer weight."""
+        """A weight's value as stored (outputs first for those in self.outputs_first); `layer`
+        picks one layer's array of a per-layer weight."""
         if self.path.stacked_weights:
             value = getattr(self, name).get_value()
             return value if layer is None else jax.tree.map(lambda x: x[layer], value)
@@ -477,7 +572,10 @@ class Decoder(nnx.Module):
     def head(self, x_btd: Array) -> Array:
         """Final norm and vocabulary projection; float32 logits [b, t, v]."""
         x = self._norm(x_btd, self.weight("final_norm"))
-        if self.cfg.tie_word_embeddings:
+        name = "embed" if self.cfg.tie_word_embeddings else "lm_head"
+        if self.path.outputs_first:  # [vocab, d] either way
+            logits = linear_stored(x, self.weight(name), 1, jnp.float32)
+        elif self.cfg.tie_word_embeddings:
             logits = linear("btd,vd->btv", x, self.weight("embed"), preferred_element_type=jnp.float32)
         else:
             logits = linear("btd,dv->btv", x, self.weight("lm_head"), preferred_element_type=jnp.float32)
@@ -548,7 +646,10 @@ class Decoder(nnx.Module):
         cfg = self.cfg
         h = self._gathered(self._norm(x, w["attn_norm"]))
         names = ("wq", "wk", "wv")
-        q, k, v = _heads_linear(h, [w[n] for n in names], self._fusion(h, names))
+        if "wq" in self.outputs_first:
+            q, k, v = (linear_stored(h, w[n], 1) for n in names)
+        else:
+            q, k, v = _heads_linear(h, [w[n] for n in names], self._fusion(h, names))
         if cfg.qkv_bias:
             q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
         if cfg.qk_norm:  # per head, over head_dim
@@ -560,8 +661,11 @@ class Decoder(nnx.Module):
         q, k = (rope(a, positions_bt, inv_freq, factor, dtype, swap_by_matmul=self.path.stacked) for a in (q, k))
         out, carry = attend(layer, q, k, v, carry)
         b, t = out.shape[:2]  # heads and head_dim merged: the matmul then reads wo as stored
-        out = self._residual(linear("btx,xd->btd", out.reshape(b, t, -1), _merge_leading(w["wo"], 2),
-                                    accumulate=self._acc(x)))
+        if "wo" in self.outputs_first:
+            out = self._residual(linear_stored(out, w["wo"], 2))
+        else:
+            out = self._residual(linear("btx,xd->btd", out.reshape(b, t, -1), _merge_leading(w["wo"], 2),
+                                        accumulate=self._acc(x)))
         x = x + (self._norm(out, w["post_attn_norm"]) if cfg.post_norms else out)
         out = self._residual(self._mlp(self._gathered(self._norm(x, w["mlp_norm"])), w))
         x = x + (self._norm(out, w["post_mlp_norm"]) if cfg.post_norms else out)
@@ -570,6 +674,8 @@ class Decoder(nnx.Module):
     def _mlp(self, x_btd: Array, w: dict[str, Array | QArray]) -> Array:
         """The layer's MLP: gated, or a mixture of experts (cfg.num_experts > 0)."""
         cfg = self.cfg
+        if "w_down" in self.outputs_first:
+            return gated_mlp_stored(x_btd, w["w_gate"], w["w_up"], w["w_down"], cfg.activation)
         if not cfg.num_experts:
             return gated_mlp(x_btd, w["w_gate"], w["w_up"], w["w_down"], cfg.activation, self._acc(x_btd),
                              self._fusion(x_btd, ("w_gate", "w_up")))

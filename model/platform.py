@@ -96,6 +96,10 @@ class HotPath:
         the CPU, where a prefill's time follows its padded tokens and a compile takes seconds: a
         65-token prompt runs 80 tokens, not 128. 1 on TPU and GPU, where each prefill
         shape is a compile of 6-20 s at warm-up (an 8B on v5e-8).
+    outputs_first: matmul weights stored with their output dims first ([out, in]), and matmuls of
+        up to decoder.FEATURES_MAX_ROWS rows run as w @ x^T. True on the CPU, where that form of
+        a 16-row product runs about twice as fast as x @ w over [in, out] weights (both XLA:CPU;
+        launch/bench_matmul.py's jax-outputs-first); the TPU and GPU compilers pick their own layouts.
     cost_model: a copy of the engine for cost analysis only (launch/aot.py): the stacked path's
         layers run unrolled over one weight array per layer (cost analysis counts a loop's body
         once, and a static slice of a stacked weight as a read of the whole stack), with the
@@ -110,6 +114,7 @@ class HotPath:
     cost_model: bool = False
     min_prefill_tokens: int = 0
     buckets_per_octave: int = 1
+    outputs_first: bool = False
 
     @property
     def stacked_weights(self) -> bool:
@@ -130,4 +135,4 @@ def hot_path(platform: str, choice: str = "auto") -> HotPath:
         return HotPath("tpu", stacked=True, attention="pallas", interpret=platform != "tpu", min_prefill_tokens=256)
     if name == "gpu":
         return HotPath("gpu", stacked=True, attention="xla", min_prefill_tokens=256)
-    return HotPath("cpu", stacked=False, buckets_per_octave=4)
+    return HotPath("cpu", stacked=False, buckets_per_octave=4, outputs_first=True)

@@ -145,10 +145,10 @@ def test_bench_decode_step_runs(tmp_path):
 
 def test_bench_matmul_runs_every_library(tmp_path):
     from launch import bench_matmul
-    result = bench_matmul.main(["--rows", "1", "2", "--layers", "1", "--hidden", "32", "--ffw", "64", "--runs", "1",
-                                "--out", str(tmp_path / "o.json")])
-    assert [(r["lib"], r["rows"]) for r in result["rows"]] == [(lib, m) for lib in ("jax", "numpy", "torch")
-                                                               for m in (1, 2)]
+    result = bench_matmul.main(["--rows", "1", "2", "130", "--layers", "1", "--hidden", "32", "--ffw", "64",
+                                "--runs", "1", "--out", str(tmp_path / "o.json")])  # 130 rows: past FEATURES_MAX_ROWS
+    assert [(r["lib"], r["rows"]) for r in result["rows"]] == [
+        (lib, m) for lib in ("jax", "jax-outputs-first", "numpy", "torch") for m in (1, 2, 130)]
     assert all(r["ms"] >= 0 and r["gflop_per_s"] >= 0 for r in result["rows"])
 
 

@@ -44,7 +44,8 @@ def layer0(request, tmp_path_factory):
 
 
 def _layer_params(engine, i=0):
-    return {k: v[i][...] for k, v in engine.params.items() if not hasattr(v, "get_value")}
+    """Layer i's weights in the params format (the CPU path stores its matmul weights outputs first)."""
+    return {k: v[i] for k, v in engine.weights().items() if isinstance(v, list)}
 
 
 def _hf_rope(hf, cfg, layer: int, x, positions):

@@ -118,7 +118,9 @@ def newer(request, tmp_path_factory):
 def test_a_2x4_mesh_gives_the_single_device_logits_and_tokens(newer):
     path, one = newer
     mesh = Engine.from_pretrained(path, mesh_shape=(2, 4), dtype="float32", max_slots=4, max_len=64)
-    assert mesh.params["wq"][0][...].addressable_shards[0].data.shape[1] == mesh.cfg.num_heads // 4  # heads split
+    # heads split: the CPU path stores wq outputs first, [heads, head_dim, d]; weights() gives [d, heads, head_dim]
+    assert mesh.params["wq"][0][...].addressable_shards[0].data.shape[0] == mesh.cfg.num_heads // 4
+    assert mesh.weights()["wq"][0].addressable_shards[0].data.shape[1] == mesh.cfg.num_heads // 4
     if mesh.cfg.num_experts:  # 4 or 8 experts over "model" 4: whole experts split (expert parallel)
         local = mesh.params["w_down"][0][...].addressable_shards[0].data.shape
         assert local == (mesh.cfg.num_experts // 4, mesh.cfg.intermediate_size, mesh.cfg.hidden_size)

@@ -37,7 +37,7 @@ def test_mesh_gives_single_device_tokens(checkpoint, reference, mesh_shape):
     assert [o.token_ids for o in eng.generate(PROMPTS, GREEDY)] == tokens
     data, model = mesh_shape
     # placement really is split: each device holds 1/model of the query heads, 1/data of the slots
-    assert eng.params["wq"][0][...].addressable_shards[0].data.shape[1] == 8 // model
+    assert eng.params["wq"][0][...].addressable_shards[0].data.shape[0] == 8 // model  # stored [heads, head_dim, d]
     assert eng.cache.k[0][0].addressable_shards[0].data.shape[0] == 8 // data
 
 
