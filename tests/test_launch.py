@@ -157,3 +157,17 @@ def test_bench_speculative_quick_runs(tmp_path, monkeypatch):
     from launch import bench_speculative
     result = bench_speculative.main(["--quick", "--out", str(tmp_path / "o.json")])
     assert {r["workload"] for r in result["rows"]} == {"batch1", "copy", "busy"}
+
+
+def test_bench_scheduler_before_engine_keeps_the_weights_as_loaded():
+    from flax import nnx
+
+    from launch.bench_scheduler import InputsFirst
+    from model import Engine, SamplingParams
+    kw = dict(mesh_shape=(1, 1), dtype="float32", max_slots=2, max_len=64)
+    now, before = Engine.from_pretrained("tiny-llama", **kw), InputsFirst.from_pretrained("tiny-llama", **kw)
+    assert "w_down" in nnx.merge(now.graphdef, now.params).outputs_first
+    assert nnx.merge(before.graphdef, before.params).outputs_first == ()
+    assert Engine.from_pretrained("tiny-llama", **kw).path.outputs_first  # the patch was undone
+    prompts, greedy = [[5, 6, 7], [9] * 20], SamplingParams(max_new_tokens=6, ignore_eos=True)
+    assert [o.token_ids for o in now.generate(prompts, greedy)] == [o.token_ids for o in before.generate(prompts, greedy)]

@@ -212,3 +212,23 @@ def test_the_cpu_paths_batched_experts_give_the_grouped_matmuls_result(same_toke
     split = sum(np.asarray(moe_mlp_batched(x, router, *half, k, True, "silu", first_expert=h * e // 2))
                 for h, half in enumerate(halves))
     np.testing.assert_allclose(split, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [3, 200])  # the transposed form (<= FEATURES_MAX_ROWS rows) and the plain one
+@pytest.mark.parametrize("int8", [False, True])
+def test_weights_stored_outputs_first_give_the_params_format_products(rows, int8):
+    from model.decoder import OUTPUTS_FIRST, _permuted, gated_mlp_stored, linear_stored
+    from model.quantize import quantize
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((1, rows, 32), np.float32))
+    wq, wo = (jnp.asarray(rng.standard_normal(s, np.float32) * 0.1) for s in ((32, 4, 8), (4, 8, 32)))
+    mlp = [jnp.asarray(rng.standard_normal(s, np.float32) * 0.1) for s in ((32, 48), (32, 48), (48, 32))]
+    if int8:
+        wq, wo = quantize(wq, (0,)), quantize(wo, (0, 1))
+        mlp = [quantize(w, (0,)) for w in mlp]
+    q = linear("btd,dnh->btnh", x, wq)
+    np.testing.assert_allclose(linear_stored(x, _permuted(wq, OUTPUTS_FIRST["wq"]), 1), q, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(linear_stored(q, _permuted(wo, OUTPUTS_FIRST["wo"]), 2),
+                               linear("btnh,nhd->btd", q, wo), rtol=1e-5, atol=1e-5)
+    stored = [_permuted(w, OUTPUTS_FIRST[n]) for w, n in zip(mlp, ("w_gate", "w_up", "w_down"))]
+    np.testing.assert_allclose(gated_mlp_stored(x, *stored, "silu"), gated_mlp(x, *mlp, "silu"), rtol=1e-5, atol=1e-5)
