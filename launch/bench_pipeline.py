@@ -17,6 +17,7 @@ default "."), which the engine's loop checks once per dispatch and ends the sequ
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import statistics
@@ -33,8 +34,8 @@ MODEL = "configs/models/demo.yaml"
 
 
 def records(n: int, min_tokens: int, max_tokens: int, seed: int = 0) -> list[dict]:
-    words = " ".join(json.loads(line)["prompt"] for name in sorted(os.listdir("configs/demo"))
-                     for line in open(os.path.join("configs/demo", name))).split()
+    words = " ".join(json.loads(line)["prompt"] for path in sorted(glob.glob("configs/demo/*.jsonl"))
+                     for line in open(path)).split()  # the demo's prompt shards, not its labeling/ folder
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):

@@ -171,3 +171,10 @@ def test_bench_scheduler_before_engine_keeps_the_weights_as_loaded():
     assert Engine.from_pretrained("tiny-llama", **kw).path.outputs_first  # the patch was undone
     prompts, greedy = [[5, 6, 7], [9] * 20], SamplingParams(max_new_tokens=6, ignore_eos=True)
     assert [o.token_ids for o in now.generate(prompts, greedy)] == [o.token_ids for o in before.generate(prompts, greedy)]
+
+
+def test_bench_pipeline_records_come_from_the_demo_prompt_shards():
+    from launch import bench_pipeline
+    recs = bench_pipeline.records(5, 8, 16)
+    assert [r["id"] for r in recs] == [f"r{i}" for i in range(5)]
+    assert all(40 <= len(r["prompt"].split()) <= 90 and 8 <= r["max_tokens"] <= 16 for r in recs)
