@@ -450,15 +450,23 @@ def from_features(y: Array, lead: tuple[int, ...]) -> Array:
     return jnp.moveaxis(y, -1, 0).reshape(*lead, *y.shape[:-1])
 
 
-def matmul_features(w: Array | QArray, x_in_m: Array, n_in: int, dtype) -> Array:
-    """w [out..., in...] times x [in..., m] -> [out..., m] in `dtype`, accumulated in float32 (an
-    int8 w as in `linear`: converted to x's dtype, its scale applied to the result)."""
-    ndim = len(w.shape)
-    dims = (tuple(range(ndim - n_in, ndim)), tuple(range(n_in))), ((), ())
+def _contract_stored(w: Array | QArray, x: Array, n_in: int, w_first: bool, dtype) -> Array:
+    """w [out..., in...]'s n_in trailing dims contracted with x's n_in leading dims (w_first:
+    -> [out..., m]) or trailing dims (-> [lead..., out...]), in `dtype`, accumulated in float32;
+    an int8 w as in `linear`: converted to x's dtype, its scale applied to the result."""
+    w_dims = tuple(range(len(w.shape) - n_in, len(w.shape)))
+    x_dims = tuple(range(n_in)) if w_first else tuple(range(x.ndim - n_in, x.ndim))
+    q = w.q.astype(x.dtype) if isinstance(w, QArray) else w
+    operands, dims = ((q, x), (w_dims, x_dims)) if w_first else ((x, q), (x_dims, w_dims))
+    out = jax.lax.dot_general(*operands, (dims, ((), ())), preferred_element_type=jnp.float32)
     if isinstance(w, QArray):
-        out = jax.lax.dot_general(w.q.astype(x_in_m.dtype), x_in_m, dims, preferred_element_type=jnp.float32)
-        return (out * w.scale[..., None]).astype(dtype)
-    return jax.lax.dot_general(w, x_in_m, dims, preferred_element_type=jnp.float32).astype(dtype)
+        out = out * (w.scale[..., None] if w_first else w.scale)
+    return out.astype(dtype)
+
+
+def matmul_features(w: Array | QArray, x_in_m: Array, n_in: int, dtype) -> Array:
+    """w [out..., in...] times x [in..., m] -> [out..., m] in `dtype` (see _contract_stored)."""
+    return _contract_stored(w, x_in_m, n_in, True, dtype)
 
 
 def linear_stored(x: Array, w: Array | QArray, n_in: int, dtype=None) -> Array:
@@ -468,11 +476,7 @@ def linear_stored(x: Array, w: Array | QArray, n_in: int, dtype=None) -> Array:
     lead, dtype = x.shape[:x.ndim - n_in], dtype or x.dtype
     if math.prod(lead) <= FEATURES_MAX_ROWS:
         return from_features(matmul_features(w, to_features(x, n_in), n_in, dtype), lead)
-    dims = (tuple(range(len(lead), x.ndim)), tuple(range(len(w.shape) - n_in, len(w.shape)))), ((), ())
-    if isinstance(w, QArray):
-        out = jax.lax.dot_general(x, w.q.astype(x.dtype), dims, preferred_element_type=jnp.float32)
-        return (out * w.scale).astype(dtype)
-    return jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32).astype(dtype)
+    return _contract_stored(w, x, n_in, False, dtype)
 
 
 def gated_mlp_stored(x: Array, w_gate: Array | QArray, w_up: Array | QArray, w_down: Array | QArray,
