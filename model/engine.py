@@ -220,7 +220,7 @@ class Engine:
         self._cond, self._device = threading.Condition(), threading.RLock()
         self._incoming: list[_Sequence] = []
         self._thread: threading.Thread | None = None
-        self._arrivals = 0
+        self._arrivals = self._clock = 0  # _clock: decode steps dispatched so far
         self._waiting: list[_Sequence] = []
         self._slot_of: list[_Sequence | None] = [None] * self.max_slots
         self._in_flight: _Dispatch | None = None
@@ -680,7 +680,7 @@ class Engine:
                 for i, (p, sp, st) in enumerate(zip(prompts, params, stops))]
         with self._cond:
             for q in seqs:
-                q.arrival, self._arrivals = self._arrivals, self._arrivals + 1
+                q.arrival, q.clock, self._arrivals = self._arrivals, self._clock, self._arrivals + 1
             self._incoming += seqs
             if self._thread is None:
                 # Not a daemon: the interpreter joins it at exit (it ends once nothing is left),
@@ -709,12 +709,18 @@ class Engine:
         return bool(self._waiting or self._in_flight or any(self._slot_of))
 
     def _admit(self, arrivals: list["_Sequence"]) -> None:
-        """Adds requests to the waiting list, in the order the slots take them: the largest
-        max_new_tokens first (order="longest_first") or arrival order, grouped by length (octave)."""
+        """Adds requests to the waiting list, in the order the slots take them, grouped by length
+        (octave): arrival order, or (order="longest_first") the largest max_new_tokens first, less
+        the decode steps run since the request arrived. Among requests that arrived together
+        that is longest first. The aging bounds a short request's wait: a caller waiting on a
+        whole call (a Beam batch) gets it back and submits its next one while later calls keep the
+        slots full. Without it, every short request would wait behind each later call's long
+        ones, all callers' calls would end together, and the slots would drain before any
+        caller submitted again."""
         if not arrivals:
             return
         self._ensure_stop_width(max(len(q.stop_ids) for q in arrivals))
-        rank = (lambda q: -q.limit) if self.order == "longest_first" else (lambda q: 0)  # noqa: E731
+        rank = (lambda q: q.clock - q.limit) if self.order == "longest_first" else (lambda q: 0)  # noqa: E731
         self._waiting = sorted(self._waiting + arrivals, key=lambda q: (rank(q), self._group(len(q.prompt)),
                                                                        q.arrival))
 
@@ -741,6 +747,7 @@ class Engine:
             chunks = self.decode_chunks(max(len(q.prompt) + len(q.tokens) for q in running))
             speculate = self.spec_k > 0 and self._gate.speculate()
             fn, steps = (self._verify, self.spec_steps) if speculate else (self._decode, self.decode_steps)
+            self._clock += steps
             with self._timed("decode", fn):
                 self.cache, self.state, self.spec, *out = fn(self._weights, self.cache, self.state, self.spec,
                                                                self._table, steps, chunks)
@@ -1190,6 +1197,7 @@ class _Sequence:
     limit: int  # most tokens it may generate: max_new_tokens, cut to what the cache holds
     hashes: list[bytes]  # the prompt's prefix-cache block hashes
     arrival: int = 0
+    clock: int = 0  # the engine's decode steps dispatched before it arrived
     slot: int | None = None  # the cache slot it holds, from its first prefill piece on
     filled: int = 0  # prompt tokens in its slot's cache: where its next prefill piece starts
     cached: int = 0  # of those, the prefix copied in from the prefix cache

@@ -137,6 +137,30 @@ def test_a_slot_is_refilled_within_the_dispatch_its_sequence_ends_in():
     assert [o.token_ids for o in outs] == alone and [len(t) for t in alone] == [3, 5, 3]
 
 
+def test_a_waiting_short_request_ages_ahead_of_a_later_calls_long_one():
+    """One slot. Call 1 holds A (12 tokens) and B (2); longest first, A runs, B waits. Call 2,
+    C (10 tokens), arrives once A has 9 tokens, 8 or more decode steps later. Ranked by length
+    alone C would pass B; aged by the steps B has waited, B goes first, so a caller waiting on
+    its whole call gets it back instead of waiting on every later call's long requests."""
+    eng = Engine.from_pretrained("tiny-llama", mesh_shape=(1, 1), dtype="float32", max_slots=1, max_len=64,
+                                 decode_steps=2, seed=1)
+    prompts = [rng.integers(3, 256, size=5).tolist() for _ in range(3)]
+    started, a_tokens, later = [], [], []  # started: the requests in the order their first tokens came
+
+    def on_tokens(i, tokens):
+        if i not in started:
+            started.append(i)
+        if i == 0:
+            a_tokens.extend(tokens)
+            if len(a_tokens) >= 9 and not later:
+                later.extend(eng.submit([prompts[2]], greedy(10), on_tokens=lambda _, t: on_tokens(2, t)))
+
+    first = eng.submit(prompts[:2], [greedy(12), greedy(2)], on_tokens=on_tokens)
+    outs = [f.result() for f in first] + [later[0].result()]
+    assert [len(o.token_ids) for o in outs] == [12, 2, 10]
+    assert started == [0, 1, 2]
+
+
 @pytest.mark.slow  # kept out of the default run for CI time; make test-slow runs it
 def test_compiles_once_per_prefill_shape_plus_one_decode():
     eng = Engine.from_pretrained("tiny-llama", mesh_shape=(1, 1), dtype="float32", max_slots=8, max_len=128)

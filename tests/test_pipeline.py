@@ -1,13 +1,14 @@
 """The Beam job end to end on the FnApiRunner with the demo model, plus its parts."""
 
 import json
+import types
 
 import pytest
 
 from model import Engine, SamplingParams
 from model.tokenizer import decode_completions
 from pipeline import preview, report
-from pipeline.job import run
+from pipeline.job import BatchByTokens, run
 from pipeline.records import Request, Result, parse
 
 MODEL = "demo"
@@ -133,6 +134,20 @@ def test_parse_text_and_jsonl_records():
     a, b = (parse(b'{"id": "r1", "prompt": "p"}', s, n, 1, "jsonl", DEFAULTS) for s, n in ((0, "x"), (3, "y")))
     assert a.seed == b.seed
     assert isinstance(parse(b'{"prompt": "p", "top_k": 1.5}', 0, "a", 1, "jsonl", DEFAULTS), Result)
+
+
+def test_batches_fill_a_token_budget_per_length_bucket_and_a_bundle_ends_in_one_batch():
+    """A full batch is one bucket's; what is left when the bundle ends goes out as one batch, not
+    one per bucket: the thread waits on each batch before it hands over the next."""
+    def req(prompt_len, max_tokens):  # what the batcher reads of a Request
+        return types.SimpleNamespace(id=str(prompt_len), token_ids=[1] * prompt_len, max_tokens=max_tokens)
+
+    batcher = BatchByTokens(budget=100, buckets=[16, 32, 64])
+    batcher.start_bundle()
+    full = [b for r in (req(20, 30), req(5, 10), req(25, 30), req(60, 4)) for b in batcher.process(r)]
+    assert [[r.id for r in b] for b in full] == [["20", "25"]]  # 50 + 55 tokens of the 32 bucket
+    leftovers = list(batcher.finish_bundle())
+    assert len(leftovers) == 1 and sorted(r.id for r in leftovers[0].value) == ["5", "60"]
 
 
 @pytest.mark.slow  # kept out of the default run for CI time; make test-slow runs it
