@@ -144,7 +144,8 @@ class ReadAndTokenize(beam.DoFn):
 
 
 class BatchByTokens(beam.DoFn):
-    """Groups Requests of one length bucket until their prompt + max_tokens reach a token budget.
+    """Groups Requests of one length bucket until their prompt + max_tokens reach a token budget;
+    what is left when the bundle ends goes out as one batch, whatever its buckets.
 
     Beam's BatchElements offers either a size function (a token budget) or length buckets, not
     both at once; this small DoFn does both within a bundle.
@@ -168,9 +169,9 @@ class BatchByTokens(beam.DoFn):
             self._size.pop(bucket)
 
     def finish_bundle(self):
-        # the bundle's leftovers as one batch, not one per bucket: a thread waits on each batch it
-        # hands the engine before it hands the next, so each extra batch here would run alone
-        # at the end, on a few slots (the engine groups prefills by length itself)
+        # one batch, not one per bucket: a thread waits on each batch it hands the engine before it
+        # hands the next, so each extra batch here would run alone at the end, on a few slots
+        # (the engine groups prefills by length itself)
         leftovers = [req for batch in self._open.values() for req in batch]
         if leftovers:
             yield WindowedValue(leftovers, GlobalWindow().max_timestamp(), [GlobalWindow()])
